@@ -1,0 +1,9 @@
+"""discrep: discrete data replication.
+
+Composes the leaf packages ``blockdiff`` (signatures, compare, patch) and
+``fuse_export`` (read-only FUSE view of a snapshot) into the source side
+(journal, snapshot, export) and the replica side (sync, catalog, commit) of a
+replication cycle.  See README.md and ../shared/DESIGN.md.
+"""
+
+__version__ = "0.1.0"

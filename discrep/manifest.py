@@ -1,0 +1,218 @@
+"""The cycle manifest: what changed since the base cycle, with full metadata.
+
+Format: zstd-compressed JSON lines.  Line 1 is the header
+``{"discrep_manifest": 1, "cycle": N, "base": B, ...}``; every further line is
+one entry.  Paths are JSON strings in the ``surrogateescape`` convention
+(``paths.enc``), so names that are not UTF-8 or hold newlines round-trip.
+
+Entry kinds (``op``):
+
+* ``move``   ``{"op":"move","path":NEW,"old":BASE}`` -- the replica moves its copy
+  (set semantics; children of a moved directory follow).
+* ``delete`` ``{"op":"delete","path":P}``
+* ``dir`` / ``symlink`` / ``file`` -- an upsert with metadata: ``mode, uid, gid,
+  user, group, mtime_ns, xattrs`` ({name: base64}); ``symlink`` has ``target``;
+  ``file`` has ``size``, ``idx`` (its number for ``.discrep/sig|data|cdc/<idx>``),
+  optionally ``h`` (hex whole-content digest, small files), ``pack`` ([k, offset])
+  when its bytes travel inside ``.discrep/pack/<k>``, ``extents`` ([[off,len]...])
+  for sparse files, ``link`` (path of the hard-link group member that carries the
+  data).
+
+Everything read from a manifest is untrusted: ``validate`` refuses absolute
+paths, ``..``, NUL, the reserved ``.discrep`` name, and malformed fields.
+
+Thread-safety: pure functions and a streaming reader used by one thread.
+"""
+from __future__ import annotations
+
+import base64
+import grp
+import io
+import json
+import os
+import pwd
+import stat as statmod
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pyzstd
+
+from .errors import ManifestError, UnsafePathError
+from .paths import check_rel, dec, enc
+
+VERSION = 1
+UPSERT_OPS = ("dir", "symlink", "file")
+OPS = ("move", "delete") + UPSERT_OPS
+
+
+def _name_of(uid: int, table) -> Optional[str]:
+    try:
+        return table(uid)[0]
+    except (KeyError, OverflowError):
+        return None
+
+
+def read_xattrs(path: bytes) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return out
+    for name in sorted(names):
+        try:
+            out[name] = base64.b64encode(os.getxattr(path, name, follow_symlinks=False)).decode()
+        except OSError:
+            continue
+    return out
+
+
+def entry_for(rel: bytes, full: bytes, st: os.stat_result) -> Dict[str, Any]:
+    """The upsert entry of an existing snapshot path (without idx/pack/link)."""
+    mode = st.st_mode
+    e: Dict[str, Any] = {
+        "path": enc(rel), "mode": statmod.S_IMODE(mode), "uid": st.st_uid, "gid": st.st_gid,
+        "user": _name_of(st.st_uid, pwd.getpwuid), "group": _name_of(st.st_gid, grp.getgrgid),
+        "mtime_ns": st.st_mtime_ns,
+    }
+    if statmod.S_ISDIR(mode):
+        e["op"] = "dir"
+    elif statmod.S_ISLNK(mode):
+        e["op"] = "symlink"
+        e["target"] = enc(os.readlink(full))
+    elif statmod.S_ISREG(mode):
+        e["op"] = "file"
+        e["size"] = st.st_size
+    else:
+        raise ValueError("special file")
+    if not statmod.S_ISLNK(mode):
+        x = read_xattrs(full)
+        if x:
+            e["xattrs"] = x
+    return e
+
+
+class ManifestWriter:
+    """Stream entries into a zstd-compressed JSON-lines file."""
+
+    def __init__(self, path: str, header: Dict[str, Any]):
+        self._raw = open(path, "wb")
+        self._z = pyzstd.ZstdFile(self._raw, "wb", level_or_option=3)
+        self.count = 0
+        self._write(dict(header, discrep_manifest=VERSION))
+
+    def _write(self, obj: Dict[str, Any]) -> None:
+        self._z.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+    def add(self, entry: Dict[str, Any]) -> None:
+        self._write(entry)
+        self.count += 1
+
+    def close(self) -> None:
+        self._z.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+
+
+def read_lines(data: bytes) -> Tuple[Dict[str, Any], Iterator[Dict[str, Any]]]:
+    """Parse a manifest blob: (header, iterator of raw entry dicts)."""
+    try:
+        raw = pyzstd.decompress(data)
+    except pyzstd.ZstdError as e:
+        raise ManifestError(f"manifest is not valid zstd: {e}") from None
+    stream = io.BytesIO(raw)
+    first = stream.readline()
+    try:
+        header = json.loads(first)
+    except ValueError:
+        raise ManifestError("manifest header is not JSON") from None
+    if not isinstance(header, dict) or header.get("discrep_manifest") != VERSION:
+        raise ManifestError(f"unsupported manifest version: {header!r:.80}")
+
+    def it() -> Iterator[Dict[str, Any]]:
+        for n, line in enumerate(stream, 2):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise ManifestError(f"manifest line {n} is not JSON") from None
+            if not isinstance(obj, dict):
+                raise ManifestError(f"manifest line {n} is not an object")
+            yield obj
+    return header, it()
+
+
+def _int(e: Dict[str, Any], key: str, *, lo: int = 0, hi: int = 2 ** 63) -> int:
+    v = e.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < hi:
+        raise ManifestError(f"entry {e.get('path')!r:.80}: field {key} must be an integer in [{lo}, {hi})")
+    return v
+
+
+class Entry:
+    """A validated manifest entry with byte paths."""
+
+    __slots__ = ("op", "path", "old", "mode", "uid", "gid", "mtime_ns", "xattrs", "target",
+                 "size", "idx", "h", "pack", "extents", "link")
+
+    def __init__(self, raw: Dict[str, Any]):
+        op = raw.get("op")
+        if op not in OPS:
+            raise ManifestError(f"unknown manifest op {op!r:.40}")
+        self.op: str = op
+        self.path: bytes = check_rel(dec(raw.get("path")))
+        self.old = self.target = self.h = self.pack = self.extents = self.link = None
+        self.xattrs: Dict[str, bytes] = {}
+        self.size = self.idx = None
+        if op == "move":
+            self.old = check_rel(dec(raw.get("old")))
+            return
+        if op == "delete":
+            return
+        self.mode = _int(raw, "mode", hi=0o10000)
+        self.uid = _int(raw, "uid", hi=2 ** 32)
+        self.gid = _int(raw, "gid", hi=2 ** 32)
+        self.mtime_ns = _int(raw, "mtime_ns", lo=-2 ** 63)
+        xs = raw.get("xattrs") or {}
+        if not isinstance(xs, dict):
+            raise ManifestError("xattrs must be an object")
+        for k, v in xs.items():
+            if not isinstance(k, str) or "\x00" in k or not isinstance(v, str):
+                raise ManifestError(f"bad xattr {k!r:.40}")
+            try:
+                self.xattrs[k] = base64.b64decode(v, validate=True)
+            except ValueError:
+                raise ManifestError(f"xattr {k!r:.40} is not base64") from None
+        if op == "symlink":
+            t = dec(raw.get("target"))
+            if b"\x00" in t or not t:
+                raise UnsafePathError(f"bad symlink target for {raw.get('path')!r:.80}")
+            self.target = t  # kept verbatim, never followed by the replica
+        elif op == "file":
+            self.size = _int(raw, "size")
+            self.idx = _int(raw, "idx")
+            if raw.get("h") is not None:
+                h = raw["h"]
+                if not isinstance(h, str) or len(h) != 32:
+                    raise ManifestError("h must be 32 hex digits")
+                self.h = bytes.fromhex(h)
+            if raw.get("pack") is not None:
+                p = raw["pack"]
+                if not (isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p)):
+                    raise ManifestError("pack must be [k, offset]")
+                self.pack = (p[0], p[1])
+            if raw.get("extents") is not None:
+                ex = raw["extents"]
+                if not isinstance(ex, list):
+                    raise ManifestError("extents must be a list")
+                out = []
+                for x in ex:
+                    if not (isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
+                            and x[0] + x[1] <= self.size):
+                        raise ManifestError(f"bad extent {x!r:.40}")
+                    out.append((x[0], x[1]))
+                self.extents = out
+            if raw.get("link") is not None:
+                self.link = check_rel(dec(raw["link"]))
+
+    @property
+    def is_upsert(self) -> bool:
+        return self.op in UPSERT_OPS

@@ -1,0 +1,345 @@
+"""Source side of a cycle: journal cut, snapshot, manifest, export content, ack.
+
+``build_cycle`` runs, under the source lock: (catch-up scan when the journal has
+a gap) -> read the journal cut -> coalesce the interval -> take the snapshot ->
+write ``ROOT/.discrep/cycles/<N>/manifest.zst`` and packs of small files ->
+record the cycle as ``built`` with the catalog updates its ack will apply.
+``ack_cycle`` applies those updates, trims the journal and releases older
+snapshots.  ``ExportContent`` is the ``.discrep/`` control tree the FUSE export
+serves: ``cycle``, ``manifest``, ``pack/<k>``, and per-file ``sig/<idx>`` (block
+signatures), ``cdc/<idx>`` (content-defined chunk list) and ``data/<idx>`` (the
+file's bytes), computed lazily on first read.
+
+Thread-safety: ``build_cycle``/``ack_cycle`` run in one thread and take a
+process-wide file lock.  ``ExportContent`` is read by FUSE worker threads; its
+lazy files build once under a lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import stat as statmod
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import blockdiff
+from blockdiff import framing
+
+from . import snapshot as snapmod
+from .changes import coalesce
+from .errors import LockedError, SourceError, WarningList
+from .journal import Journal
+from .manifest import ManifestWriter, entry_for, read_lines
+from .paths import STATE_DIR, enc, join, show
+from .scan import scan, walk
+from .source_catalog import CycleRec, SourceCatalog
+
+log = logging.getLogger(__name__)
+
+SMALL_MAX = 64 * 1024        # files up to this size travel in packs
+PACK_MAX = 8 * 1024 * 1024   # raw bytes per pack
+
+
+def state_dir(root: bytes) -> bytes:
+    return join(root, STATE_DIR)
+
+
+@contextmanager
+def source_lock(root: bytes) -> Iterator[None]:
+    sd = state_dir(root)
+    os.makedirs(sd, exist_ok=True)
+    fd = os.open(join(sd, b"source.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"another discrep run is building or acknowledging a cycle of "
+                              f"{os.fsdecode(root)}", hint="wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def watcher_alive(root: bytes) -> bool:
+    """True when a ``discrep watch`` process holds the watcher lock of ``root``."""
+    p = join(state_dir(root), b"watcher.lock")
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def cycle_dir(root: bytes, n: int) -> bytes:
+    return join(state_dir(root), b"cycles/" + str(n).encode())
+
+
+@dataclass
+class BuiltCycle:
+    cycle: int
+    base: int
+    cut_seq: int
+    provider: str
+    snapshot: bytes
+    change_source: str
+    entries: int
+    files: int
+    bytes_total: int
+    warnings: WarningList = field(default_factory=WarningList)
+    reused: bool = False
+
+
+def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
+                warnings: Optional[WarningList] = None) -> BuiltCycle:
+    """Build the next cycle of ``root`` (see module doc)."""
+    warnings = warnings if warnings is not None else WarningList()
+    if not os.path.isdir(root):
+        raise SourceError(f"source {os.fsdecode(root)} does not exist or is not a directory",
+                          hint="check the path")
+    with source_lock(root):
+        sd = os.fsdecode(state_dir(root))
+        journal, catalog = Journal(sd), SourceCatalog(sd)
+        try:
+            return _build(root, journal, catalog, snapshot_kind, force_scan, warnings, min_cycle)
+        finally:
+            journal.close()
+            catalog.close()
+
+
+def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, force_scan: bool,
+           warnings: WarningList, min_cycle: int = 1) -> BuiltCycle:
+    t0 = time.monotonic()
+    acked = catalog.last_acked()
+    base, acked_cut = (acked.cycle, acked.cut_seq) if acked else (0, 0)
+    last = catalog.last_cycle()
+    n = max((last.cycle + 1) if last else 1, min_cycle)
+    kind = snapmod.choose(kind, root)
+    use_journal = (not force_scan and base > 0 and journal.gap() is None and watcher_alive(root))
+    if not use_journal:
+        scan(root, catalog, journal)
+    cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
+    cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
+    touched = set(cs.touched)
+    for p in list(cs.expand):           # subtrees that must be looked at whole
+        full = join(root, p)
+        if os.path.isdir(full) and not os.path.islink(full):
+            touched.update(p + b"/" + rel for rel, _st in walk(full))
+    for new in cs.moves:                # a moved directory's metadata is rewritten too
+        touched.add(new)
+    _add_link_siblings(root, catalog, touched)
+    snap = snapmod.take(kind, root, n, touched, warnings)
+    cdir = cycle_dir(root, n)
+    if os.path.lexists(cdir):
+        shutil.rmtree(cdir)
+    os.makedirs(cdir)
+    header = {"cycle": n, "base": base, "seq_from": acked_cut, "seq_to": cut, "provider": kind,
+              "created_ns": time.time_ns(), "full": base == 0,
+              "change_source": "journal" if use_journal else "scan",
+              "block_size": blockdiff.FINE_SIZE, "factor": blockdiff.COARSE_FACTOR}
+    pending: List[Tuple] = []
+    mw = ManifestWriter(os.fsdecode(join(cdir, b"manifest.zst")), header)
+    nfiles = nbytes = 0
+    try:
+        for new, old in sorted(cs.moves.items()):
+            if catalog.exists(old) and os.path.lexists(snap.locate(new)):
+                mw.add({"op": "move", "path": enc(new), "old": enc(old)})
+                pending.append(("move", new, old, None, None, None, None, None))
+        packer = _Packer(cdir)
+        links: Dict[Tuple[int, int], bytes] = {}
+        idx = 0
+        for p in sorted(touched, key=lambda q: q.split(b"/")):
+            if p in snap.skipped:
+                continue
+            full = snap.locate(p)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                if not snap.full and os.path.lexists(join(root, p)):
+                    continue  # exists live but was not captured (raced): next cycle
+                mw.add({"op": "delete", "path": enc(p)})
+                pending.append(("gone", p, None, None, None, None, None, None))
+                continue
+            if not (statmod.S_ISDIR(st.st_mode) or statmod.S_ISLNK(st.st_mode) or statmod.S_ISREG(st.st_mode)):
+                warnings.add(show(p), "skipped: FIFOs, sockets and device files are not replicated")
+                continue
+            e = entry_for(p, full, st)
+            if e["op"] == "file":
+                nfiles += 1
+                e["idx"] = idx
+                idx += 1
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in links:
+                    e["link"] = enc(links[key])
+                else:
+                    if st.st_nlink > 1:
+                        links[key] = p
+                    nbytes += st.st_size
+                    if st.st_blocks * 512 < st.st_size:
+                        e["extents"] = _extents(full, st.st_size)
+                    elif 0 < st.st_size <= SMALL_MAX:
+                        data = _read_small(full, st.st_size)
+                        e["h"] = blockdiff.sign_bytes(data).whole_digest().hex()
+                        e["pack"] = packer.add(data)
+            mw.add(e)
+            live = snap.live_stats.get(p)
+            if live is None:
+                live = st
+            pending.append(("upsert", p, None, live.st_ino, live.st_size, live.st_mtime_ns,
+                            live.st_ctime_ns, live.st_mode))
+        packer.close()
+    finally:
+        mw.close()
+    with open(os.fsdecode(join(cdir, b"cycle.json")), "w") as f:
+        json.dump(dict(header, entries=mw.count, packs=packer.count), f)
+    rec = CycleRec(n, base, cut, "built", kind, snap.root, time.time_ns(),
+                   {"entries": mw.count, "change_source": header["change_source"]})
+    catalog.add_cycle(rec, pending)
+    if snap.skipped:  # at-least-once: look again next cycle
+        journal.append_many(("touch", p, None, None) for p in snap.skipped)
+    log.info("cycle %d built: %d entries, %d files, %.2fs", n, mw.count, nfiles, time.monotonic() - t0)
+    return BuiltCycle(n, base, cut, kind, snap.root, header["change_source"], mw.count, nfiles,
+                      nbytes, warnings)
+
+
+def _add_link_siblings(root: bytes, catalog: SourceCatalog, touched: set) -> None:
+    """A touched hard-linked file drags in the other members of its link group."""
+    extra = []
+    for p in touched:
+        try:
+            st = os.lstat(join(root, p))
+        except OSError:
+            continue
+        if statmod.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            for (q,) in catalog.con.execute("SELECT path FROM files WHERE ino = ?", (st.st_ino,)):
+                extra.append(bytes(q))
+    touched.update(extra)
+
+
+def _extents(path: bytes, size: int) -> List[List[int]]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return [[o, ln] for o, ln in blockdiff.data_extents(fd, size)]
+    finally:
+        os.close(fd)
+
+
+def _read_small(path: bytes, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, size + 1, 0)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise SourceError(f"snapshot file {os.fsdecode(path)} changed size while read")
+    return data
+
+
+class _Packer:
+    """Concatenates small files into ``pack-<k>`` files (one framing.pack frame each)."""
+
+    def __init__(self, cdir: bytes):
+        self.cdir = cdir
+        self.count = 0
+        self.buf: List[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> List[int]:
+        if self.size + len(data) > PACK_MAX and self.buf:
+            self._flush()
+        ref = [self.count, self.size]
+        self.buf.append(data)
+        self.size += len(data)
+        return ref
+
+    def _flush(self) -> None:
+        frame = framing.pack(b"".join(self.buf))
+        with open(os.fsdecode(join(self.cdir, b"pack-%d" % self.count)), "wb") as f:
+            f.write(frame)
+        self.count += 1
+        self.buf, self.size = [], 0
+
+    def close(self) -> None:
+        if self.buf:
+            self._flush()
+
+
+def pending_cycle(root: bytes) -> Optional[CycleRec]:
+    sd = os.fsdecode(state_dir(root))
+    cat = SourceCatalog(sd)
+    try:
+        last = cat.last_cycle()
+        return last if last and last.state == "built" else None
+    finally:
+        cat.close()
+
+
+def last_acked(root: bytes) -> int:
+    sd = os.fsdecode(state_dir(root))
+    if not os.path.isdir(sd):
+        return 0
+    cat = SourceCatalog(sd)
+    try:
+        a = cat.last_acked()
+        return a.cycle if a else 0
+    finally:
+        cat.close()
+
+
+def ack_cycle(root: bytes, n: int) -> None:
+    """The replica committed cycle ``n``: update the catalog, trim the journal, release old snapshots."""
+    with source_lock(root):
+        sd = os.fsdecode(state_dir(root))
+        journal, catalog = Journal(sd), SourceCatalog(sd)
+        try:
+            rec = catalog.cycle(n)
+            if rec is None:
+                raise SourceError(f"cycle {n} is unknown to the source {os.fsdecode(root)}")
+            if rec.state in ("acked", "released"):
+                return
+            if rec.state != "built":
+                raise SourceError(f"cycle {n} is {rec.state}; it cannot be acknowledged")
+            catalog.ack(n)
+            journal.trim(rec.cut_seq)
+            for old in catalog.cycles(["acked", "abandoned"]):
+                if old.cycle < n or (old.cycle == n and old.provider == "copy"):
+                    _release(root, catalog, old)
+        finally:
+            journal.close()
+            catalog.close()
+
+
+def _release(root: bytes, catalog: SourceCatalog, rec: CycleRec) -> None:
+    snapmod.release(rec.provider, rec.snapshot)
+    cdir = cycle_dir(root, rec.cycle)
+    if os.path.lexists(cdir):
+        shutil.rmtree(cdir)
+    catalog.set_state(rec.cycle, "released" if rec.state == "acked" else "abandoned-released")
+
+
+def reset(root: bytes) -> None:
+    """Forget what was replicated: the next cycle is a full comparison (replica was replaced)."""
+    with source_lock(root):
+        sd = os.fsdecode(state_dir(root))
+        journal, catalog = Journal(sd), SourceCatalog(sd)
+        try:
+            for rec in catalog.cycles(["built", "acked", "abandoned"]):
+                _release(root, catalog, rec)
+            catalog.con.execute("DELETE FROM files")
+            catalog.con.execute("DELETE FROM pending")
+            catalog.con.execute("UPDATE cycles SET state = 'forgotten' WHERE state IN ('acked', 'released')")
+            journal.mark_gap("source catalog reset")
+        finally:
+            journal.close()
+            catalog.close()
