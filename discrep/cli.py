@@ -67,18 +67,34 @@ def _summary(res: Dict[str, Any]) -> str:
 
 def cmd_replicate(a, warnings: WarningList) -> Dict[str, Any]:
     from .local import replicate_local
-    if ":" in a.src.split("/")[0]:
-        raise UsageError(f"remote sources ({a.src}) are not supported by this version",
-                         hint="run discrep on the source host, or mount it and use the manual workflow")
     prog = _progress_printer(sys.stderr.isatty() and not a.quiet and not a.json)
+    if a.every is not None:
+        from .daemon import run_every
+        return run_every(a, warnings, prog)
+    if is_remote(a.src):
+        from .remote import replicate_remote
+        return replicate_remote(a, warnings, prog)
     return replicate_local(a.src, a.dest, snapshot_kind=a.snapshot, force=a.force, warnings=warnings,
                            progress=prog)
 
 
+def is_remote(src: str) -> bool:
+    """rsync's rule: HOST:PATH or USER@HOST:PATH is remote unless a '/' comes before the ':'."""
+    head = src.split("/", 1)[0]
+    return ":" in head and not head.startswith(".")
+
+
 def cmd_snapshot(a, warnings: WarningList) -> Dict[str, Any]:
     from .source import build_cycle
-    b = build_cycle(os.fsencode(os.path.abspath(a.src)), snapshot_kind=a.snapshot, warnings=warnings,
-                    force_scan=a.scan)
+    src = os.fsencode(os.path.abspath(a.src))
+    if not os.path.isdir(src):
+        raise UsageError(f"source {a.src} does not exist or is not a directory")
+    min_cycle = 1
+    if a.replica_cycle is not None:
+        from .local import settle_source
+        settle_source(src, a.replica_cycle)
+        min_cycle = a.replica_cycle + 1
+    b = build_cycle(src, snapshot_kind=a.snapshot, warnings=warnings, force_scan=a.scan, min_cycle=min_cycle)
     return {"cycle": b.cycle, "base": b.base, "entries": b.entries, "snapshot": b.provider,
             "change_source": b.change_source, "path": os.fsdecode(b.snapshot)}
 
@@ -203,11 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="snapshot provider (default auto: btrfs subvolume > reflink clones > verified copy)")
     sp.add_argument("--force", action="store_true",
                     help="allow a first cycle into a non-empty DEST (entries not in SRC are deleted)")
+    sp.add_argument("--every", type=float, metavar="SECONDS",
+                    help="continuous mode: run a cycle every SECONDS (sooner when the journal has entries)")
+    g = sp.add_argument_group("remote sources ([USER@]HOST:PATH)")
+    g.add_argument("--remote-discrep", default="discrep", metavar="PATH",
+                   help="discrep executable on the source host (like rsync's --rsync-path)")
+    g.add_argument("-F", "--ssh-config", metavar="FILE", help="OpenSSH client config (default ~/.ssh/config)")
+    g.add_argument("--transport", default="auto", choices=["auto", "sshfs", "sftp"],
+                   help="how the replica reads the export: sshfs mount, or built-in paramiko SFTP reader "
+                        "(default auto: sshfs when available)")
 
     sp = add("snapshot", cmd_snapshot, "build the next cycle of SRC (journal cut, snapshot, manifest)")
     sp.add_argument("src", metavar="SRC")
     sp.add_argument("--snapshot", default="auto", choices=["auto", "btrfs", "reflink", "copy"])
     sp.add_argument("--scan", action="store_true", help="run a catch-up scan even if the journal is whole")
+    sp.add_argument("--replica-cycle", type=int, metavar="R",
+                    help="the replica's last committed cycle: acknowledge it if it is the pending one, "
+                         "compare everything if the source's base differs, number the new cycle above R")
 
     sp = add("export", cmd_export, "serve a built cycle read-only over FUSE (foreground)")
     sp.add_argument("src", metavar="SRC")
@@ -230,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("history", cmd_history, "list the committed cycles (recovery points) of a replica")
     sp.add_argument("dest", metavar="DEST")
+
+    sp = add("watch", lambda a, w: __import__("discrep.watcher", fromlist=["cmd_watch"]).cmd_watch(a, w),
+             "journal every change under ROOT as it happens (foreground; Ctrl-C stops)")
+    sp.add_argument("root", metavar="ROOT")
+    sp.add_argument("--backend", default="auto", choices=["auto", "fanotify", "inotify"],
+                    help="change source (default auto: fanotify filesystem mark when permitted, else inotify)")
+
+    sp = add("status", lambda a, w: __import__("discrep.status", fromlist=["cmd_status"]).cmd_status(a, w),
+             "show the state of a source (watcher backend, journal) or a replica (lag, last cycle, last error)")
+    sp.add_argument("path", metavar="ROOT_OR_DEST")
 
     sp = add("reset", cmd_reset, "forget what the source replicated: the next cycle compares everything")
     sp.add_argument("src", metavar="SRC")

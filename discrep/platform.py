@@ -303,7 +303,15 @@ def clone_file(src: PathLike, dst: PathLike, *, preserve_sparse: bool = True) ->
     """
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(sfd).st_size
+        sst = os.fstat(sfd)
+        size = sst.st_size
+        try:
+            dst_st = os.stat(dst)
+        except FileNotFoundError:
+            pass
+        else:
+            if (dst_st.st_dev, dst_st.st_ino) == (sst.st_dev, sst.st_ino):
+                raise OSError(errno.EINVAL, "source and destination are the same file", os.fsdecode(dst))
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             try:

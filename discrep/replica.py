@@ -45,7 +45,7 @@ from blockdiff import framing
 
 from . import platform
 from .errors import (CycleMismatchError, DestinationError, DiskFullError, LockedError, ManifestError,
-                     RecoveryNeededError, WarningList)
+                     RecoveryNeededError, UnsafePathError, WarningList)
 from .manifest import Entry, read_lines
 from .paths import (STATE_DIR, basename, depth, is_under, join, open_dir_nofollow, parent, show)
 from .replica_catalog import FileRow, ReplicaCatalog
@@ -196,6 +196,7 @@ class Applier:
         self.origin: Dict[bytes, bytes] = {}         # new path -> base path of a move
         self._packs: Dict[int, bytes] = {}
         self.euid = os.geteuid()
+        self.dir_paths = {e.path for e in entries if e.op == "dir"}
 
     def close(self) -> None:
         self.dirs.clear()
@@ -215,11 +216,19 @@ class Applier:
         self.dirs.clear()
 
     def ensure_parent(self, rel: bytes) -> int:
-        """fd of rel's parent, creating directories and trashing non-directories in the way."""
+        """fd of rel's parent, creating missing directories.
+
+        A non-directory in the way (a symlink inside DEST, say) is replaced only
+        when this cycle's manifest says that path is now a directory; otherwise
+        the path is refused and nothing is written through it.
+        """
         while True:
             try:
                 return self.dirs.get(parent(rel), create=True)
             except _NotDir as nd:
+                if nd.rel not in self.dir_paths:
+                    raise UnsafePathError(f"refusing to write {show(rel)}: {show(nd.rel)} on the replica is "
+                                          f"not a directory (a symlink?) and the manifest does not replace it")
                 self.trash(nd.rel)
 
     def install(self, tmp: bytes, rel: bytes) -> None:
@@ -308,6 +317,8 @@ class Applier:
                 self._meta(e)
         for e in sorted(dir_ents, key=lambda d: -depth(d.path)):
             self._meta(e)
+        if isinstance(self.header.get("root"), dict):   # the top directory itself, last
+            self._apply_meta_fd(Entry(dict(self.header["root"], op="dir", path="_")), self.root_fd)
         self.dirs.fsync_dirty()
         syncfs(self.root_fd)
         self.stats.duration_s = time.monotonic() - t0

@@ -139,6 +139,9 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     for new in cs.moves:                # a moved directory's metadata is rewritten too
         touched.add(new)
     _add_link_siblings(root, catalog, touched)
+    root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
+    for k in ("op", "path"):
+        root_meta.pop(k, None)
     snap = snapmod.take(kind, root, n, touched, warnings)
     cdir = cycle_dir(root, n)
     if os.path.lexists(cdir):
@@ -147,7 +150,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     header = {"cycle": n, "base": base, "seq_from": acked_cut, "seq_to": cut, "provider": kind,
               "created_ns": time.time_ns(), "full": base == 0,
               "change_source": "journal" if use_journal else "scan",
-              "block_size": blockdiff.FINE_SIZE, "factor": blockdiff.COARSE_FACTOR}
+              "block_size": blockdiff.FINE_SIZE, "factor": blockdiff.COARSE_FACTOR, "root": root_meta}
     pending: List[Tuple] = []
     mw = ManifestWriter(os.fsdecode(join(cdir, b"manifest.zst")), header)
     nfiles = nbytes = 0

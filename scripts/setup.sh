@@ -77,9 +77,13 @@ fi
 [ -e /dev/fuse ] || say "WARNING: /dev/fuse missing; FUSE tests will not run"
 
 # python venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+if [ -e "$VENV" ] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  # never delete an existing venv automatically (it may belong to another user/interpreter)
+  say "ERROR: $VENV exists but its python does not run for $(id -un); remove it and rerun"
+  exit 1
+fi
+if [ ! -e "$VENV" ]; then
   say "creating $VENV with $PYTHON"
-  rm -rf "$VENV"
   if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
     rm -rf "$VENV"
     if is_root && command -v apt-get >/dev/null 2>&1; then

@@ -233,7 +233,8 @@ def sweep_stale() -> List[str]:
     Unmounts mounts whose mountpoint contains ``discrep-test-``, detaches loop
     devices whose backing file path contains it, kills sshd processes whose
     command line contains it -- only when the owning test directory's process is
-    gone.  Then removes the dead directories under the default base.
+    gone (a directory without owner file counts as alive for OWNERLESS_GRACE
+    seconds).  Then removes the dead directories under the default base.
     """
     done: List[str] = []
     for mnt, fstype, _src in sorted(mounts(), key=lambda m: -len(m[0])):

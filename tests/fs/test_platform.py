@@ -7,7 +7,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -84,6 +83,15 @@ def test_clone_file_overwrites_and_handles_odd_sizes(work_dir):
     src.write_bytes(b"")
     platform.clone_file(src, dst)
     assert dst.read_bytes() == b""
+
+
+def test_clone_file_onto_itself_refused(work_dir):
+    (work_dir / "f").write_bytes(b"keep me")
+    os.link(work_dir / "f", work_dir / "g")
+    with pytest.raises(OSError) as info:
+        platform.clone_file(work_dir / "f", work_dir / "g")
+    assert info.value.errno == errno.EINVAL
+    assert (work_dir / "f").read_bytes() == b"keep me"
 
 
 def test_clone_file_missing_source(work_dir):

@@ -1,0 +1,63 @@
+"""Path validation, byte-path encoding and the journal coalescer (tier: unit)."""
+from __future__ import annotations
+
+import pytest
+
+from discrep.changes import coalesce
+from discrep.errors import UnsafePathError
+from discrep.journal import Entry
+from discrep.paths import check_rel, dec, enc
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("p", [b"/a", b"..", b"a/..", b"a/../b", b"a\x00", b"", b"a//b", b"./a", b".discrep",
+                               b".discrep/journal.db", b"a/"])
+def test_check_rel_refuses(p):
+    with pytest.raises(UnsafePathError):
+        check_rel(p)
+
+
+@pytest.mark.parametrize("p", [b"a", b"a/b", b"caf\xe9", b"new\nline", b"..a", b"a..", b"x/.discrep"])
+def test_check_rel_accepts(p):
+    assert check_rel(p) == p
+
+
+@pytest.mark.parametrize("p", [b"caf\xe9", b"\xff\xfe", b"ok", b"new\nline", "日本".encode()])
+def test_enc_dec_round_trip(p):
+    import json
+    assert dec(json.loads(json.dumps(enc(p)))) == p
+
+
+def E(seq, op, path, old=None, ino=None):
+    return Entry(seq, op, path, old, ino, 0)
+
+
+def test_sequential_renames_become_set_moves():
+    base = {b"a", b"b", b"d", b"d/x"}
+    cs = coalesce([E(1, "rename", b"tmp", b"a"), E(2, "rename", b"a", b"b"), E(3, "rename", b"b", b"tmp"),
+                   E(4, "rename", b"e", b"d"), E(5, "modify", b"e/x")], base.__contains__)
+    assert cs.moves == {b"b": b"a", b"a": b"b", b"e": b"d"}
+    assert b"e/x" in cs.touched
+
+
+def test_create_then_delete_leaves_no_move():
+    cs = coalesce([E(1, "create", b"n"), E(2, "delete", b"n")], set().__contains__)
+    assert cs.moves == {} and b"n" in cs.touched
+
+
+def test_rename_into_moved_dir_rekeys_touched():
+    base = {b"d", b"d/f"}
+    cs = coalesce([E(1, "modify", b"d/f"), E(2, "rename", b"e", b"d")], base.__contains__)
+    assert b"e/f" in cs.touched and b"d/f" not in cs.touched
+    assert cs.moves == {b"e": b"d"}
+
+
+def test_scan_supersedes_earlier_entries_but_keeps_racing_ones():
+    ents = [E(1, "modify", b"old"), E(5, "modify", b"raced"), E(6, "scan", b"", ino=4),
+            E(7, "move", b"n", b"o"), E(8, "touch", b"t")]
+    cs = coalesce(ents, {b"o"}.__contains__)
+    assert cs.scanned
+    assert b"old" not in cs.touched
+    assert b"raced" in cs.expand and b"raced" in cs.touched
+    assert cs.moves == {b"n": b"o"} and b"t" in cs.touched
