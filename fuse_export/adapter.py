@@ -465,6 +465,10 @@ def fuse_options(
         "fsname": "discrep",
         "subtype": "discrep",
     }
+    if threads:
+        # libfuse 3.14 defaults max_idle_threads to UINT_MAX and then logs "Ignoring invalid max
+        # threads value" on every mount; an explicit value keeps stderr clean (same behaviour)
+        opts["max_idle_threads"] = 10
     if allow_other:
         opts["allow_other"] = True
     for key, value in (options or {}).items():
