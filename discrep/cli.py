@@ -75,7 +75,12 @@ def cmd_replicate(a, warnings: WarningList) -> Dict[str, Any]:
         from .remote import replicate_remote
         return replicate_remote(a, warnings, prog)
     return replicate_local(a.src, a.dest, snapshot_kind=a.snapshot, force=a.force, warnings=warnings,
-                           progress=prog)
+                           progress=prog, **retention(a))
+
+
+def retention(a) -> Dict[str, Any]:
+    return {"keep_last": a.keep_last,
+            "keep_within_s": parse_duration(a.keep_within) if getattr(a, "keep_within", None) else None}
 
 
 def is_remote(src: str) -> bool:
@@ -134,7 +139,7 @@ def cmd_sync(a, warnings: WarningList) -> Dict[str, Any]:
     reader = MountReader(a.mountpoint)
     try:
         prog = _progress_printer(sys.stderr.isatty() and not a.quiet and not a.json)
-        st = sync(reader, os.fsencode(os.path.abspath(a.dest)), warnings=warnings, progress=prog)
+        st = sync(reader, os.fsencode(os.path.abspath(a.dest)), warnings=warnings, progress=prog, **retention(a))
     finally:
         reader.close()
     return {"cycle": st.cycle, "base": st.base, "files_changed": st.files_changed,
@@ -174,16 +179,89 @@ def cmd_history(a, warnings: WarningList) -> Dict[str, Any]:
         applying = cat.applying()
     finally:
         cat.close()
-    out = [{"cycle": c, "source_time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s / 1e9)),
-            "files_changed": st.get("files_changed"), "bytes_transferred": st.get("bytes_transferred")}
-           for c, s, _cm, st in rows]
+    from .history import available, hist_dir, size_of
+    have = set(available(os.fsencode(a.dest)))
+    committed = [c for c, *_ in rows]
+    out = []
+    for c, s, _cm, st in rows:
+        restorable = all(x in have for x in committed if x > c)
+        out.append({"cycle": c, "source_time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s / 1e9)),
+                    "files_changed": st.get("files_changed"), "bytes_transferred": st.get("bytes_transferred"),
+                    "bytes_written": st.get("bytes_written"),
+                    "history_bytes": size_of(hist_dir(os.fsencode(a.dest), c)) if c in have else 0,
+                    "restorable": restorable})
     if not a.json:
+        print(f"{'cycle':>5}  {'source snapshot time':19}  {'files':>7}  {'read':>12}  {'written':>12}  "
+              f"{'history':>10}  restorable")
         for r in out:
-            print(f"cycle {r['cycle']:>5}  {r['source_time']}  {r['files_changed']} files changed, "
-                  f"{r['bytes_transferred']} bytes read")
+            print(f"{r['cycle']:>5}  {r['source_time']:19}  {r['files_changed'] or 0:>7}  "
+                  f"{r['bytes_transferred'] or 0:>12}  {r['bytes_written'] or 0:>12}  {r['history_bytes']:>10}  "
+                  f"{'yes' if r['restorable'] else 'no (history pruned)'}")
         if applying:
             print(f"cycle {applying} was interrupted: run 'discrep recover {a.dest}'")
     return {"cycles": out, "interrupted": applying}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '12h', '7d', '2w' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise UsageError(f"bad duration {text!r}", hint="use a number with s, m, h, d or w, e.g. 7d") from None
+
+
+def cmd_recover(a, warnings: WarningList) -> Dict[str, Any]:
+    from .replica import recover
+    res = recover(os.fsencode(os.path.abspath(a.dest)))
+    if res is None:
+        if not a.json:
+            print(f"{a.dest}: no interrupted cycle; nothing to do")
+        return {"rolled_back": None}
+    if not a.json:
+        print(f"{a.dest}: interrupted cycle {res[0]} rolled back ({res[1]} changes undone); "
+              f"the replica is at its last committed cycle")
+    return {"rolled_back": res[0], "changes_undone": res[1]}
+
+
+def cmd_restore(a, warnings: WarningList) -> Dict[str, Any]:
+    from .history import clone_replica, restore
+    from .paths import check_rel
+    from .replica_catalog import ReplicaCatalog
+    dest = os.fsencode(os.path.abspath(a.dest))
+    sd = os.path.join(a.dest, ".discrep")
+    if not os.path.exists(os.path.join(sd, "replica.db")):
+        raise UsageError(f"{a.dest} is not a discrep replica")
+    from .replica import replica_lock
+    with replica_lock(dest):
+        cat = ReplicaCatalog(sd)
+        try:
+            if cat.applying() is not None:
+                raise UsageError(f"{a.dest} holds an interrupted cycle", hint=f"run 'discrep recover {a.dest}' first")
+            committed = [c for c, *_ in cat.history()]
+        finally:
+            cat.close()
+        sub = check_rel(os.fsencode(a.path.strip("/"))) if a.path else None
+        restore(dest, a.cycle, committed, os.fsencode(os.path.abspath(a.to)), sub, clone_replica)
+    return {"restored": a.cycle, "to": a.to, "path": a.path}
+
+
+def cmd_prune(a, warnings: WarningList) -> Dict[str, Any]:
+    from .replica import apply_retention, replica_lock
+    from .replica_catalog import ReplicaCatalog
+    dest = os.fsencode(os.path.abspath(a.dest))
+    with replica_lock(dest):
+        cat = ReplicaCatalog(os.path.join(a.dest, ".discrep"))
+        try:
+            gone = apply_retention(dest, cat, a.keep_last, parse_duration(a.keep_within) if a.keep_within else None)
+        finally:
+            cat.close()
+    if not a.json:
+        print(f"history of cycle(s) {', '.join(map(str, gone)) or 'none'} pruned")
+    return {"pruned": gone}
 
 
 def cmd_reset(a, warnings: WarningList) -> Dict[str, Any]:
@@ -219,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="snapshot provider (default auto: btrfs subvolume > reflink clones > verified copy)")
     sp.add_argument("--force", action="store_true",
                     help="allow a first cycle into a non-empty DEST (entries not in SRC are deleted)")
+    sp.add_argument("--keep-last", type=int, default=10, metavar="N",
+                    help="recovery points to keep history for (default 10; older history is pruned)")
+    sp.add_argument("--keep-within", metavar="DURATION", help="also keep recovery points younger than this (7d, 12h)")
     sp.add_argument("--every", type=float, metavar="SECONDS",
                     help="continuous mode: run a cycle every SECONDS (sooner when the journal has entries)")
     g = sp.add_argument_group("remote sources ([USER@]HOST:PATH)")
@@ -246,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("sync", cmd_sync, "apply the cycle exported at MOUNTPOINT to DEST")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
     sp.add_argument("dest", metavar="DEST")
+    sp.add_argument("--keep-last", type=int, default=10, metavar="N",
+                    help="recovery points to keep history for (default 10; older history is pruned)")
+    sp.add_argument("--keep-within", metavar="DURATION", help="also keep recovery points younger than this (7d, 12h)")
     sp.add_argument("--force", action="store_true", help="allow a first cycle into a non-empty DEST")
 
     sp = add("ack", cmd_ack, "tell the source the replica committed CYCLE")
@@ -268,6 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("status", lambda a, w: __import__("discrep.status", fromlist=["cmd_status"]).cmd_status(a, w),
              "show the state of a source (watcher backend, journal) or a replica (lag, last cycle, last error)")
     sp.add_argument("path", metavar="ROOT_OR_DEST")
+
+    sp = add("recover", cmd_recover, "roll an interrupted cycle back: DEST returns to its last committed cycle",
+             "Undo what an interrupted cycle changed, from the write-ahead history records. "
+             "'replicate' and 'sync' do this by themselves first; run it after a crash to have a usable "
+             "replica at once (for instance when the source is lost).")
+    sp.add_argument("dest", metavar="DEST")
+
+    sp = add("restore", cmd_restore, "materialize committed cycle N of DEST into a new directory",
+             "Rebuild recovery point N exactly (content and metadata) in DIR: a clone of the replica "
+             "(reflinks where the filesystem allows) with the reverse deltas of the later cycles applied.")
+    sp.add_argument("dest", metavar="DEST")
+    sp.add_argument("--cycle", type=int, required=True, metavar="N")
+    sp.add_argument("--to", required=True, metavar="DIR", help="new or empty directory to restore into")
+    sp.add_argument("--path", metavar="P", help="restore only this file or subtree (relative to the tree root)")
+
+    sp = add("prune", cmd_prune, "drop history that no kept recovery point needs")
+    sp.add_argument("dest", metavar="DEST")
+    sp.add_argument("--keep-last", type=int, default=10, metavar="N", help="keep the last N cycles (default 10)")
+    sp.add_argument("--keep-within", metavar="DURATION", help="also keep cycles committed within e.g. 7d, 12h")
 
     sp = add("reset", cmd_reset, "forget what the source replicated: the next cycle compares everything")
     sp.add_argument("src", metavar="SRC")

@@ -86,7 +86,8 @@ def settle_source(src: bytes, replica_cycle: int) -> None:
 
 
 def replicate_local(src: str, dest: str, *, snapshot_kind: str = "auto", force: bool = False,
-                    warnings: Optional[WarningList] = None, progress=None) -> Dict[str, Any]:
+                    warnings: Optional[WarningList] = None, progress=None, keep_last: int = 10,
+                    keep_within_s: Optional[float] = None) -> Dict[str, Any]:
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
     src, dest = os.path.abspath(src), os.path.abspath(dest)
@@ -111,7 +112,8 @@ def replicate_local(src: str, dest: str, *, snapshot_kind: str = "auto", force: 
         try:
             reader = MountReader(mnt)
             try:
-                stats = sync(reader, bdest, warnings=warnings, progress=progress)
+                stats = sync(reader, bdest, warnings=warnings, progress=progress, keep_last=keep_last,
+                             keep_within_s=keep_within_s)
             finally:
                 reader.close()
         finally:
@@ -126,5 +128,6 @@ def replicate_local(src: str, dest: str, *, snapshot_kind: str = "auto", force: 
         "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
         "dirs_created": stats.dirs, "symlinks": stats.symlinks,
         "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
+        "history_bytes": stats.history_bytes,
         "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
     }

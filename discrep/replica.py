@@ -38,7 +38,7 @@ import stat as statmod
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import blockdiff
 from blockdiff import framing
@@ -46,13 +46,14 @@ from blockdiff import framing
 from . import platform
 from .errors import (CycleMismatchError, DestinationError, DiskFullError, LockedError, ManifestError,
                      RecoveryNeededError, UnsafePathError, WarningList)
+from .history import KEEP, UndoLog, encode_meta, read_xattrs_fd, rollback
 from .manifest import Entry, read_lines
-from .paths import (STATE_DIR, basename, depth, is_under, join, open_dir_nofollow, parent, show)
+from .paths import STATE_DIR, basename, depth, enc, join, parent, show
+from .replica_files import FileOps
 from .replica_catalog import FileRow, ReplicaCatalog
 
 log = logging.getLogger(__name__)
 
-CDC_MIN_SIZE = 1024 * 1024   # below this, shifted data is simply refetched where it differs
 O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -69,6 +70,8 @@ class SyncStats:
     bytes_written: int = 0
     files_unchanged: int = 0
     already_committed: bool = False
+    history_records: int = 0
+    history_bytes: int = 0
     duration_s: float = 0.0
 
 
@@ -108,6 +111,7 @@ class _Dirs:
         self.root_fd = root_fd
         self.cache: Dict[bytes, int] = {}
         self.dirty: Set[bytes] = set()
+        self.on_mkdir: Optional[Callable[[bytes], None]] = None  # called (and logged) before a mkdir
 
     def get(self, rel: bytes, create: bool = False) -> int:
         fd = self.cache.get(rel)
@@ -120,6 +124,8 @@ class _Dirs:
                 except FileNotFoundError:
                     if not create:
                         raise
+                    if self.on_mkdir is not None:
+                        self.on_mkdir(rel)
                     os.mkdir(name, 0o700, dir_fd=pfd)
                     self.dirty.add(parent(rel))
                     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | O_FILE, dir_fd=pfd)
@@ -163,7 +169,7 @@ def _lstat(dirs: _Dirs, rel: bytes) -> Optional[os.stat_result]:
         return None
 
 
-class Applier:
+class Applier(FileOps):
     """Applies one cycle's manifest to DEST (see module doc)."""
 
     def __init__(self, reader, dest: bytes, catalog: ReplicaCatalog, header: dict, entries: List[Entry],
@@ -179,41 +185,105 @@ class Applier:
         self.stats = SyncStats(cycle=self.cycle, base=int(header.get("base", 0)))
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.dirs = _Dirs(self.root_fd)
-        sd = state_dir(dest)
         self.stage_rel = STATE_DIR + b"/stage"
-        self.trash_rel = STATE_DIR + b"/trash"
-        for d in (self.stage_rel, self.trash_rel):
-            p = join(dest, d)
-            if os.path.lexists(p):
-                shutil.rmtree(p)
-            os.makedirs(p, 0o700)
-        self.stage_fd = os.open(join(dest, self.stage_rel), os.O_RDONLY | os.O_DIRECTORY | O_FILE)
-        self.trash_fd = os.open(join(dest, self.trash_rel), os.O_RDONLY | os.O_DIRECTORY | O_FILE)
+        p = join(dest, self.stage_rel)
+        if os.path.lexists(p):
+            shutil.rmtree(p)
+        os.makedirs(p, 0o700)
+        self.stage_fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | O_FILE)
+        self.log = UndoLog(dest, self.cycle)
+        self.dirs.on_mkdir = self._log_mkdir
         self._n = 0
         self.moves: List[Tuple[bytes, bytes]] = []   # (base, new) that were applied
         self.deleted: List[bytes] = []
         self.rows: List[Tuple] = []
         self.origin: Dict[bytes, bytes] = {}         # new path -> base path of a move
+        self.created: Set[bytes] = set()             # made by this cycle: undo removes them whole
+        self._dm_done: Set[bytes] = set()
+        self._dir_times: Dict[bytes, Tuple[int, int]] = {}   # directories whose entries this cycle changed
+        self._installs: List[Tuple[int, bytes, bytes]] = []
         self._packs: Dict[int, bytes] = {}
         self.euid = os.geteuid()
         self.dir_paths = {e.path for e in entries if e.op == "dir"}
 
     def close(self) -> None:
         self.dirs.clear()
-        for fd in (self.stage_fd, self.trash_fd, self.root_fd):
+        self.log.close()
+        for fd in (self.stage_fd, self.root_fd):
             os.close(fd)
 
     def _tmpname(self, tag: str) -> bytes:
         self._n += 1
         return b"%s%d" % (tag.encode(), self._n)
 
-    # -- primitives ----------------------------------------------------
-    def trash(self, rel: bytes) -> None:
-        """Move ``rel`` (any type) into the cycle's trash."""
+    # -- primitives: every change to DEST is preceded by a durable undo record -----
+    def _was_created(self, rel: bytes) -> bool:
+        q = rel
+        while q:
+            if q in self.created:
+                return True
+            q = parent(q)
+        return False
+
+    def _dirmeta(self, d: bytes) -> None:
+        """Before the first change of entries in directory ``d``: remember its times."""
+        if d in self._dm_done or self._was_created(d):
+            return
+        self._dm_done.add(d)
+        st = os.fstat(self.dirs.get(d))
+        self._dir_times[d] = (st.st_atime_ns, st.st_mtime_ns)
+        self.log.add({"op": "dirmeta", "path": enc(d), "mtime_ns": st.st_mtime_ns, "atime_ns": st.st_atime_ns})
+
+    def _log_mkdir(self, rel: bytes) -> None:
+        self._dirmeta(parent(rel))
+        self.log.add({"op": "mkdir", "path": enc(rel)})
+        self.log.barrier()
+        self.created.add(rel)
+
+    def _log_meta(self, rel: bytes, fd: Optional[int] = None) -> None:
+        """Remember the metadata of an existing entry before changing it (no-op for new ones)."""
+        if self._was_created(rel):
+            return
+        if fd is None:
+            st = os.stat(basename(rel), dir_fd=self.dirs.get(parent(rel)), follow_symlinks=False) if rel \
+                else os.fstat(self.root_fd)
+            xa = {}
+        else:
+            st = os.fstat(fd)
+            xa = read_xattrs_fd(fd)
+        self.log.add({"op": "meta", "path": enc(rel), "old": encode_meta(st, xa)})
+
+    def _tmpname(self, tag: str) -> bytes:
+        self._n += 1
+        return b"%s%d" % (tag.encode(), self._n)
+
+    def lift(self, rel: bytes, tag: str = "t") -> bytes:
+        """Move ``rel`` (any type) into this cycle's history keep/; returns its name there."""
         pfd = self.dirs.get(parent(rel))
-        os.rename(basename(rel), self._tmpname("t"), src_dir_fd=pfd, dst_dir_fd=self.trash_fd)
+        self._dirmeta(parent(rel))
+        name = self.log.keep_name(tag)
+        self.log.add({"op": "rename", "src": enc(rel), "dst": KEEP + os.fsdecode(name)})
+        self.log.barrier()
+        os.rename(basename(rel), name, src_dir_fd=pfd, dst_dir_fd=self.log.keep_fd)
         self.dirs.dirty.add(parent(rel))
         self.dirs.clear()
+        return name
+
+    def trash(self, rel: bytes) -> None:
+        """Remove ``rel``: it is kept in the history as the reverse delta of this cycle."""
+        self.lift(rel, "t")
+
+    def drop(self, name: bytes, rel: bytes) -> None:
+        """Put lifted entry ``name`` (in keep/) at ``rel``."""
+        pfd = self.ensure_parent(rel)
+        if _lstat(self.dirs, rel) is not None:
+            self.trash(rel)
+            pfd = self.ensure_parent(rel)
+        self._dirmeta(parent(rel))
+        self.log.add({"op": "rename", "src": KEEP + os.fsdecode(name), "dst": enc(rel)})
+        self.log.barrier()
+        os.rename(name, basename(rel), src_dir_fd=self.log.keep_fd, dst_dir_fd=pfd)
+        self.dirs.dirty.add(parent(rel))
 
     def ensure_parent(self, rel: bytes) -> int:
         """fd of rel's parent, creating missing directories.
@@ -232,14 +302,38 @@ class Applier:
                 self.trash(nd.rel)
 
     def install(self, tmp: bytes, rel: bytes) -> None:
-        """Rename staged ``tmp`` over ``rel`` (a directory in the way goes to the trash)."""
-        pfd = self.ensure_parent(rel)
-        st = _lstat(self.dirs, rel)
-        if st is not None and statmod.S_ISDIR(st.st_mode):
-            self.trash(rel)
+        """Queue staged ``tmp`` to be renamed over ``rel``; installs are group-committed."""
+        self._installs.append((self.stage_fd, tmp, rel))
+        if len(self._installs) >= 256:
+            self.flush_installs()
+
+    def flush_installs(self) -> None:
+        """Log every queued install (create / replace keeping the old one), one barrier, then rename."""
+        plan = []
+        for src_fd, tmp, rel in self._installs:
             pfd = self.ensure_parent(rel)
-        os.rename(tmp, basename(rel), src_dir_fd=self.stage_fd, dst_dir_fd=pfd)
-        self.dirs.dirty.add(parent(rel))
+            st = _lstat(self.dirs, rel)
+            if st is not None and statmod.S_ISDIR(st.st_mode):
+                self.trash(rel)
+                st = None
+            self._dirmeta(parent(rel))
+            kept = None
+            if st is None:
+                self.log.add({"op": "create", "path": enc(rel)})
+            elif not self._was_created(rel):
+                kept = self.log.keep_name("r")
+                self.log.add({"op": "replace", "path": enc(rel), "kept": KEEP + os.fsdecode(kept)})
+            plan.append((src_fd, tmp, rel, kept, st is None))
+        self._installs = []
+        self.log.barrier()
+        for src_fd, tmp, rel, kept, new in plan:
+            pfd = self.dirs.get(parent(rel))
+            if kept is not None:
+                os.link(basename(rel), kept, src_dir_fd=pfd, dst_dir_fd=self.log.keep_fd, follow_symlinks=False)
+            os.rename(tmp, basename(rel), src_dir_fd=src_fd, dst_dir_fd=pfd)
+            self.dirs.dirty.add(parent(rel))
+            if new:
+                self.created.add(rel)
 
     def base_of(self, rel: bytes) -> bytes:
         q = rel
@@ -263,15 +357,9 @@ class Applier:
             if _lstat(self.dirs, e.old) is None:
                 self.warnings.add(show(e.old), "moved on the source but missing on the replica; fetched whole")
                 continue
-            tmp = self._tmpname("m")
-            os.rename(basename(e.old), tmp, src_dir_fd=self.dirs.get(parent(e.old)), dst_dir_fd=self.stage_fd)
-            self.dirs.dirty.add(parent(e.old))
-            self.dirs.clear()
-            lifted.append((e, tmp))
-        for e, tmp in sorted(lifted, key=lambda x: depth(x[0].path)):
-            if _lstat(self.dirs, e.path) is not None:
-                self.trash(e.path)
-            self.install(tmp, e.path)
+            lifted.append((e, self.lift(e.old, "m")))
+        for e, name in sorted(lifted, key=lambda x: depth(x[0].path)):
+            self.drop(name, e.path)
             self.dirs.clear()
             self.moves.append((e.old, e.path))
             self.origin[e.path] = e.old
@@ -285,17 +373,26 @@ class Applier:
         if full:
             self._remove_extraneous({e.path for e in ups})
         # 3. directories
-        dir_ents = [e for e in ups if e.op == "dir"]
-        for e in sorted(dir_ents, key=lambda d: depth(d.path)):
+        dir_ents = sorted((e for e in ups if e.op == "dir"), key=lambda d: depth(d.path))
+        todo = []
+        for e in dir_ents:
             st = _lstat(self.dirs, e.path)
             if st is not None and not statmod.S_ISDIR(st.st_mode):
                 self.trash(e.path)
                 st = None
             if st is None:
-                pfd = self.ensure_parent(e.path)
-                os.mkdir(basename(e.path), 0o700, dir_fd=pfd)
-                self.dirs.dirty.add(parent(e.path))
-                self.stats.dirs += 1
+                todo.append(e.path)
+        for rel in todo:             # one barrier for all new directories
+            if parent(rel) not in self.created:
+                self._dirmeta(parent(rel))
+            self.log.add({"op": "mkdir", "path": enc(rel)})
+            self.created.add(rel)
+        self.log.barrier()
+        for rel in todo:
+            pfd = self.ensure_parent(rel)
+            os.mkdir(basename(rel), 0o700, dir_fd=pfd)
+            self.dirs.dirty.add(parent(rel))
+            self.stats.dirs += 1
         # 4. files (primaries), symlinks, hard links
         files = [e for e in ups if e.op == "file"]
         done = 0
@@ -308,19 +405,34 @@ class Applier:
         for e in ups:
             if e.op == "symlink":
                 self._symlink(e)
+        self.flush_installs()        # primaries must be in place before links to them
         for e in files:
             if e.link is not None:
                 self._hardlink(e)
-        # 5. metadata: files and links first, directories deepest first
-        for e in ups:
-            if e.op == "symlink":
-                self._meta(e)
-        for e in sorted(dir_ents, key=lambda d: -depth(d.path)):
+        self.flush_installs()
+        # 5. metadata: links, then directories deepest first, then the top directory
+        meta_ents = [e for e in ups if e.op == "symlink"] + sorted(dir_ents, key=lambda d: -depth(d.path))
+        for e in meta_ents:
+            self._log_meta(e.path)
+        root_meta = self.header.get("root")
+        if isinstance(root_meta, dict):
+            self._log_meta(b"", self.root_fd)
+        self.log.barrier()
+        for e in meta_ents:
             self._meta(e)
-        if isinstance(self.header.get("root"), dict):   # the top directory itself, last
-            self._apply_meta_fd(Entry(dict(self.header["root"], op="dir", path="_")), self.root_fd)
+        # a directory whose entries changed here (files replaced by rename) while the source's
+        # directory did not change keeps its old times
+        for d, (at, mt) in self._dir_times.items():
+            if d and d not in self.dir_paths:
+                try:
+                    os.utime(self.dirs.get(d), ns=(at, mt))
+                except (FileNotFoundError, ManifestError):
+                    pass
+        if isinstance(root_meta, dict):
+            self._apply_meta_fd(Entry(dict(root_meta, op="dir", path="_")), self.root_fd)
         self.dirs.fsync_dirty()
         syncfs(self.root_fd)
+        self.stats.history_records = self.log.records
         self.stats.duration_s = time.monotonic() - t0
         return self.stats
 
@@ -345,174 +457,6 @@ class Applier:
                     st = _lstat(self.dirs, rel)
                     if st is not None and statmod.S_ISDIR(st.st_mode):
                         stack.append(rel)
-
-    # -- regular files -------------------------------------------------
-    def _trusted_old(self, e: Entry, st: Optional[os.stat_result]) -> Optional[FileRow]:
-        if st is None or not statmod.S_ISREG(st.st_mode):
-            return None
-        row = self.cat.get(self.base_of(e.path))
-        if row is None or row.kind != "file" or row.sig is None:
-            return None
-        if (row.ino, row.size, row.mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
-            return None
-        return row
-
-    def _pack(self, k: int) -> bytes:
-        data = self._packs.get(k)
-        if data is None:
-            self._packs.clear()  # packs are consumed in order: keep one
-            data = framing.unpack(self.reader.read_all(b".discrep/pack/%d" % k))
-            self._packs[k] = data
-        return data
-
-    def _file(self, e: Entry) -> None:
-        st = _lstat(self.dirs, e.path)
-        old = self._trusted_old(e, st)
-        old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
-        if e.h is not None and old_sig is not None and old_sig.whole_digest() == e.h and old.size == e.size:
-            self._unchanged(e, old_sig)
-            return
-        if e.size == 0 and old_sig is not None and old.size == 0:
-            self._unchanged(e, old_sig)
-            return
-        self.stats.files_changed += 1
-        if e.pack is not None:
-            k, off = e.pack
-            blob = self._pack(k)
-            data = blob[off:off + e.size]
-            sig = blockdiff.sign_bytes(data)
-            if len(data) != e.size or sig.whole_digest() != e.h:
-                raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
-            self._write_new(e, lambda fd: os.pwrite(fd, data, 0) if data else 0, sig)
-            return
-        if old_sig is None or e.size == 0:
-            self._fetch_whole(e)
-            return
-        self._patch(e, old_sig, st)
-
-    def _unchanged(self, e: Entry, sig) -> None:
-        self.stats.files_unchanged += 1
-        fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
-        try:
-            self._apply_meta_fd(e, fd)
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        self.rows.append((e.path, "file", e.size, e.mtime_ns, st.st_ino, sig.to_bytes()))
-
-    def _write_new(self, e: Entry, fill, sig) -> None:
-        """Create the file in the stage, fill it, apply metadata, fsync, rename into place."""
-        tmp = self._tmpname("f")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, 0o600, dir_fd=self.stage_fd)
-        try:
-            os.ftruncate(fd, e.size)
-            n = fill(fd)
-            self.stats.bytes_written += n or 0
-            if sig is None:
-                sig = blockdiff.sign_fd(fd, e.size)
-            elif isinstance(sig, _LazySig):
-                sig = sig.get()
-            self._apply_meta_fd(e, fd)
-            os.fsync(fd)
-            ino = os.fstat(fd).st_ino
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp, dir_fd=self.stage_fd)
-            raise
-        os.close(fd)
-        self.install(tmp, e.path)
-        self.rows.append((e.path, "file", e.size, e.mtime_ns, ino, sig.to_bytes()))
-
-    def _data_rel(self, e: Entry) -> bytes:
-        return b".discrep/data/%d" % e.idx
-
-    def _fetch_whole(self, e: Entry) -> None:
-        ranges = e.extents if e.extents is not None else ([(0, e.size)] if e.size else [])
-        bs = blockdiff.FINE_SIZE
-        aligned = all(o % bs == 0 for o, _ in ranges)
-        nblocks = -(-e.size // bs)
-        fine = bytearray(blockdiff.zero_block_digest(bs) * nblocks)
-
-        def on_data(off: int, data: bytes) -> None:
-            d = blockdiff.fine_digests(data, bs)
-            i = off // bs
-            fine[i * 8:i * 8 + len(d)] = d
-
-        def fill(fd: int) -> int:
-            return self.reader.copy_ranges(self._data_rel(e), ranges, fd, on_data if aligned else None)
-        lazy = None
-        if aligned and all((o + ln) % bs == 0 or o + ln == e.size for o, ln in ranges):
-            lazy = _LazySig(e.size, fine)  # digests arrive with the data: no reread of what we wrote
-        self._write_new(e, fill, lazy)
-
-    def _patch(self, e: Entry, old_sig, st) -> None:
-        rel = b".discrep/sig/%d" % e.idx
-        hdr = blockdiff.SigHeader.from_bytes(self.reader.pread(rel, blockdiff.HEADER_SIZE, 0))
-        if hdr.file_size != e.size or hdr.block_size != old_sig.block_size or hdr.factor != old_sig.factor:
-            raise ManifestError(f"signature of {show(e.path)} does not match its manifest entry")
-        c_off, c_len = hdr.coarse_range()
-        coarse = self.reader.pread(rel, c_len, c_off)
-        diff_c = blockdiff.differing_coarse(old_sig, hdr, coarse)
-        if not diff_c:
-            self.stats.files_changed -= 1
-            self._unchanged(e, old_sig)
-            return
-        if e.size != old_sig.file_size and e.size >= CDC_MIN_SIZE and len(diff_c) * 2 > hdr.n_coarse:
-            self._cdc(e, st)
-            return
-        reqs = [(rel,) + tuple(hdr.fine_range(ci)) for ci in diff_c]
-        slices = self.reader.preads(reqs)
-        blocks: List[int] = []
-        fine = bytearray(old_sig.fine[:hdr.n_blocks * 8])
-        if len(fine) < hdr.n_blocks * 8:
-            fine.extend(b"\0" * (hdr.n_blocks * 8 - len(fine)))
-        for ci, sl in zip(diff_c, slices):
-            blocks += blockdiff.differing_fine(old_sig, hdr, ci, sl)
-            start = ci * hdr.factor * 8
-            fine[start:start + len(sl)] = sl
-        ranges = blockdiff.blocks_to_ranges(blocks, hdr.block_size, e.size)
-        holes: List[Tuple[int, int]] = []
-        if e.extents is not None:
-            ranges, holes = _split_by_extents(ranges, e.extents)
-        fd = os.open(basename(e.path), os.O_RDWR | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
-        try:
-            if e.size < old_sig.file_size:
-                os.ftruncate(fd, e.size)
-            n = self.reader.copy_ranges(self._data_rel(e), ranges, fd)
-            for off, ln in holes:
-                try:
-                    platform.punch_hole(fd, off, ln)
-                except Exception:
-                    os.pwrite(fd, bytes(ln), off)
-            if e.size > old_sig.file_size:
-                os.ftruncate(fd, e.size)
-            self.stats.bytes_written += n
-            self._apply_meta_fd(e, fd)
-            os.fsync(fd)
-            ino = os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-        new_sig = blockdiff.Signature(e.size, hdr.block_size, hdr.factor, bytes(fine),
-                                      blockdiff.coarse_digests(bytes(fine), hdr.factor))
-        self.rows.append((e.path, "file", e.size, e.mtime_ns, ino, new_sig.to_bytes()))
-
-    def _cdc(self, e: Entry, st) -> None:
-        new_chunks = blockdiff.ChunkList.from_bytes(self.reader.read_all(b".discrep/cdc/%d" % e.idx))
-        if new_chunks.total != e.size:
-            raise ManifestError(f"chunk list of {show(e.path)} does not match its size")
-        ofd = os.open(basename(e.path), os.O_RDONLY | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
-        try:
-            old_chunks = blockdiff.chunk_fd(ofd, st.st_size)
-            ops = blockdiff.plan(old_chunks, new_chunks)
-            need = blockdiff.fetch_ranges(ops)
-            fetched = dict(zip((o for o, _ in need),
-                               self.reader.preads([(self._data_rel(e), o, ln) for o, ln in need])))
-
-            def fill(fd: int) -> int:
-                return blockdiff.build_from_plan(fd, ofd, ops, fetched)
-            self._write_new(e, fill, None)
-        finally:
-            os.close(ofd)
 
     # -- other types ---------------------------------------------------
     def _symlink(self, e: Entry) -> None:
@@ -589,38 +533,8 @@ class Applier:
                 self.rows.append((e.path, "symlink", 0, e.mtime_ns, 0, None))
 
 
-class _LazySig:
-    def __init__(self, size: int, fine: bytearray):
-        self.size = size
-        self.fine = fine
-
-    def get(self):
-        f = bytes(self.fine)
-        return blockdiff.Signature(self.size, blockdiff.FINE_SIZE, blockdiff.COARSE_FACTOR, f,
-                                   blockdiff.coarse_digests(f, blockdiff.COARSE_FACTOR))
-
-
-def _split_by_extents(ranges, extents):
-    """Split changed ranges into (parts inside data extents, parts inside holes)."""
-    data, holes = [], []
-    for off, ln in ranges:
-        end = off + ln
-        pos = off
-        for eo, el in extents:
-            ee = eo + el
-            if ee <= pos or eo >= end:
-                continue
-            if eo > pos:
-                holes.append((pos, eo - pos))
-            s, t = max(pos, eo), min(end, ee)
-            data.append((s, t - s))
-            pos = t
-        if pos < end:
-            holes.append((pos, end - pos))
-    return data, holes
-
-
-def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progress=None) -> SyncStats:
+def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progress=None,
+         keep_last: int = 10, keep_within_s: Optional[float] = None) -> SyncStats:
     """Apply the cycle exported through ``reader`` to replica directory ``dest``."""
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
@@ -632,9 +546,49 @@ def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progres
     with replica_lock(dest):
         cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
         try:
-            return _sync(reader, dest, cat, warnings, progress, t0)
+            st = _sync(reader, dest, cat, warnings, progress, t0)
+            if not st.already_committed:
+                apply_retention(dest, cat, keep_last, keep_within_s)
+            return st
         finally:
             cat.close()
+
+
+def recover_locked(dest: bytes, cat: ReplicaCatalog) -> Optional[Tuple[int, int]]:
+    """Roll an interrupted cycle back to the last committed one: (cycle, records undone) or None."""
+    n = cat.applying()
+    if n is None:
+        return None
+    log.warning("rolling back interrupted cycle %d of %s", n, os.fsdecode(dest))
+    undone = rollback(dest, n)
+    cat.abandon(n)
+    shutil.rmtree(join(state_dir(dest), b"stage"), ignore_errors=True)
+    return n, undone
+
+
+def recover(dest: bytes) -> Optional[Tuple[int, int]]:
+    if not os.path.exists(join(state_dir(dest), b"replica.db")):
+        raise DestinationError(f"{os.fsdecode(dest)} is not a discrep replica")
+    with replica_lock(dest):
+        cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
+        try:
+            return recover_locked(dest, cat)
+        finally:
+            cat.close()
+
+
+def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int, keep_within_s: Optional[float]) -> List[int]:
+    """Prune history no kept recovery point needs (the newest cycle is always kept)."""
+    from .history import prune
+    hist = cat.history()
+    committed = [c for c, _s, _cm, _st in hist]
+    if not committed:
+        return []
+    keep = set(committed[-max(1, keep_last):])
+    if keep_within_s is not None:
+        now = time.time_ns()
+        keep |= {c for c, _s, cm, _st in hist if now - cm <= keep_within_s * 1e9}
+    return prune(dest, committed, keep)
 
 
 def _sync(reader, dest, cat, warnings, progress, t0) -> SyncStats:
@@ -643,10 +597,7 @@ def _sync(reader, dest, cat, warnings, progress, t0) -> SyncStats:
         cycle, base = int(header["cycle"]), int(header["base"])
     except (ValueError, KeyError, TypeError):
         raise ManifestError("the export's .discrep/cycle is not a valid cycle description") from None
-    applying = cat.applying()
-    if applying is not None:
-        raise RecoveryNeededError(f"{os.fsdecode(dest)} holds interrupted cycle {applying}",
-                                  hint=f"run 'discrep recover {os.fsdecode(dest)}' first")
+    recover_locked(dest, cat)   # an interrupted earlier run: back to the last committed cycle first
     last = cat.last_committed()
     if cycle == last:
         st = SyncStats(cycle=cycle, base=base, already_committed=True,
@@ -664,22 +615,22 @@ def _sync(reader, dest, cat, warnings, progress, t0) -> SyncStats:
     cat.begin(cycle, base, int(header.get("created_ns", 0)))
     ap = Applier(reader, dest, cat, header, entries, warnings, progress)
     try:
-        try:
-            stats = ap.run()
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise DiskFullError(f"replica filesystem full while applying cycle {cycle}") from None
-            raise
+        stats = ap.run()
         ap.symlink_rows()
-        rows = ap.rows
         stats.bytes_transferred = reader.bytes_read
         stats.duration_s = time.monotonic() - t0
-        cat.commit(cycle, full=bool(header.get("full")), moves=ap.moves, deletes=ap.deleted, rows=rows,
+        cat.commit(cycle, full=bool(header.get("full")), moves=ap.moves, deletes=ap.deleted, rows=ap.rows,
                    stats=asdict(stats))
-    except BaseException:
+    except BaseException as exc:
         ap.close()
+        try:  # leave the replica at its last committed cycle, now rather than at the next run
+            recover_locked(dest, cat)
+        except Exception as e2:
+            log.error("rollback of cycle %d failed (%s); run 'discrep recover %s'", cycle, e2, os.fsdecode(dest))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"replica filesystem full while applying cycle {cycle}; rolled back to cycle "
+                                f"{last}") from None
         raise
     ap.close()
-    for d in (b"stage", b"trash"):
-        shutil.rmtree(join(state_dir(dest), d), ignore_errors=True)
+    shutil.rmtree(join(state_dir(dest), b"stage"), ignore_errors=True)
     return stats

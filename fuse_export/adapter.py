@@ -513,7 +513,20 @@ def _child_main(view: ExportView, mountpoint: PathLike, kwargs: Dict[str, Any]) 
     # unmount) only if they are at their default: make sure they are
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    _die_with_parent()
     serve(view, mountpoint, **kwargs)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this child when the parent dies (even by SIGKILL): libfuse then unmounts and exits."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(0)
+    except (OSError, AttributeError):
+        log.debug("PR_SET_PDEATHSIG unavailable", exc_info=True)
 
 
 class BackgroundExport:

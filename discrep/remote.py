@@ -1,0 +1,339 @@
+"""One whole cycle from a remote source: ``discrep replicate [USER@]HOST:PATH DEST``.
+
+The replica drives everything over ONE paramiko connection (discrep.ssh):
+
+1. ``mktemp -d`` on the source (the export's parent directory D); the local
+   sshfs mount of D starts right away in a helper thread, so its ssh handshake
+   overlaps the snapshot (sshfs transport only);
+2. ``<remote-discrep> snapshot --json --replica-cycle R PATH`` settles the
+   source against the replica's last committed cycle R and builds cycle N > R;
+3. an export channel runs a small POSIX-sh supervisor: ``<remote-discrep>
+   export PATH D/m --cycle N`` in the background, prints ``ready`` once
+   ``D/m/.discrep/cycle`` is readable (or exits with the export's status and
+   stderr), then blocks on its stdin; EOF on stdin -- our close, or the
+   connection dying -- unmounts D/m and removes D on the source;
+4. the replica reads D/m through the sshfs mount with ``MountReader`` (exactly
+   as the one-host mode reads its FUSE mount) or through ``SftpReader`` on the
+   same paramiko connection, and ``replica.sync`` patches DEST;
+5. local unmount, export channel closed (remote unmount, tmp dir removed), then
+   ``<remote-discrep> ack PATH N``.
+
+On any failure, Ctrl-C or a dropped connection the same cleanup runs
+(finally); the source keeps the built-but-unacknowledged cycle N and the next
+``snapshot --replica-cycle`` settles it.
+
+Thread-safety: runs in the caller's thread; one helper thread mounts sshfs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Any, Dict, Optional
+
+from . import errors as errmod
+from .errors import Error, TransportError, UsageError, WarningList
+from .local import prepare_dest
+from .reader import MountReader
+from .replica import sync
+from .ssh import Connection, HostConfig, parse_remote, q, resolve
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 120.0   # seconds for the remote export to come up
+
+
+def _choose_transport(want: str) -> str:
+    from .sshfs import available
+    if want == "sftp":
+        return "sftp"
+    why = available()
+    if want == "sshfs":
+        if why:
+            raise errmod.FuseUnavailableError(f"cannot use sshfs: {why}",
+                                              hint="install sshfs and fuse3, or pass --transport sftp")
+        return "sshfs"
+    if why:
+        log.info("using the built-in SFTP reader: %s", why)
+        return "sftp"
+    return "sshfs"
+
+
+def _missing_discrep(cfg: HostConfig, exe: str) -> TransportError:
+    return TransportError(f"discrep is not installed on {cfg.alias} (the remote shell cannot run {exe!r})",
+                          hint="install discrep on the source host, or pass --remote-discrep PATH")
+
+
+def _remote_error(cfg: HostConfig, what: str, rc: int, out: bytes, err: bytes) -> Error:
+    """The error a remote discrep reported (its --json line names the class), else a TransportError."""
+    for line in reversed(out.decode(errors="replace").splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if "error" in d:
+                cls = getattr(errmod, str(d.get("kind")), None)
+                msg = f"on {cfg.alias}: {d['error']}"
+                if isinstance(cls, type) and issubclass(cls, Error):
+                    e = cls(msg)
+                    e.hint = None  # the remote message already carries its hint
+                    return e
+                return TransportError(msg)
+    lines = [ln for ln in err.decode(errors="replace").strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else f"exit status {rc}"
+    return TransportError(f"{what} failed on {cfg.alias}: {last}")
+
+
+def _forward_warnings(err: bytes, warnings: WarningList, host: str) -> None:
+    for line in err.decode(errors="replace").splitlines():
+        if line.startswith("discrep: warning: "):
+            body = line[len("discrep: warning: "):]
+            path, sep, msg = body.partition(": ")
+            warnings.add(f"{host}:{path}" if sep else host, msg if sep else body)
+
+
+def _run_discrep(conn: Connection, exe: str, args: str, what: str, warnings: WarningList) -> Dict[str, Any]:
+    r = conn.run(f"{q(exe)} {args}")
+    if r.rc == 127:
+        raise _missing_discrep(conn.cfg, exe)
+    _forward_warnings(r.err, warnings, conn.cfg.alias)
+    if r.rc not in (0, 1):
+        raise _remote_error(conn.cfg, what, r.rc, r.out, r.err)
+    for line in reversed(r.out.decode(errors="replace").splitlines()):
+        if line.strip().startswith("{"):
+            return json.loads(line)
+    raise TransportError(f"{what} on {conn.cfg.alias} printed no JSON result",
+                         hint="the remote discrep may be too old; install the same version on both hosts")
+
+
+EXPORT_SCRIPT = r"""D={d}; M="$D/m"
+mkdir "$M" || exit 1
+{exe} export --json {src} "$M" --cycle {n} </dev/null & p=$!
+while ! test -r "$M/.discrep/cycle"; do
+  if ! kill -0 $p 2>/dev/null; then wait $p; rc=$?; rmdir "$M" "$D" 2>/dev/null; exit $rc; fi
+  sleep 0.01
+done
+echo ready
+cat >/dev/null
+fusermount3 -u "$M" 2>/dev/null || fusermount -u "$M" 2>/dev/null || fusermount3 -uz "$M" 2>/dev/null \
+  || umount -l "$M" 2>/dev/null
+wait $p
+rmdir "$M" "$D" 2>/dev/null
+exit 0
+"""
+
+
+class _RemoteExport:
+    """The export supervisor channel (see EXPORT_SCRIPT)."""
+
+    def __init__(self, conn: Connection, exe: str, src: str, d: str, n: int):
+        self.conn = conn
+        self.ch = conn.start("sh -c " + q(EXPORT_SCRIPT.format(d=q(d), exe=q(exe), src=q(src), n=int(n))))
+        self._stderr = []
+        self._t = threading.Thread(target=self._read_err, daemon=True, name="discrep-export-stderr")
+        self._t.start()
+
+    def _read_err(self) -> None:
+        try:
+            f = self.ch.makefile_stderr("rb")
+            for line in f:
+                self._stderr.append(line)
+                if len(self._stderr) > 200:
+                    del self._stderr[:100]
+        except Exception:  # connection gone: what we have is enough
+            pass
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        self.ch.settimeout(timeout)
+        out = self.ch.makefile("rb")
+        try:
+            while True:
+                line = out.readline()
+                if not line:
+                    break
+                if line.strip() == b"ready":
+                    return
+                if line.strip().startswith(b"{"):
+                    rest = line
+                    self.ch.status_event.wait(5)
+                    rc = self.ch.recv_exit_status() if self.ch.exit_status_ready() else -1
+                    self._t.join(2)
+                    raise _remote_error(self.conn.cfg, "export", rc, rest, b"".join(self._stderr))
+        except socket.timeout:
+            raise TransportError(f"the export on {self.conn.cfg.alias} did not come up within {timeout:.0f}s: "
+                                 f"{self.stderr_tail()}") from None
+        self.ch.status_event.wait(5)
+        rc = self.ch.recv_exit_status() if self.ch.exit_status_ready() else -1
+        self._t.join(2)
+        if rc == 127:
+            raise _missing_discrep(self.conn.cfg, "discrep")
+        if not self.conn.transport_alive():
+            raise TransportError(f"the SSH connection to {self.conn.cfg.describe()} was lost while starting the export",
+                                 hint="the replica stays at its last committed cycle; run again")
+        raise TransportError(f"the export on {self.conn.cfg.alias} failed (exit status {rc}): {self.stderr_tail()}")
+
+    def stderr_tail(self) -> str:
+        lines = [ln.decode(errors="replace").strip() for ln in self._stderr if ln.strip()]
+        lines = [ln for ln in lines if "exporting cycle" not in ln]
+        return lines[-1] if lines else "no error output"
+
+    def close(self, timeout: float = 10.0) -> None:
+        """EOF to the supervisor: it unmounts the export and removes D; wait for it, then close."""
+        try:
+            if self.conn.transport_alive() and not self.ch.closed:
+                self.ch.shutdown_write()
+                if not self.ch.status_event.wait(timeout):
+                    log.warning("the export on %s did not stop within %.0fs", self.conn.cfg.alias, timeout)
+        except Exception as e:  # the connection may be gone: the remote side cleans up on EOF itself
+            log.debug("closing the export channel: %s", e)
+        try:
+            self.ch.close()
+        except Exception:
+            pass
+
+
+def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -> Dict[str, Any]:
+    warnings = warnings if warnings is not None else WarningList()
+    t0 = time.monotonic()
+    user, host, rpath = parse_remote(a.src)
+    dest = os.path.abspath(a.dest)
+    bdest = os.fsencode(dest)
+    exe = getattr(a, "remote_discrep", None) or "discrep"
+    cfg = resolve(user, host, getattr(a, "ssh_config", None))
+    transport = _choose_transport(getattr(a, "transport", "auto") or "auto")
+    snapshot_kind = getattr(a, "snapshot", "auto") or "auto"
+    rcycle = prepare_dest(dest, force=bool(getattr(a, "force", False)))
+
+    conn = Connection(cfg)
+    mount = None
+    mount_thread = None
+    mount_err: list = []
+    local_dir = None
+    remote_dir = None
+    export = None
+    reader = None
+    try:
+        conn.connect()
+        t_conn = time.monotonic()
+        r = conn.run('mktemp -d "${TMPDIR:-/tmp}/discrep-export.XXXXXXXX"')
+        if r.rc != 0:
+            raise TransportError(f"cannot create a temporary directory on {cfg.alias}: {r.err_text}")
+        remote_dir = r.out.decode().strip()
+        if transport == "sshfs":
+            from .sshfs import SshfsMount
+            local_dir = tempfile.mkdtemp(prefix="discrep-sshfs-")
+            mount = SshfsMount(cfg, remote_dir, local_dir)
+
+            def do_mount() -> None:
+                try:
+                    mount.start()
+                except BaseException as e:  # handed to the main thread
+                    mount_err.append(e)
+            mount_thread = threading.Thread(target=do_mount, daemon=True, name="discrep-sshfs-mount")
+            mount_thread.start()
+        snap = _run_discrep(conn, exe, f"snapshot --json --replica-cycle {int(rcycle)} --snapshot "
+                                       f"{q(snapshot_kind)} {q(rpath)}", "snapshot", warnings)
+        n = int(snap["cycle"])
+        t_snap = time.monotonic()
+        export = _RemoteExport(conn, exe, rpath, remote_dir, n)
+        export.wait_ready()
+        t_ready = time.monotonic()
+        if mount_thread is not None:
+            mount_thread.join()
+            mount_thread = None
+            if mount_err:
+                raise mount_err[0]
+            reader = MountReader(os.path.join(local_dir, "m"))
+        else:
+            from .sftp_reader import SftpReader
+            reader = SftpReader(conn.sftp(), remote_dir + "/m")
+        t_mount = time.monotonic()
+        try:
+            stats = sync(reader, bdest, warnings=warnings, progress=progress)
+        except (OSError, Error) as e:
+            # a vanished export looks like a missing file or EIO from the reader: tell the real cause
+            lost = _lost_reason(conn, export, mount)
+            if lost:
+                raise TransportError(f"{lost} during the cycle ({e})",
+                                     hint="the replica stays at its last committed cycle; run again") from None
+            raise
+        t_sync = time.monotonic()
+        reader.close()
+        reader = None
+        log.info("remote cycle %d: connect %.2fs, snapshot %.2fs, export %.2fs, mount wait %.2fs, sync %.2fs",
+                 n, t_conn - t0, t_snap - t_conn, t_ready - t_snap, t_mount - t_ready, t_sync - t_mount)
+    except (socket.error, EOFError) as e:
+        raise TransportError(f"the SSH connection to {cfg.describe()} failed: {e}",
+                             hint="the replica stays at its last committed cycle; run again") from None
+    finally:
+        _cleanup(conn, reader, mount_thread, mount, local_dir, export, remote_dir)
+    # the replica committed cycle n: tell the source (a failure here is settled by the next run)
+    try:
+        _run_discrep(conn, exe, f"ack --json {q(rpath)} {n}", "ack", warnings)
+    except TransportError as e:
+        warnings.add(f"{cfg.alias}:{rpath}", f"cycle {n} is committed on the replica but the source was not told "
+                                            f"({e}); the next run acknowledges it")
+    finally:
+        conn.close()
+    return {
+        "cycle": n, "base": snap.get("base"), "change_source": snap.get("change_source"),
+        "snapshot": snap.get("snapshot"), "entries": snap.get("entries"),
+        "files_changed": stats.files_changed, "files_unchanged": stats.files_unchanged,
+        "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
+        "dirs_created": stats.dirs, "symlinks": stats.symlinks,
+        "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
+        "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
+        "transport": transport,
+    }
+
+
+def _lost_reason(conn: Connection, export: Optional[_RemoteExport], mount) -> Optional[str]:
+    """Why the cycle's connection is unusable (None if it still works); probes with a no-op command."""
+    desc = conn.cfg.describe()
+    if not conn.transport_alive():
+        return f"the SSH connection to {desc} was lost"
+    try:
+        if conn.run("true", timeout=5).rc != 0:
+            return f"the SSH connection to {desc} does not work any more"
+    except Error:
+        return f"the SSH connection to {desc} was lost"
+    if export is not None and export.ch.exit_status_ready():
+        return f"the export on {conn.cfg.alias} stopped ({export.stderr_tail()})"
+    if mount is not None and not mount.alive():
+        err = mount.stderr().strip().splitlines()
+        return f"the sshfs connection to {desc} was lost" + (f" ({err[-1]})" if err else "")
+    return None
+
+
+def _cleanup(conn, reader, mount_thread, mount, local_dir, export, remote_dir) -> None:
+    """Undo everything in reverse order; never raises (a second Ctrl-C aside)."""
+    if reader is not None:
+        try:
+            reader.close()
+        except Exception as e:
+            log.debug("closing the reader: %s", e)
+    if mount_thread is not None:
+        mount_thread.join(40)
+    if mount is not None:
+        mount.stop()
+    if local_dir is not None:
+        try:
+            os.rmdir(local_dir)
+        except OSError as e:
+            log.warning("cannot remove %s: %s", local_dir, e)
+    if export is not None:
+        export.close()
+    elif remote_dir is not None and conn.transport_alive():
+        try:
+            conn.run(f"rmdir {q(remote_dir)}", timeout=10)
+        except Exception as e:
+            log.debug("removing %s on the source: %s", remote_dir, e)
+    if not conn.transport_alive():
+        conn.close()

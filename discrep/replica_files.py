@@ -1,0 +1,267 @@
+"""Regular-file content for the replica: compare, fetch only changed ranges, write.
+
+A mixin of ``replica.Applier``: for each file entry it decides, from the
+replica catalog's signature of the old copy (trusted only while inode, size
+and mtime still match), between: unchanged (metadata only), small file from a
+pack, whole fetch into a staged new file, in-place patch of changed fine blocks
+(two-level signature compare; the old blocks go to the undo log first), or a
+content-defined-chunk rebuild when data shifted.
+
+Thread-safety: methods run in the applying thread; range reads fan out to the
+reader's pool, which writes with pwrite into fds owned by this thread.
+"""
+from __future__ import annotations
+
+import os
+import stat as statmod
+from typing import List, Optional, Tuple
+
+import blockdiff
+from blockdiff import framing
+
+from . import platform
+from .errors import ManifestError
+from .manifest import Entry
+from .history import read_xattrs_fd
+from .paths import basename, enc, parent, show
+from .replica_catalog import FileRow
+
+CDC_MIN_SIZE = 1024 * 1024   # below this, shifted data is simply refetched where it differs
+O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _lstat(dirs, rel: bytes) -> Optional[os.stat_result]:
+    try:
+        return os.stat(basename(rel), dir_fd=dirs.get(parent(rel)), follow_symlinks=False)
+    except (FileNotFoundError, ManifestError):
+        return None
+
+
+class FileOps:
+    """File-content half of the Applier (see module doc)."""
+
+    # -- regular files -------------------------------------------------
+    def _trusted_old(self, e: Entry, st: Optional[os.stat_result]) -> Optional[FileRow]:
+        if st is None or not statmod.S_ISREG(st.st_mode):
+            return None
+        row = self.cat.get(self.base_of(e.path))
+        if row is None or row.kind != "file" or row.sig is None:
+            return None
+        if (row.ino, row.size, row.mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
+            return None
+        return row
+
+    def _pack(self, k: int) -> bytes:
+        data = self._packs.get(k)
+        if data is None:
+            self._packs.clear()  # packs are consumed in order: keep one
+            data = framing.unpack(self.reader.read_all(b".discrep/pack/%d" % k))
+            self._packs[k] = data
+        return data
+
+    def _file(self, e: Entry) -> None:
+        st = _lstat(self.dirs, e.path)
+        old = self._trusted_old(e, st)
+        old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
+        if e.h is not None and old_sig is not None and old_sig.whole_digest() == e.h and old.size == e.size:
+            self._unchanged(e, old_sig)
+            return
+        if e.size == 0 and old_sig is not None and old.size == 0:
+            self._unchanged(e, old_sig)
+            return
+        self.stats.files_changed += 1
+        if e.pack is not None:
+            k, off = e.pack
+            blob = self._pack(k)
+            data = blob[off:off + e.size]
+            sig = blockdiff.sign_bytes(data)
+            if len(data) != e.size or sig.whole_digest() != e.h:
+                raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
+            self._write_new(e, lambda fd: os.pwrite(fd, data, 0) if data else 0, sig)
+            return
+        if old_sig is None or e.size == 0:
+            self._fetch_whole(e)
+            return
+        self._patch(e, old_sig, st)
+
+    def _unchanged(self, e: Entry, sig) -> None:
+        self.stats.files_unchanged += 1
+        fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
+        try:
+            if not self._meta_matches(e, fd):
+                self._log_meta(e.path, fd)
+                self.log.barrier()
+                self._apply_meta_fd(e, fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self.rows.append((e.path, "file", e.size, e.mtime_ns, st.st_ino, sig.to_bytes()))
+
+    def _meta_matches(self, e: Entry, fd: int) -> bool:
+        st = os.fstat(fd)
+        if (statmod.S_IMODE(st.st_mode), st.st_mtime_ns) != (e.mode, e.mtime_ns):
+            return False
+        if self.euid == 0 and (st.st_uid, st.st_gid) != (e.uid, e.gid):
+            return False
+        have = read_xattrs_fd(fd)
+        return {k: v for k, v in have.items() if not k.startswith("security.")} == e.xattrs
+
+    def _write_new(self, e: Entry, fill, sig) -> None:
+        """Create the file in the stage, fill it, apply metadata, fsync, rename into place."""
+        tmp = self._tmpname("f")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, 0o600, dir_fd=self.stage_fd)
+        try:
+            os.ftruncate(fd, e.size)
+            n = fill(fd)
+            self.stats.bytes_written += n or 0
+            if sig is None:
+                sig = blockdiff.sign_fd(fd, e.size)
+            elif isinstance(sig, _LazySig):
+                sig = sig.get()
+            self._apply_meta_fd(e, fd)
+            os.fsync(fd)
+            ino = os.fstat(fd).st_ino
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=self.stage_fd)
+            raise
+        os.close(fd)
+        self.install(tmp, e.path)
+        self.rows.append((e.path, "file", e.size, e.mtime_ns, ino, sig.to_bytes()))
+
+    def _data_rel(self, e: Entry) -> bytes:
+        return b".discrep/data/%d" % e.idx
+
+    def _fetch_whole(self, e: Entry) -> None:
+        ranges = e.extents if e.extents is not None else ([(0, e.size)] if e.size else [])
+        bs = blockdiff.FINE_SIZE
+        aligned = all(o % bs == 0 for o, _ in ranges)
+        nblocks = -(-e.size // bs)
+        fine = bytearray(blockdiff.zero_block_digest(bs) * nblocks)
+
+        def on_data(off: int, data: bytes) -> None:
+            d = blockdiff.fine_digests(data, bs)
+            i = off // bs
+            fine[i * 8:i * 8 + len(d)] = d
+
+        def fill(fd: int) -> int:
+            return self.reader.copy_ranges(self._data_rel(e), ranges, fd, on_data if aligned else None)
+        lazy = None
+        if aligned and all((o + ln) % bs == 0 or o + ln == e.size for o, ln in ranges):
+            lazy = _LazySig(e.size, fine)  # digests arrive with the data: no reread of what we wrote
+        self._write_new(e, fill, lazy)
+
+    def _patch(self, e: Entry, old_sig, st) -> None:
+        rel = b".discrep/sig/%d" % e.idx
+        hdr = blockdiff.SigHeader.from_bytes(self.reader.pread(rel, blockdiff.HEADER_SIZE, 0))
+        if hdr.file_size != e.size or hdr.block_size != old_sig.block_size or hdr.factor != old_sig.factor:
+            raise ManifestError(f"signature of {show(e.path)} does not match its manifest entry")
+        c_off, c_len = hdr.coarse_range()
+        coarse = self.reader.pread(rel, c_len, c_off)
+        diff_c = blockdiff.differing_coarse(old_sig, hdr, coarse)
+        if not diff_c:
+            self.stats.files_changed -= 1
+            self._unchanged(e, old_sig)
+            return
+        if e.size != old_sig.file_size and e.size >= CDC_MIN_SIZE and len(diff_c) * 2 > hdr.n_coarse:
+            self._cdc(e, st)
+            return
+        reqs = [(rel,) + tuple(hdr.fine_range(ci)) for ci in diff_c]
+        slices = self.reader.preads(reqs)
+        blocks: List[int] = []
+        fine = bytearray(old_sig.fine[:hdr.n_blocks * 8])
+        if len(fine) < hdr.n_blocks * 8:
+            fine.extend(b"\0" * (hdr.n_blocks * 8 - len(fine)))
+        for ci, sl in zip(diff_c, slices):
+            blocks += blockdiff.differing_fine(old_sig, hdr, ci, sl)
+            start = ci * hdr.factor * 8
+            fine[start:start + len(sl)] = sl
+        ranges = blockdiff.blocks_to_ranges(blocks, hdr.block_size, e.size)
+        holes: List[Tuple[int, int]] = []
+        if e.extents is not None:
+            ranges, holes = _split_by_extents(ranges, e.extents)
+        fd = os.open(basename(e.path), os.O_RDWR | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
+        try:
+            # write-ahead: the old blocks this patch overwrites (and a cut tail) go to the undo log first
+            old_size = os.fstat(fd).st_size
+            save = [(o, min(ln, old_size - o)) for o, ln in sorted(ranges + holes) if o < old_size]
+            if e.size < old_size:
+                save.append((e.size, old_size - e.size))
+            save = [(o, ln) for o, ln in save if ln > 0]
+            old = b"".join(os.pread(fd, ln, o) for o, ln in save)
+            self._log_meta(e.path, fd)   # first: undone last, after the content is back
+            self.log.add({"op": "patch", "path": enc(e.path), "old_size": old_size,
+                          "ranges": [[o, ln] for o, ln in save]}, old)
+            self.log.barrier()
+            self.stats.history_bytes += len(old)
+            if e.size < old_sig.file_size:
+                os.ftruncate(fd, e.size)
+            n = self.reader.copy_ranges(self._data_rel(e), ranges, fd)
+            for off, ln in holes:
+                try:
+                    platform.punch_hole(fd, off, ln)
+                except Exception:
+                    os.pwrite(fd, bytes(ln), off)
+            if e.size > old_sig.file_size:
+                os.ftruncate(fd, e.size)
+            self.stats.bytes_written += n
+            self._apply_meta_fd(e, fd)
+            os.fsync(fd)
+            ino = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        new_sig = blockdiff.Signature(e.size, hdr.block_size, hdr.factor, bytes(fine),
+                                      blockdiff.coarse_digests(bytes(fine), hdr.factor))
+        self.rows.append((e.path, "file", e.size, e.mtime_ns, ino, new_sig.to_bytes()))
+
+    def _cdc(self, e: Entry, st) -> None:
+        new_chunks = blockdiff.ChunkList.from_bytes(self.reader.read_all(b".discrep/cdc/%d" % e.idx))
+        if new_chunks.total != e.size:
+            raise ManifestError(f"chunk list of {show(e.path)} does not match its size")
+        ofd = os.open(basename(e.path), os.O_RDONLY | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
+        try:
+            old_chunks = blockdiff.chunk_fd(ofd, st.st_size)
+            ops = blockdiff.plan(old_chunks, new_chunks)
+            need = blockdiff.fetch_ranges(ops)
+            fetched = dict(zip((o for o, _ in need),
+                               self.reader.preads([(self._data_rel(e), o, ln) for o, ln in need])))
+
+            def fill(fd: int) -> int:
+                return blockdiff.build_from_plan(fd, ofd, ops, fetched)
+            self._write_new(e, fill, None)
+        finally:
+            os.close(ofd)
+
+
+
+class _LazySig:
+    def __init__(self, size: int, fine: bytearray):
+        self.size = size
+        self.fine = fine
+
+    def get(self):
+        f = bytes(self.fine)
+        return blockdiff.Signature(self.size, blockdiff.FINE_SIZE, blockdiff.COARSE_FACTOR, f,
+                                   blockdiff.coarse_digests(f, blockdiff.COARSE_FACTOR))
+
+
+def _split_by_extents(ranges, extents):
+    """Split changed ranges into (parts inside data extents, parts inside holes)."""
+    data, holes = [], []
+    for off, ln in ranges:
+        end = off + ln
+        pos = off
+        for eo, el in extents:
+            ee = eo + el
+            if ee <= pos or eo >= end:
+                continue
+            if eo > pos:
+                holes.append((pos, eo - pos))
+            s, t = max(pos, eo), min(end, ee)
+            data.append((s, t - s))
+            pos = t
+        if pos < end:
+            holes.append((pos, end - pos))
+    return data, holes
+
+

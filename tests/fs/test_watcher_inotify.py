@@ -1,0 +1,357 @@
+"""The live journal with the inotify backend: storms, races, overflow, SIGKILL, rename cost.
+
+Each scenario: initial replicate (scan), start ``discrep watch --backend B`` as a
+subprocess, a replicate that closes the watcher's start gap (scan), then the
+changes, a sync point (a marker file whose journal entry proves every earlier
+event is journaled), a replicate cycle and the independent rsync check
+(``helpers.tree_equal``).  The scenario functions are shared with the fanotify
+tests in tests/root/test_watcher_fanotify.py (which load this file by path).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import helpers
+from discrep.journal import Journal
+from discrep.local import replicate_local
+from discrep.source import watcher_alive
+
+REPO = Path(__file__).resolve().parents[2]
+DISCREP = str(REPO / ".venv" / "bin" / "discrep")
+MARK = b"zz-sync-marker"
+
+
+# --------------------------------------------------------------------------- plumbing
+
+def start_watcher(root: Path, backend: str) -> subprocess.Popen:
+    exe = DISCREP if os.path.exists(DISCREP) else None
+    cmd = [exe, "watch", "--backend", backend, str(root)] if exe else \
+        [sys.executable, "-m", "discrep", "watch", "--backend", backend, str(root)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    sd = str(root / ".discrep")
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise AssertionError(f"watcher exited {p.returncode}: {p.stderr.read().decode(errors='replace')}")
+        if watcher_alive(os.fsencode(str(root))) and os.path.exists(os.path.join(sd, "journal.db")):
+            j = Journal(sd)
+            try:
+                if j.get("watcher_pid") == str(p.pid) and j.get("watcher_backend") == backend:
+                    return p
+            finally:
+                j.close()
+        time.sleep(0.05)
+    stop_watcher(p)
+    raise AssertionError("watcher did not start in 20 s")
+
+
+def stop_watcher(p: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    if p.poll() is None:
+        try:
+            os.kill(p.pid, sig)
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+    if p.stderr:
+        p.stderr.close()
+    return p.returncode
+
+
+def sync_point(root: Path, timeout: float = 15.0) -> None:
+    """Return once everything changed before this call is journaled (events are read in order)."""
+    sd = str(root / ".discrep")
+    j = Journal(sd)
+    try:
+        before = j.last_seq()
+        with open(os.path.join(os.fsencode(str(root)), MARK), "ab") as f:
+            f.write(b"x")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(e.path == MARK for e in j.entries(before)):
+                return
+            time.sleep(0.02)
+    finally:
+        j.close()
+    raise AssertionError("the watcher did not journal the sync marker")
+
+
+def replicate(src: Path, dst: Path) -> dict:
+    return replicate_local(str(src), str(dst))
+
+
+def assert_same(src: Path, dst: Path, inplace=()) -> None:
+    """rsync finds no difference.  ``inplace``: directories holding a file rewritten in place
+    this cycle; their mtime alone may differ -- a replica-side bug (the staged file renamed into
+    the directory bumps its mtime and the replica does not restore it; a scan cycle shows the
+    same), tracked for discrep/replica.py, not a journal problem."""
+    diff = helpers.tree_equal(src, dst)
+    allowed = {f".d..t...... {d}/" for d in inplace}
+    diff = [d for d in diff if d not in allowed]
+    assert diff == [], diff[:20]
+
+
+def fill(root: Path, ndirs: int = 5, nfiles: int = 10) -> None:
+    rng = random.Random(7)
+    for d in range(ndirs):
+        (root / f"d{d}" / "sub").mkdir(parents=True, exist_ok=True)
+        for i in range(nfiles):
+            (root / f"d{d}" / f"f{i}").write_bytes(rng.randbytes(rng.randint(0, 9000)))
+        (root / f"d{d}" / "sub" / "deep").write_bytes(b"deep %d" % d)
+    with open(os.path.join(os.fsencode(str(root)), b"latin-\xe9"), "wb") as f:
+        f.write(b"non-utf8 name")
+
+
+def prepared(work_dir: Path, backend: str, *, big: int = 0):
+    """src filled + replicated, watcher running, start gap closed; returns (src, dst, proc)."""
+    src, dst = work_dir / "src", work_dir / "dst"
+    src.mkdir()
+    fill(src)
+    if big:
+        (src / "bigdir").mkdir()
+        with open(src / "bigdir" / "big.bin", "wb") as f:
+            f.write(os.urandom(1 << 20) * (big >> 20))
+    r = replicate(src, dst)
+    assert r["change_source"] == "scan"
+    p = start_watcher(src, backend)
+    try:
+        r = replicate(src, dst)                  # closes the watcher's start gap
+        assert r["change_source"] == "scan"
+        sync_point(src)
+    except BaseException:
+        stop_watcher(p, signal.SIGKILL)
+        raise
+    return src, dst, p
+
+
+# --------------------------------------------------------------------------- scenarios
+
+def scenario_rename_storm(work_dir: Path, backend: str) -> None:
+    src, dst, p = prepared(work_dir, backend)
+    try:
+        rng = random.Random(3)
+        for k in range(100):                       # swaps a <-> b via tmp
+            d = src / f"d{k % 5}"
+            a, b = f"f{rng.randrange(10)}", f"f{rng.randrange(10)}"
+            if a == b:
+                continue
+            os.rename(d / a, d / "tmp")
+            os.rename(d / b, d / a)
+            os.rename(d / "tmp", d / b)
+        for k in range(50):                        # chains f9 -> c1 -> c2 -> c3, across dirs
+            os.rename(src / "d0" / "f9", src / "d1" / "c1")
+            os.rename(src / "d1" / "c1", src / "d2" / "c2")
+            os.rename(src / "d2" / "c2", src / "d0" / "f9")
+        for k in range(30):                        # directory swaps, with a change inside
+            os.rename(src / "d3", src / "dtmp")
+            os.rename(src / "d4", src / "d3")
+            os.rename(src / "dtmp", src / "d4")
+            (src / "d4" / "sub" / "deep").write_bytes(b"changed %d" % k)
+        os.rename(src / "d1", src / "d2" / "sub" / "nested")   # a directory moved deeper
+        (src / "d2" / "sub" / "nested" / "f0").write_bytes(b"after the move")
+        sync_point(src)
+        r = replicate(src, dst)
+        assert r["change_source"] == "journal"
+        assert_same(src, dst, inplace=("d3/sub", "d4/sub", "d2/sub/nested"))
+    finally:
+        stop_watcher(p)
+
+
+def scenario_create_delete_and_dir_rename(work_dir: Path, backend: str) -> None:
+    src, dst, p = prepared(work_dir, backend)
+    try:
+        for i in range(50):                        # created and deleted inside one interval
+            (src / f"tmp{i}").write_bytes(b"short-lived")
+            os.unlink(src / f"tmp{i}")
+        (src / "gone" / "x").mkdir(parents=True)
+        (src / "gone" / "x" / "y").write_bytes(b"y")
+        os.unlink(src / "gone" / "x" / "y")
+        os.rmdir(src / "gone" / "x")
+        os.rmdir(src / "gone")
+        os.rename(src / "d0", src / "d0-renamed")  # renamed, then changed inside
+        (src / "d0-renamed" / "f1").write_bytes(b"new content")
+        (src / "d0-renamed" / "newfile").write_bytes(b"new file")
+        os.unlink(src / "d0-renamed" / "f2")
+        os.chmod(src / "d0-renamed" / "f3", 0o600)
+        (src / "fresh" / "a" / "b").mkdir(parents=True)         # created, filled, renamed at once
+        for i in range(20):
+            (src / "fresh" / "a" / "b" / f"n{i}").write_bytes(b"%d" % i)
+        os.rename(src / "fresh" / "a", src / "fresh" / "a2")
+        (src / "fresh" / "a2" / "b" / "late").write_bytes(b"late")
+        os.rename(src / "d1" / "f0", src / "d1" / "f1")          # rename over an existing file
+        sync_point(src)
+        r = replicate(src, dst)
+        assert r["change_source"] == "journal"
+        assert_same(src, dst, inplace=("d0-renamed",))
+        os.rename(src / "d2", src / "d2b")                      # and once more, next cycle
+        (src / "d2b" / "sub" / "deep").write_bytes(b"x" * 5000)
+        sync_point(src)
+        r = replicate(src, dst)
+        assert r["change_source"] == "journal"
+        assert_same(src, dst, inplace=("d0-renamed", "d2b/sub"))
+    finally:
+        stop_watcher(p)
+
+
+def scenario_overflow(work_dir: Path, backend: str, n: int = 20000, restore=None) -> None:
+    src, dst, p = prepared(work_dir, backend)
+    if restore is not None:      # the running watcher keeps its small queue; later ones get the default
+        with open(restore[0], "w") as f:
+            f.write(str(restore[1]))
+    try:
+        os.kill(p.pid, signal.SIGSTOP)             # the queue fills up while nobody reads it
+        try:
+            for i in range(n):                     # an existing (watched) directory
+                (src / "d4" / f"burst{i}").write_bytes(b"")
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        os.unlink(src / "d0" / "f0")
+        sync_point(src, timeout=30)
+        j = Journal(str(src / ".discrep"))
+        try:
+            assert j.gap() is not None and "overflow" in j.gap()
+        finally:
+            j.close()
+        r = replicate(src, dst)
+        assert r["change_source"] == "scan"
+        assert_same(src, dst)
+        (src / "d1" / "f1").write_bytes(b"after the overflow")
+        sync_point(src)
+        r = replicate(src, dst)
+        assert r["change_source"] == "journal"
+        assert_same(src, dst, inplace=("d1",))
+    finally:
+        stop_watcher(p)
+
+
+def scenario_sigkill_restart(work_dir: Path, backend: str) -> None:
+    src, dst, p = prepared(work_dir, backend)
+    try:
+        for i in range(30):
+            (src / "d0" / f"before{i}").write_bytes(b"before kill")
+        sync_point(src)
+        j = Journal(str(src / ".discrep"))
+        seen = j.last_seq()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        # what was journaled survives the kill
+        assert sum(1 for e in j.entries(0) if e.path.startswith(b"d0/before")) >= 30
+        assert j.last_seq() == seen
+        for i in range(30):                        # changes while no watcher runs
+            (src / "d1" / f"unwatched{i}").write_bytes(b"nobody saw this")
+        os.rename(src / "d2", src / "d2-while-down")
+        p = start_watcher(src, backend)
+        assert j.gap() is not None                 # start always opens a gap
+        j.close()
+        (src / "d3" / "while-up").write_bytes(b"seen")
+        sync_point(src)
+        r = replicate(src, dst)
+        assert r["change_source"] == "scan"
+        assert_same(src, dst)
+        os.rename(src / "d3", src / "d3-up")
+        sync_point(src)
+        r = replicate(src, dst)
+        assert r["change_source"] == "journal"
+        assert_same(src, dst)
+    finally:
+        stop_watcher(p)
+
+
+def scenario_rename_costs_nothing(work_dir: Path, backend: str) -> None:
+    size = 64 << 20
+    src, dst, p = prepared(work_dir, backend, big=size)
+    try:
+        os.rename(src / "bigdir", src / "bigdir-renamed")
+        sync_point(src)
+        r = replicate(src, dst)
+        assert r["change_source"] == "journal"
+        assert r["bytes_transferred"] < size // 100, r
+        assert_same(src, dst)
+        os.rename(src / "bigdir-renamed" / "big.bin", src / "d0" / "big-moved.bin")   # a file, across dirs
+        sync_point(src)
+        r = replicate(src, dst)
+        assert r["change_source"] == "journal"
+        assert r["bytes_transferred"] < size // 100, r
+        assert_same(src, dst)
+    finally:
+        stop_watcher(p)
+
+
+# --------------------------------------------------------------------------- tests (inotify)
+
+def test_batch_dedupe_unit():
+    from discrep.watcher import Batch
+    b = Batch()
+    for _ in range(1000):
+        b.touch("modify", b"a/f")
+    b.touch("meta", b"a/f")
+    b.touch("create", b"n")
+    b.touch("modify", b"n")
+    b.touch("delete", b"n")
+    b.touch("create", b"n")
+    b.touch("modify", b".discrep/journal.db")
+    b.rename(b"a/f", b"a/g")
+    b.touch("modify", b"a/f")
+    assert list(b.rows()) == [("modify", b"a/f", None, None), ("delete", b"n", None, None),
+                              ("create", b"n", None, None), ("rename", b"a/g", b"a/f", None),
+                              ("modify", b"a/f", None, None)]
+    assert len(b) == 5
+
+
+def test_inotify_rename_storm(work_dir):
+    scenario_rename_storm(work_dir, "inotify")
+
+
+def test_inotify_create_delete_and_dir_rename(work_dir):
+    scenario_create_delete_and_dir_rename(work_dir, "inotify")
+
+
+def test_inotify_sigkill_restart(work_dir):
+    scenario_sigkill_restart(work_dir, "inotify")
+
+
+def test_inotify_rename_costs_nothing(work_dir):
+    scenario_rename_costs_nothing(work_dir, "inotify")
+
+
+def test_inotify_overflow_opens_gap(work_dir):
+    knob = "/proc/sys/fs/inotify/max_queued_events"
+    with open(knob) as f:
+        limit = int(f.read())
+    small = os.access(knob, os.W_OK)
+    if small:            # only new inotify instances see the new limit: set it before the watcher starts
+        with open(knob, "w") as f:
+            f.write("1000")
+    elif limit > 100_000:
+        pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many events needed")
+    try:
+        scenario_overflow(work_dir, "inotify", n=3000 if small else limit + 2000, restore=(knob, limit) if small else None)
+    finally:
+        if small:
+            with open(knob, "w") as f:
+                f.write(str(limit))
+
+
+def test_status_reports_backend(work_dir):
+    from discrep.status import source_status
+    src = work_dir / "src"
+    src.mkdir()
+    p = start_watcher(src, "inotify")
+    try:
+        st = source_status(str(src))
+        assert st["watcher"] == "running" and st["backend"] == "inotify" and st["watcher_pid"] == p.pid
+        assert st["gap"] is not None and st["next_change_source"] == "scan"
+        out = subprocess.run([DISCREP, "status", "--json", str(src)], stdout=subprocess.PIPE, timeout=30)
+        import json
+        assert json.loads(out.stdout.splitlines()[-1])["source"]["backend"] == "inotify"
+    finally:
+        assert stop_watcher(p) == 0
+    assert source_status(str(src))["watcher"] == "stopped"

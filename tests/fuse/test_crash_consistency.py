@@ -1,0 +1,221 @@
+"""All-or-nothing cycles, recovery points and restore (tier: fuse; fault injection).
+
+Two kinds of crash, both seeded and repeatable:
+* at every write-ahead barrier of the replica (DISCREP_CRASH_AFTER_BARRIERS=k makes the
+  process SIGKILL itself right after its k-th durable undo record batch, i.e. between a
+  record and the change it describes), k = 1, 2, ... until the cycle completes;
+* ``kill -9`` of ``discrep replicate`` from outside at seeded random moments.
+After each: ``discrep recover`` and the replica must equal one whole cycle (the
+independent rsync check against a saved copy of the source), never a mix; the next
+run completes and equals the source.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import helpers
+
+pytestmark = pytest.mark.fuse
+DISCREP = [sys.executable, "-m", "discrep"]
+
+
+@pytest.fixture(autouse=True)
+def _need_fuse():
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine")
+    helpers.require_tool("rsync")
+
+
+def run(*args, env=None, check=True):
+    p = subprocess.run(DISCREP + list(args), capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, **(env or {})))
+    if check:
+        assert p.returncode == 0, f"{args}: {p.returncode}\n{p.stderr}"
+    return p
+
+
+def save(src: Path, into: Path) -> Path:
+    """A copy of the tree as it is now (cp -a: times in ns, hard links, xattrs), without .discrep."""
+    subprocess.run(["cp", "-a", str(src), str(into)], check=True)
+    if (into / ".discrep").exists():
+        shutil.rmtree(into / ".discrep")
+    subprocess.run(["touch", "-h", "-r", str(src), str(into)], check=True)
+    return into
+
+
+def equal(a: Path, b: Path) -> bool:
+    return helpers.tree_equal(a, b) == []
+
+
+def build(src: Path, rnd: random.Random) -> None:
+    helpers.make_sample_tree(src)
+    for d in range(6):
+        (src / f"many{d}").mkdir()
+        for i in range(60):
+            (src / f"many{d}" / f"f{i}.txt").write_bytes(rnd.randbytes(rnd.randint(10, 3000)))
+    (src / "vm.img").write_bytes(rnd.randbytes(6 << 20))
+
+
+def churn(src: Path, rnd: random.Random, n: int) -> None:
+    with open(src / "vm.img", "r+b") as f:
+        for _ in range(20):
+            f.seek(rnd.randrange(6 << 20))
+            f.write(rnd.randbytes(4096))
+    d = rnd.randrange(6)
+    for i in rnd.sample(range(60), 10):
+        p = src / f"many{d}" / f"f{i}.txt"
+        if p.exists():
+            p.write_bytes(rnd.randbytes(rnd.randint(10, 3000)))
+    if (src / f"many{(d + 1) % 6}").exists():
+        os.rename(src / f"many{(d + 1) % 6}", src / f"renamed{n}")
+    victims = sorted((src / f"many{(d + 2) % 6}").glob("*")) if (src / f"many{(d + 2) % 6}").exists() else []
+    for p in victims[:5]:
+        p.unlink()
+    (src / f"new{n}").mkdir()
+    for i in range(20):
+        (src / f"new{n}" / f"g{i}").write_bytes(rnd.randbytes(200))
+    os.chmod(src / "dir_b" if (src / "dir_b").exists() else src / helpers.SAMPLE_EMPTY_DIR, 0o700 + n % 50)
+    os.utime(src / helpers.SAMPLE_BIG, ns=(10**18 + n, 10**18 + n))
+
+
+def no_export_mounts() -> bool:
+    for _ in range(50):
+        if not any("discrep-export-" in m[1] for m in helpers.mounts()):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_crash_at_every_barrier_then_recover(work_dir: Path):
+    rnd = random.Random(6)
+    src, dst = work_dir / "src", work_dir / "dst"
+    build(src, rnd)
+    run("replicate", str(src), str(dst))
+    before = save(src, work_dir / "cycle1")
+    churn(src, rnd, 1)
+    after = save(src, work_dir / "cycle2")
+    kills = 0
+    for k in range(1, 60):
+        p = run("replicate", "--json", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": str(k)}, check=False)
+        if p.returncode == 0:
+            break
+        assert p.returncode == -signal.SIGKILL, p.stderr
+        kills += 1
+        assert no_export_mounts(), "the FUSE export outlived the killed replicate"
+        r = run("recover", "--json", str(dst))
+        assert json.loads(r.stdout.strip().splitlines()[-1])["rolled_back"] is not None
+        assert equal(before, dst), f"after a crash at barrier {k} and recover, the replica is not cycle 1"
+    assert kills >= 5, "the cycle had too few write-ahead barriers to test"
+    assert equal(after, dst) and equal(src, dst)
+    # the replica's history knows both cycles and cycle 1 restores exactly
+    run("restore", str(dst), "--cycle", "1", "--to", str(work_dir / "r1"))
+    assert equal(before, work_dir / "r1")
+
+
+def test_random_kill_9_from_outside(work_dir: Path):
+    rnd = random.Random(1234)
+    src, dst = work_dir / "src", work_dir / "dst"
+    build(src, rnd)
+    run("replicate", str(src), str(dst))
+    committed = save(src, work_dir / "state0")
+    t = time.monotonic()
+    churn(src, rnd, 100)
+    run("replicate", str(src), str(dst))
+    duration = time.monotonic() - t
+    committed = save(src, work_dir / "state1")
+    outcomes = {"old": 0, "new": 0}
+    for i in range(2, 12):
+        churn(src, rnd, i)
+        newest = save(src, work_dir / f"state{i}")
+        proc = subprocess.Popen(DISCREP + ["replicate", str(src), str(dst)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rnd.uniform(0.05, max(0.3, duration)))
+        proc.kill()
+        proc.wait(timeout=60)
+        assert no_export_mounts()
+        run("recover", str(dst))
+        if equal(newest, dst):
+            outcomes["new"] += 1
+            committed = newest
+        else:
+            assert equal(committed, dst), f"kill {i}: the replica is neither the last committed cycle nor the new one"
+            outcomes["old"] += 1
+    run("replicate", str(src), str(dst))
+    assert equal(src, dst)
+    assert outcomes["old"] + outcomes["new"] == 10
+
+
+def test_replicate_recovers_by_itself(work_dir: Path):
+    rnd = random.Random(7)
+    src, dst = work_dir / "src", work_dir / "dst"
+    build(src, rnd)
+    run("replicate", str(src), str(dst))
+    churn(src, rnd, 1)
+    p = run("replicate", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": "4"}, check=False)
+    assert p.returncode == -signal.SIGKILL
+    p = run("replicate", "--json", str(src), str(dst))
+    assert equal(src, dst)
+
+
+def test_corrupt_history_record_is_reported_not_used(work_dir: Path):
+    rnd = random.Random(8)
+    src, dst = work_dir / "src", work_dir / "dst"
+    build(src, rnd)
+    run("replicate", str(src), str(dst))
+    churn(src, rnd, 1)
+    p = run("replicate", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": "5"}, check=False)
+    assert p.returncode == -signal.SIGKILL
+    hist = dst / ".discrep" / "history"
+    (cyc,) = [d for d in hist.iterdir() if d.is_dir() and int(d.name) > 1]
+    log = cyc / "undo.log"
+    data = bytearray(log.read_bytes())
+    data[12] ^= 0x55                      # inside the first record's payload
+    log.write_bytes(bytes(data))
+    snapshot = save(dst, work_dir / "before-recover")
+    p = run("recover", str(dst), check=False)
+    assert p.returncode == 16, p.stderr
+    assert "checksum" in p.stderr and "not used" in p.stderr
+    assert equal(snapshot, dst), "a corrupt history was partly applied"
+
+
+def test_restore_first_cycle_after_several_and_prune(work_dir: Path):
+    rnd = random.Random(9)
+    src, dst = work_dir / "src", work_dir / "dst"
+    build(src, rnd)
+    states = []
+    for n in range(1, 5):
+        if n > 1:
+            churn(src, rnd, n)
+        run("replicate", str(src), str(dst))
+        states.append(save(src, work_dir / f"state{n}"))
+    for n in (1, 3):
+        out = work_dir / f"restored{n}"
+        run("restore", str(dst), "--cycle", str(n), "--to", str(out))
+        assert equal(states[n - 1], out), f"restore of cycle {n} differs from the source as it was"
+        assert helpers.python_tree_diff(states[n - 1], out) == []
+    # a single subtree
+    out = work_dir / "one"
+    run("restore", str(dst), "--cycle", "1", "--to", str(out), "--path", "many2")
+    assert helpers.tree_equal(states[0] / "many2", out / "many2") == []
+    assert sorted(os.listdir(out)) == ["many2"]
+    # the replica itself was not touched by restores
+    assert equal(src, dst)
+    h = json.loads(run("history", "--json", str(dst)).stdout.strip().splitlines()[-1])
+    assert [c["cycle"] for c in h["cycles"]] == [1, 2, 3, 4]
+    assert all(c["restorable"] for c in h["cycles"])
+    # retention: keep the last 2 recovery points; cycle 1 and 2 can no longer be restored, 3 can
+    run("prune", str(dst), "--keep-last", "2")
+    p = run("restore", str(dst), "--cycle", "1", "--to", str(work_dir / "gone"), check=False)
+    assert p.returncode == 3 and "pruned" in p.stderr
+    run("restore", str(dst), "--cycle", "3", "--to", str(work_dir / "again3"))
+    assert equal(states[2], work_dir / "again3")

@@ -1,0 +1,230 @@
+"""discrep replicate HOST:PATH DEST against a real sshd started by the test (127.0.0.1 / netns)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import helpers
+from conftest import ALIAS, REMOTE_DISCREP, Sshd, client_env, mounts_under, replicate
+
+pytestmark = pytest.mark.ssh
+
+
+def _need_fuse() -> None:
+    if not os.path.exists("/dev/fuse") or not shutil.which("sshfs") or not shutil.which("fusermount3"):
+        pytest.skip("sshfs, fuse3 and /dev/fuse are needed (run scripts/setup.sh)")
+
+
+def _ok(r: subprocess.CompletedProcess) -> dict:
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _no_leftovers(sshd: Sshd) -> None:
+    """No sshfs mount, no export mount, no temp dir left (the remote side cleans up on EOF)."""
+    deadline = time.monotonic() + 10
+    while True:
+        left = mounts_under(sshd.local_tmp) + mounts_under(sshd.remote_tmp)
+        left += [str(p) for p in sshd.local_tmp.iterdir()] + [str(p) for p in sshd.remote_tmp.iterdir()]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"left behind: {left}"
+
+
+def _churn(src: Path) -> None:
+    big = src / helpers.SAMPLE_BIG
+    with open(big, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"X" * 5000)
+    (src / "dir_a/small1.txt").write_bytes(b"changed\n")
+    (src / "new_file.txt").write_bytes(b"new\n" * 100)
+    os.unlink(src / "top.txt")
+    os.rename(src / "dir_a/dir_b", src / "dir_b_moved")
+    os.chmod(src / helpers.SAMPLE_MODE_640, 0o600)
+
+
+@pytest.mark.parametrize("transport", ["sshfs", "sftp"])
+def test_replicate_two_cycles(sshd: Sshd, work_dir: Path, transport: str) -> None:
+    if transport == "sshfs":
+        _need_fuse()
+    src, dst = work_dir / "src", work_dir / "dst"
+    helpers.make_sample_tree(src)
+    res = _ok(replicate(sshd, str(src), str(dst), "--transport", transport))
+    assert res["transport"] == transport and res["cycle"] == 1
+    for key in ("base", "files_changed", "bytes_transferred", "bytes_written", "duration_s", "snapshot"):
+        assert key in res
+    assert helpers.tree_equal(src, dst) == []
+    _churn(src)
+    res = _ok(replicate(sshd, str(src), str(dst), "--transport", transport))
+    assert res["cycle"] == 2 and res["base"] == 1
+    assert res["bytes_transferred"] < 1 << 20, res  # a 5000-byte change in a 3 MiB file: blocks, not the file
+    assert helpers.tree_equal(src, dst) == []
+    _no_leftovers(sshd)
+
+
+def test_wrong_host_key(sshd: Sshd, work_dir: Path) -> None:
+    other = work_dir / "other_key"
+    helpers.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)])
+    typ, b64 = (work_dir / "other_key.pub").read_text().split()[:2]
+    sshd.known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {typ} {b64}\n")
+    src = work_dir / "src"
+    (src / "d").mkdir(parents=True)
+    r = replicate(sshd, str(src), str(work_dir / "dst"))
+    assert r.returncode == 12, r.stderr
+    msg = r.stderr.strip().splitlines()[-1]
+    assert "CHANGED" in msg and "ssh-keygen -R" in msg and f"ssh -F {sshd.client_config} {ALIAS}" in msg
+    # unknown key (empty known_hosts): refused too, with what to do
+    sshd.known_hosts.write_text("")
+    r = replicate(sshd, str(src), str(work_dir / "dst"))
+    assert r.returncode == 12, r.stderr
+    assert "unknown" in r.stderr and "known_hosts" in r.stderr and "connect once" in r.stderr
+    # StrictHostKeyChecking accept-new records the key and goes on
+    cfg = sshd.client_config.read_text().replace("StrictHostKeyChecking yes", "StrictHostKeyChecking accept-new")
+    sshd.client_config.write_text(cfg)
+    r = replicate(sshd, str(src), str(work_dir / "dst"), "--transport", "sftp")
+    assert r.returncode == 0, r.stderr
+    assert f"[127.0.0.1]:{sshd.port}" in sshd.known_hosts.read_text()
+    _no_leftovers(sshd)
+
+
+def test_missing_remote_discrep(sshd: Sshd, work_dir: Path) -> None:
+    src = work_dir / "src"
+    src.mkdir()
+    r = subprocess.run([REMOTE_DISCREP, "replicate", "-F", str(sshd.client_config), "--remote-discrep",
+                        "/nonexistent/bin/discrep", f"{ALIAS}:{src}", str(work_dir / "dst")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
+                       env=client_env(sshd))
+    assert r.returncode == 11, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "install discrep" in lines[0] and "--remote-discrep" in lines[0]
+    _no_leftovers(sshd)
+
+
+def _export_mounted(sshd: Sshd) -> bool:
+    return any(m.endswith("/m") for m in mounts_under(sshd.remote_tmp))
+
+
+@pytest.mark.parametrize("transport", ["sshfs"])
+def test_sshd_killed_mid_cycle(sshd: Sshd, work_dir: Path, transport: str) -> None:
+    _need_fuse()
+    src, dst, before = work_dir / "src", work_dir / "dst", work_dir / "before"
+    helpers.make_sample_tree(src)
+    _ok(replicate(sshd, str(src), str(dst), "--transport", transport))
+    helpers.run(["cp", "-a", str(src), str(before)])
+    with open(src / "huge.bin", "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(200):
+            f.write(block)
+    (src / "top.txt").write_bytes(b"changed in the interrupted cycle\n")
+    p = subprocess.Popen([REMOTE_DISCREP, "replicate", "-F", str(sshd.client_config), "--remote-discrep",
+                          REMOTE_DISCREP, "--transport", transport, f"{ALIAS}:{src}", str(dst)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(sshd))
+    try:
+        deadline = time.monotonic() + 60
+        while not _export_mounted(sshd):
+            assert p.poll() is None, f"replicate ended before the export mounted: {p.communicate()}"
+            assert time.monotonic() < deadline, "the export never mounted"
+            time.sleep(0.005)
+        sshd.kill_all()
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0, err
+    assert p.returncode in (11, 12), err
+    assert "lost" in err or "went away" in err or "connection" in err.lower(), err
+    # the replica is still exactly its last committed cycle
+    diff = helpers.tree_equal(before, dst)
+    assert diff == [], f"replica is not at its last committed cycle (half-applied?): {diff}"
+    _no_leftovers(sshd)
+    sshd.stop()
+    sshd.start()
+    res = _ok(replicate(sshd, str(src), str(dst), "--transport", transport))
+    assert res["cycle"] >= 2
+    assert helpers.tree_equal(src, dst) == []
+    _no_leftovers(sshd)
+
+
+# --------------------------------------------------------------------------- network namespaces
+
+_TAG = f"{os.getpid() % 100000}"
+NS_A, NS_B = f"discrep-t{_TAG}-a", f"discrep-t{_TAG}-b"   # unique: concurrent sessions must not collide
+VETH_A, VETH_B = f"dv{_TAG}a", f"dv{_TAG}b"
+ADDR_A, ADDR_B = "10.231.0.1", "10.231.0.2"
+
+
+def _ns_cleanup() -> None:
+    for ns in (NS_A, NS_B):
+        subprocess.run(["ip", "netns", "delete", ns], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.root
+def test_replicate_between_network_namespaces(work_dir: Path) -> None:
+    helpers.require_root()
+    _need_fuse()
+    for tool in ("ip", "unshare", "nsenter", "sshd"):
+        helpers.require_tool(tool)
+    _ns_cleanup()
+    stage, src, dst = work_dir / "stage", work_dir / "src", work_dir / "dst"
+    helpers.make_sample_tree(stage)
+    src.mkdir()
+    s = Sshd(work_dir, listen=ADDR_A, port=2222)
+    try:
+        helpers.run(["ip", "netns", "add", NS_A])
+        helpers.run(["ip", "netns", "add", NS_B])
+        helpers.run(["ip", "link", "add", VETH_A, "netns", NS_A, "type", "veth", "peer", "name", VETH_B,
+                     "netns", NS_B])
+        for ns, dev, addr in ((NS_A, VETH_A, ADDR_A), (NS_B, VETH_B, ADDR_B)):
+            helpers.run(["ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev])
+            helpers.run(["ip", "-n", ns, "link", "set", dev, "up"])
+            helpers.run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        # the source tree exists only on a tmpfs inside sshd's own mount namespace
+        script = (f"mount -t tmpfs none {src} && cp -a {stage}/. {src}/ && exec {{sshd}}")
+        s.start(["ip", "netns", "exec", NS_A, "unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                connect_via=["ip", "netns", "exec", NS_A])
+        assert os.listdir(src) == [], "the source tmpfs must not be visible outside namespace A"
+        spid = s.proc.pid  # ip netns exec, unshare and sh exec in place: this pid holds the mount ns
+        assert spid is not None
+        in_a = ["nsenter", "-t", str(spid), "-m", "--"]
+        cmd = ["ip", "netns", "exec", NS_B, REMOTE_DISCREP, "replicate", "--json", "-F", str(s.client_config),
+               "--remote-discrep", REMOTE_DISCREP, f"{ALIAS}:{src}", str(dst)]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
+                           env=client_env(s))
+        res = _ok(r)
+        assert res["transport"] == "sshfs" and res["cycle"] == 1
+        assert s.proc.poll() is None, f"sshd exited {s.proc.returncode}: {s.log.read_text()[-3000:]}"
+        check = helpers.run(in_a + ["rsync", "-aHAXnci", "--delete", "--modify-window=-1", "--exclude=/.discrep/",
+                                    f"{src}/", f"{dst}/"])
+        assert check.stdout.strip() == ""
+        helpers.run(in_a + ["sh", "-c", f"echo more >> {src}/dir_a/small1.txt && rm {src}/top.txt && touch {src}/dir_a/new"])
+        res = _ok(subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
+                                 env=client_env(s)))
+        assert res["cycle"] == 2
+        check = helpers.run(in_a + ["rsync", "-aHAXnci", "--delete", "--modify-window=-1", "--exclude=/.discrep/",
+                                    f"{src}/", f"{dst}/"])
+        assert check.stdout.strip() == ""
+    finally:
+        s.stop()
+        _ns_cleanup()
+
+
+@pytest.mark.xfail(reason="replica.py: replacing a file (stage + rename) in a directory the cycle does not list "
+                          "leaves that directory's mtime changed; reproduces with one-host replicate too",
+                   strict=False)
+def test_parent_dir_mtime_kept(sshd: Sshd, work_dir: Path) -> None:
+    src, dst = work_dir / "src", work_dir / "dst"
+    helpers.make_sample_tree(src)
+    _ok(replicate(sshd, str(src), str(dst), "--transport", "sftp"))
+    with open(src / "dir_a/small1.txt", "ab") as f:
+        f.write(b"more\n")
+    _ok(replicate(sshd, str(src), str(dst), "--transport", "sftp"))
+    assert helpers.tree_equal(src, dst) == []
