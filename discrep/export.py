@@ -7,9 +7,10 @@ tree holds:
 * ``manifest``     -- zstd JSON lines (see manifest.py)
 * ``pack/<k>``     -- small files' bytes, concatenated, one ``blockdiff.framing`` frame
 * ``sig/<idx>``    -- ``blockdiff.Signature`` bytes of manifest file ``idx`` (lazy)
-* ``cdc/<idx>``    -- ``blockdiff.ChunkList`` bytes of file ``idx`` (lazy)
+* ``cdc/<idx>``    -- two-level chunk index of file ``idx`` (blockdiff.cdc_index, lazy)
 * ``data/<idx>``   -- the bytes of file ``idx`` (an alias: no path lookup, no
   name encoding issue on the way through sshfs or SFTP)
+* ``z/<idx>.<tok>`` -- many ranges of file ``idx`` in one compressed frame (ranges.py)
 
 Lazy files are computed once, on first read, in the export process; a
 signature of a sparse file never reads its holes.
@@ -28,8 +29,10 @@ from typing import Dict, Optional, Tuple
 
 import blockdiff
 import fuse_export
+from blockdiff import cdc_index, framing
 
-from .errors import SourceError
+from . import ranges
+from .errors import ManifestError, SourceError
 from .manifest import read_lines
 from .paths import dec, join
 from .source import cycle_dir, state_dir
@@ -71,7 +74,16 @@ def _sign(path: bytes) -> bytes:
 def _chunks(path: bytes) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return blockdiff.chunk_fd(fd).to_bytes()
+        return cdc_index.index_bytes(blockdiff.chunk_fd(fd))
+    finally:
+        os.close(fd)
+
+
+def _ranges(path: bytes, size: int, token: str) -> bytes:
+    rs = ranges.decode(token, size)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return framing.pack(b"".join(os.pread(fd, ln, off) for off, ln in rs))
     finally:
         os.close(fd)
 
@@ -102,6 +114,16 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
 
     def resolver(rel: bytes):
         d, _, name = rel.partition(b"/")
+        if d == b"z":
+            num, _, token = name.partition(b".")
+            if not num.isdigit() or int(num) not in files:
+                return None
+            path, size = files[int(num)]
+            try:
+                ranges.decode(token.decode("ascii"), size)
+            except (ValueError, UnicodeDecodeError, ManifestError):
+                return None  # a malformed request is simply not there (ENOENT)
+            return fuse_export.LazyFile(lambda: _ranges(path, size, token.decode("ascii")))
         if not name.isdigit():
             return None
         i = int(name)
@@ -124,6 +146,6 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
     control = fuse_export.DictControlTree(
         {b"cycle": fuse_export.BytesFile(json.dumps(header).encode() + b"\n"),
          b"manifest": fuse_export.BytesFile(manifest)},
-        resolver=resolver, dynamic_dirs=(b"pack", b"sig", b"cdc", b"data"))
+        resolver=resolver, dynamic_dirs=(b"pack", b"sig", b"cdc", b"data", b"z"))
     source = fuse_export.DirectorySource(rec.snapshot)
     return fuse_export.ExportView(source, control)

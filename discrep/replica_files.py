@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import stat as statmod
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import blockdiff
-from blockdiff import framing
+from blockdiff import cdc_index, framing
 
 from . import platform
+from . import ranges as rq
 from .errors import ManifestError
 from .manifest import Entry
 from .history import read_xattrs_fd
@@ -196,7 +197,10 @@ class FileOps:
             self.stats.history_bytes += len(old)
             if e.size < old_sig.file_size:
                 os.ftruncate(fd, e.size)
-            n = self.reader.copy_ranges(self._data_rel(e), ranges, fd)
+            n = 0
+            for off, data in self._fetch_z(e, ranges).items():
+                os.pwrite(fd, data, off)
+                n += len(data)
             for off, ln in holes:
                 try:
                     platform.punch_hole(fd, off, ln)
@@ -215,16 +219,26 @@ class FileOps:
         self.rows.append((e.path, "file", e.size, e.mtime_ns, ino, new_sig.to_bytes()))
 
     def _cdc(self, e: Entry, st) -> None:
-        new_chunks = blockdiff.ChunkList.from_bytes(self.reader.read_all(b".discrep/cdc/%d" % e.idx))
-        if new_chunks.total != e.size:
-            raise ManifestError(f"chunk list of {show(e.path)} does not match its size")
+        """Shifted data: read the super-chunk table, chunk entries of differing super-chunks only,
+        then fetch the chunks the old copy lacks; everything else is copied from the old copy."""
+        rel = b".discrep/cdc/%d" % e.idx
+        guess = cdc_index.HEADER_SIZE + (e.size // (blockdiff.CDC_AVG << cdc_index.SUPER_BITS) + 8) * \
+            cdc_index.SUPER_SIZE                  # header + the expected super table, in one read
+        head = self.reader.pread(rel, min(guess, 1 << 20), 0)
+        h = cdc_index.IndexHeader.from_bytes(head)
+        if h.file_size != e.size:
+            raise ManifestError(f"chunk index of {show(e.path)} does not match its size")
+        so, sl = h.supers_range()
+        table = head[so:so + sl] if so + sl <= len(head) else self.reader.pread(rel, sl, so)
+        supers = cdc_index.parse_supers(h, table)
         ofd = os.open(basename(e.path), os.O_RDONLY | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
         try:
             old_chunks = blockdiff.chunk_fd(ofd, st.st_size)
-            ops = blockdiff.plan(old_chunks, new_chunks)
-            need = blockdiff.fetch_ranges(ops)
-            fetched = dict(zip((o for o, _ in need),
-                               self.reader.preads([(self._data_rel(e), o, ln) for o, ln in need])))
+            diff = cdc_index.differing_supers(old_chunks, supers)
+            reqs = [(rel,) + h.chunks_range(supers[i].first, supers[i].count) for i in diff]
+            entries = {i: cdc_index.parse_chunks(b) for i, b in zip(diff, self.reader.preads(reqs))}
+            ops = cdc_index.plan_two_level(old_chunks, supers, e.size, entries)
+            fetched = self._fetch_z(e, blockdiff.fetch_ranges(ops))
 
             def fill(fd: int) -> int:
                 return blockdiff.build_from_plan(fd, ofd, ops, fetched)
@@ -232,6 +246,43 @@ class FileOps:
         finally:
             os.close(ofd)
 
+    def _fetch_z(self, e: Entry, want: List[Tuple[int, int]]) -> Dict[int, bytes]:
+        """Fetch byte ranges of file ``e`` in batched, compressed requests (ranges.py):
+        returns {offset: bytes} for each wanted (offset, length)."""
+        if not want:
+            return {}
+        bs = rq.BLOCK
+        aligned: List[Tuple[int, int]] = []
+        for off, ln in sorted(want):
+            a, z = off - off % bs, min(-(-(off + ln) // bs) * bs, e.size)
+            if aligned and a <= aligned[-1][0] + aligned[-1][1]:
+                s0 = aligned[-1][0]
+                aligned[-1] = (s0, max(aligned[-1][0] + aligned[-1][1], z) - s0)
+            else:
+                aligned.append((a, z - a))
+        groups = rq.batches(aligned)
+        names = [b".discrep/z/%d.%s" % (e.idx, rq.encode(g).encode()) for g in groups]
+        blobs = list(self.reader.pool.map(lambda n: framing.unpack(self.reader.read_all(n)), names))
+        have: List[Tuple[int, bytes]] = []
+        for g, blob in zip(groups, blobs):
+            pos = 0
+            for off, ln in g:
+                ln = min(ln, e.size - off)
+                have.append((off, blob[pos:pos + ln]))
+                pos += ln
+            if pos != len(blob):
+                raise ManifestError(f"range answer for {show(e.path)} has the wrong size")
+        out: Dict[int, bytes] = {}
+        j = 0
+        for off, ln in sorted(want):
+            while have[j][0] + len(have[j][1]) <= off:
+                j += 1
+            a, data = have[j]
+            piece = data[off - a:off - a + ln]
+            if len(piece) != ln:
+                raise ManifestError(f"range answer for {show(e.path)} is short")
+            out[off] = piece
+        return out
 
 
 class _LazySig:

@@ -527,7 +527,6 @@ class FanotifyBackend(_Backend):
         rel = self.cache.get
         renames = []
         touches: List[Tuple[str, bytes]] = []
-        appeared: List[bytes] = []
         for ev in raw:
             m = ev.mask
             if m & fan.FAN_Q_OVERFLOW:
@@ -590,7 +589,7 @@ class FanotifyBackend(_Backend):
                 inv.append((n, o))
             seq.append((o, n, isdir, old, new))
         seq.reverse()
-        for o, n, isdir, old, new in seq:
+        for i, (o, n, isdir, old, new) in enumerate(seq):
             eo, en = rel(old[0]), rel(new[0])     # end-namespace parents
             if eo is not None:
                 touches.append(("meta", eo))
@@ -601,15 +600,12 @@ class FanotifyBackend(_Backend):
             elif o is not None:                  # moved out of ROOT (or its target vanished)
                 if eo is not None:
                     touches.append(("delete", join(eo, old[1]) if eo else old[1]))
-            elif n is not None and en is not None:   # moved in from outside
-                p = join(en, new[1]) if en else new[1]
-                touches.append(("create", p))
+            elif n is not None:                  # moved in from outside: journaled in sequence,
+                b.touch("create", n)             # so the batch's later renames carry it along
                 if isdir:
-                    appeared.append(p)
+                    _touch_subtree(self.w, _forward(n, seq, i), as_rel=n)
         for op, p in touches:
             b.touch(op, p)
-        for p in appeared:
-            _touch_subtree(self.w, p)
 
     def close(self) -> None:
         self.fa.close()
@@ -623,18 +619,28 @@ def _unmap(path: bytes, inv: List[Tuple[bytes, bytes]]) -> bytes:
     return path
 
 
-def _touch_subtree(w: "Watcher", rel: bytes) -> None:
-    stack = [rel]
+def _forward(path: bytes, seq, i: int) -> bytes:
+    """Where ``path`` (namespace just after rename ``i``) is at the end of the batch."""
+    for o, n, isdir, _old, _new in seq[i + 1:]:
+        if isdir and o is not None and n is not None and (path == o or path.startswith(o + b"/")):
+            path = n + path[len(o):]
+    return path
+
+
+def _touch_subtree(w: "Watcher", rel: bytes, as_rel: Optional[bytes] = None) -> None:
+    """Journal everything below ``rel`` (as it is now) as creates, named below ``as_rel``."""
+    as_rel = rel if as_rel is None else as_rel
+    stack = [b""]
     while stack:
         d = stack.pop()
         try:
-            it = os.scandir(join(w.root, d))
+            it = os.scandir(join(w.root, join(rel, d) if d else rel))
         except OSError:
             continue
         with it:
             for e in it:
-                c = join(d, os.fsencode(e.name))
-                w.batch.touch("create", c)
+                c = join(d, os.fsencode(e.name)) if d else os.fsencode(e.name)
+                w.batch.touch("create", join(as_rel, c))
                 try:
                     if e.is_dir(follow_symlinks=False):
                         stack.append(c)

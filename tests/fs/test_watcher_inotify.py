@@ -329,11 +329,11 @@ def test_inotify_overflow_opens_gap(work_dir):
     small = os.access(knob, os.W_OK)
     if small:            # only new inotify instances see the new limit: set it before the watcher starts
         with open(knob, "w") as f:
-            f.write("1000")
+            f.write("256")
     elif limit > 100_000:
         pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many events needed")
     try:
-        scenario_overflow(work_dir, "inotify", n=3000 if small else limit + 2000, restore=(knob, limit) if small else None)
+        scenario_overflow(work_dir, "inotify", n=700 if small else limit + 2000, restore=(knob, limit) if small else None)
     finally:
         if small:
             with open(knob, "w") as f:

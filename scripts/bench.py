@@ -1,0 +1,438 @@
+#!/usr/bin/env python3
+"""discrep over SSH vs rsync over SSH, side by side, in one run, on one loopback sshd.
+
+    sudo .venv/bin/python scripts/bench.py [--quick] [--cases a,b,c] [--json out.json]
+
+Everything lives on a dedicated tmpfs mounted at /tmp/discrep-bench-*/ (unmounted in
+finally).  A private sshd (generated host and user keys) listens on 127.0.0.1; both tools
+reach it through a counting TCP proxy (threads, optional one-way delay), so "wire" is the
+bytes that crossed TCP in both directions, SSH overhead included.  discrep runs
+``discrep replicate -F CFG --remote-discrep <venv discrep> ALIAS:SRC DEST`` (transport
+auto: sshfs); rsync runs ``rsync -aHAXS --delete --exclude=/.discrep/ -e 'ssh -F CFG'``.
+Each row is checked with ``rsync -aHAXnci --delete`` (nothing printed = identical).
+
+Cases are functions registered with @case(letter, title); each gets a Ctx and returns
+after preparing SRC; incremental cases call ctx.initial() (untimed first copy for both
+tools) and then change SRC.  Add a case by writing one more function.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+DISCREP = str(REPO / ".venv" / "bin" / "discrep")
+ALIAS = "bench-src"
+
+
+# --------------------------------------------------------------------------- counting proxy
+
+class CountingProxy:
+    """127.0.0.1:port -> target; counts bytes both ways; optional one-way delay (each direction)."""
+
+    def __init__(self, target_port: int, delay_s: float = 0.0):
+        self.target = ("127.0.0.1", target_port)
+        self.delay = delay_s
+        self.up = self.down = 0
+        self._lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.up = self.down = 0
+
+    @property
+    def total(self) -> int:
+        return self.up + self.down
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                s = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            for x in (c, s):
+                x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pump, args=(c, s, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, "down"), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket, direction: str) -> None:
+        if self.delay:
+            return self._pump_delayed(a, b, direction)
+        try:
+            while True:
+                d = a.recv(1 << 20)
+                if not d:
+                    break
+                with self._lock:
+                    setattr(self, direction, getattr(self, direction) + len(d))
+                b.sendall(d)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _pump_delayed(self, a, b, direction) -> None:
+        import queue
+        q: "queue.Queue" = queue.Queue()
+
+        def sender() -> None:
+            while True:
+                t, d = q.get()
+                if d is None:
+                    break
+                wait = t + self.delay - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    b.sendall(d)
+                except OSError:
+                    break
+            try:
+                b.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        th = threading.Thread(target=sender, daemon=True)
+        th.start()
+        try:
+            while True:
+                d = a.recv(1 << 20)
+                if not d:
+                    break
+                with self._lock:
+                    setattr(self, direction, getattr(self, direction) + len(d))
+                q.put((time.monotonic(), d))
+        except OSError:
+            pass
+        q.put((0, None))
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- sshd
+
+class Sshd:
+    def __init__(self, base: Path):
+        self.dir = base / "ssh"
+        self.dir.mkdir()
+        for k in ("host", "user"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / k)], check=True)
+        shutil.copy(self.dir / "user.pub", self.dir / "authorized_keys")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        (self.dir / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir}/host\n"
+            f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile {self.dir}/sshd.pid\nStrictModes no\n"
+            f"UsePAM no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            f"Subsystem sftp /usr/lib/openssh/sftp-server\nLogLevel ERROR\nMaxStartups 100\n")
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(self.dir / "sshd_config")],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.dir / "sshd.log", "ab"))
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+    def client_config(self, proxy_port: int) -> Path:
+        typ, b64 = (self.dir / "host.pub").read_text().split()[:2]
+        kh = self.dir / "known_hosts"
+        kh.write_text(f"[127.0.0.1]:{proxy_port} {typ} {b64}\n")
+        cfg = self.dir / f"ssh_config_{proxy_port}"
+        cfg.write_text(f"Host {ALIAS}\n  HostName 127.0.0.1\n  Port {proxy_port}\n  User root\n"
+                       f"  IdentityFile {self.dir}/user\n  IdentitiesOnly yes\n  UserKnownHostsFile {kh}\n"
+                       f"  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n")
+        return cfg
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --------------------------------------------------------------------------- cases
+
+CASES: Dict[str, "Case"] = {}
+
+
+class Case:
+    def __init__(self, key: str, title: str, fn: Callable, delay_ms: float = 0.0):
+        self.key, self.title, self.fn, self.delay_ms = key, title, fn, delay_ms
+
+
+def case(key: str, title: str, *, delay_ms: float = 0.0):
+    def deco(fn):
+        CASES[key] = Case(key, title, fn, delay_ms)
+        return fn
+    return deco
+
+
+class Ctx:
+    def __init__(self, root: Path, quick: bool, runner: "Runner"):
+        self.root, self.quick, self.runner = root, quick, runner
+        self.src = root / "src"
+        self.src.mkdir()
+        self.rng = random.Random(42)
+
+    def initial(self) -> None:
+        """Untimed first copy for both tools (incremental cases)."""
+        self.runner.run_discrep(self)
+        self.runner.run_rsync(self)
+
+
+def _small_files(ctx: Ctx, n: int) -> None:
+    rng = ctx.rng
+    for i in range(n):
+        d = ctx.src / f"d{i // 1000:03d}"
+        if i % 1000 == 0:
+            d.mkdir()
+        (d / f"f{i:06d}").write_bytes(rng.randbytes(rng.randint(1024, 8192)))
+
+
+def _big_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 << 20)
+            f.write(os.urandom(n))
+            left -= n
+
+
+@case("a", "initial: 100 000 files of 1-8 KiB")
+def case_a(ctx: Ctx) -> None:
+    _small_files(ctx, 10_000 if ctx.quick else 100_000)
+
+
+@case("b", "initial: one 1 GiB file")
+def case_b(ctx: Ctx) -> None:
+    _big_file(ctx.src / "big.bin", (128 << 20) if ctx.quick else (1 << 30))
+
+
+def _random_writes(path: Path, rng: random.Random, n: int = 100) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        for _ in range(n):
+            f.seek(rng.randrange(0, size - 4096))
+            f.write(rng.randbytes(4096))
+
+
+@case("c", "100 random 4 KiB overwrites in the 1 GiB file")
+def case_c(ctx: Ctx) -> None:
+    case_b(ctx)
+    ctx.initial()
+    _random_writes(ctx.src / "big.bin", ctx.rng)
+
+
+@case("d", "1 byte inserted at the front of a 100 MiB file")
+def case_d(ctx: Ctx) -> None:
+    p = ctx.src / "f.bin"
+    _big_file(p, (16 << 20) if ctx.quick else (100 << 20))
+    ctx.initial()
+    data = p.read_bytes()
+    p.write_bytes(b"!" + data)
+
+
+@case("e", "10 changed files out of the 100 000")
+def case_e(ctx: Ctx) -> None:
+    case_a(ctx)
+    ctx.initial()
+    files = sorted(ctx.src.rglob("f*"))
+    for p in ctx.rng.sample(files, 10):
+        p.write_bytes(ctx.rng.randbytes(ctx.rng.randint(1024, 8192)))
+
+
+@case("f", "SQLite 100k rows: 200 updates + 1% deleted")
+def case_f(ctx: Ctx) -> None:
+    db = ctx.src / "app.db"
+    n = 10_000 if ctx.quick else 100_000
+    con = sqlite3.connect(db)
+    con.execute("create table t (id integer primary key, v text)")
+    con.executemany("insert into t values (?, ?)", ((i, os.urandom(40).hex()) for i in range(n)))
+    con.commit()
+    con.close()
+    ctx.initial()
+    con = sqlite3.connect(db)
+    for i in ctx.rng.sample(range(n), 200):
+        con.execute("update t set v = ? where id = ?", (os.urandom(40).hex(), i))
+    con.executemany("delete from t where id = ?", ((i,) for i in ctx.rng.sample(range(n), n // 100)))
+    con.commit()
+    con.close()
+
+
+@case("g", "1 GiB sparse file, one 4 KiB write")
+def case_g(ctx: Ctx) -> None:
+    p = ctx.src / "sparse.img"
+    with open(p, "wb") as f:
+        f.truncate((128 << 20) if ctx.quick else (1 << 30))
+    ctx.initial()
+    with open(p, "r+b") as f:
+        f.seek(p.stat().st_size // 2)
+        f.write(os.urandom(4096))
+
+
+@case("h", "case c with 20 ms one-way delay", delay_ms=20)
+def case_h(ctx: Ctx) -> None:
+    case_c(ctx)
+
+
+# --------------------------------------------------------------------------- runner
+
+class Runner:
+    def __init__(self, sshd: Sshd, delay_ms: float):
+        self.proxy = CountingProxy(sshd.port, delay_ms / 1000.0)
+        self.cfg = sshd.client_config(self.proxy.port)
+
+    def close(self) -> None:
+        self.proxy.close()
+
+    def run_discrep(self, ctx: Ctx) -> Dict:
+        dst = ctx.root / "dst-discrep"
+        self.proxy.reset()
+        t = time.monotonic()
+        r = subprocess.run([DISCREP, "replicate", "--json", "-q", "-F", str(self.cfg), "--remote-discrep", DISCREP,
+                            f"{ALIAS}:{ctx.src}", str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=dict(os.environ, TMPDIR=str(ctx.root)))
+        wall = time.monotonic() - t
+        time.sleep(0.05)
+        if r.returncode not in (0, 1):
+            raise RuntimeError(f"discrep failed ({r.returncode}): {r.stderr.strip()}")
+        return {"wall": wall, "wire": self.proxy.total, "res": json.loads(r.stdout.strip().splitlines()[-1])}
+
+    def run_rsync(self, ctx: Ctx) -> Dict:
+        dst = ctx.root / "dst-rsync"
+        self.proxy.reset()
+        t = time.monotonic()
+        r = subprocess.run(["rsync", "-aHAXS", "--delete", "--exclude=/.discrep/", "-e", f"ssh -F {self.cfg}",
+                            f"{ALIAS}:{ctx.src}/", f"{dst}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+        wall = time.monotonic() - t
+        time.sleep(0.05)
+        if r.returncode != 0:
+            raise RuntimeError(f"rsync failed ({r.returncode}): {r.stderr.strip()}")
+        return {"wall": wall, "wire": self.proxy.total}
+
+
+def identical(src: Path, dst: Path) -> bool:
+    r = subprocess.run(["rsync", "-aHAXnci", "--delete", "--exclude=/.discrep/", f"{src}/", f"{dst}/"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return r.returncode == 0 and not r.stdout.strip()
+
+
+def run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
+    root = Path(tempfile.mkdtemp(prefix=f"case-{c.key}-", dir=base))
+    runner = Runner(sshd, c.delay_ms)
+    try:
+        ctx = Ctx(root, quick, runner)
+        c.fn(ctx)
+        d = runner.run_discrep(ctx)
+        r = runner.run_rsync(ctx)
+        ok_d = identical(ctx.src, root / "dst-discrep")
+        ok_r = identical(ctx.src, root / "dst-rsync")
+        return {"case": c.key, "title": c.title, "discrep_s": round(d["wall"], 3), "rsync_s": round(r["wall"], 3),
+                "time_ratio": round(d["wall"] / r["wall"], 2) if r["wall"] else None,
+                "discrep_wire": d["wire"], "rsync_wire": r["wire"],
+                "wire_ratio": round(d["wire"] / r["wire"], 2) if r["wire"] else None,
+                "discrep_identical": ok_d, "rsync_identical": ok_r, "transport": d["res"].get("transport")}
+    finally:
+        runner.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return str(n)
+
+
+def table(rows: List[Dict]) -> str:
+    out = ["| case | discrep s | rsync s | time ratio | discrep wire | rsync wire | wire ratio | identical |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['case']} {r['title']} | error: {r['error']} | | | | | | |")
+            continue
+        out.append(f"| {r['case']} {r['title']} | {r['discrep_s']:.2f} | {r['rsync_s']:.2f} | {r['time_ratio']}x | "
+                   f"{fmt_bytes(r['discrep_wire'])} | {fmt_bytes(r['rsync_wire'])} | {r['wire_ratio']}x | "
+                   f"{'yes' if r['discrep_identical'] and r['rsync_identical'] else 'NO'} |")
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (10 000 files, 128 MiB, 16 MiB)")
+    ap.add_argument("--cases", default="a,b,c,d,e", help=f"comma-separated, from {','.join(CASES)} (default a-e)")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--tmpfs-size", default="12g")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (tmpfs mount, sshd, FUSE)", file=sys.stderr)
+        return 2
+    keys = [k.strip() for k in a.cases.split(",") if k.strip()]
+    for k in keys:
+        if k not in CASES:
+            print(f"bench: unknown case {k!r}", file=sys.stderr)
+            return 2
+    base = Path(tempfile.mkdtemp(prefix="discrep-bench-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={a.tmpfs_size}", "discrep-bench", str(base)], check=True)
+    sshd = None
+    rows: List[Dict] = []
+    try:
+        sshd = Sshd(base)
+        for k in keys:
+            c = CASES[k]
+            print(f"bench: case {k}: {c.title} ...", file=sys.stderr, flush=True)
+            try:
+                rows.append(run_case(c, base, sshd, a.quick))
+            except Exception as e:
+                rows.append({"case": k, "title": c.title, "error": str(e)[:300]})
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    finally:
+        if sshd is not None:
+            sshd.stop()
+        subprocess.run(["umount", str(base)])
+        os.rmdir(base)
+    print(table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all("error" not in r and r["discrep_identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
