@@ -50,7 +50,7 @@ def encode(ranges: List[Tuple[int, int]]) -> str:
 def decode(token: str, file_size: int) -> List[Tuple[int, int]]:
     """Token -> ranges clipped to ``file_size``; refuses malformed or oversized requests."""
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
     except (ValueError, TypeError):
         raise ManifestError("bad range request") from None
     vals, cur, shift = [], 0, 0
@@ -62,7 +62,7 @@ def decode(token: str, file_size: int) -> List[Tuple[int, int]]:
             cur, shift = 0, 0
         elif shift > 63:
             raise ManifestError("bad range request")
-    if shift or len(vals) % 2 or len(vals) // 2 > MAX_RANGES:
+    if shift or not vals or len(vals) % 2 or len(vals) // 2 > MAX_RANGES:
         raise ManifestError("bad range request")
     out, pos, total = [], 0, 0
     for i in range(0, len(vals), 2):
