@@ -31,7 +31,7 @@ import blockdiff
 import fuse_export
 from blockdiff import cdc_index, framing
 
-from . import ranges
+from . import cbt, ranges
 from .errors import ManifestError, SourceError
 from .manifest import read_lines
 from .paths import dec, join
@@ -141,11 +141,18 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
             return fuse_export.LazyFile(lambda: _sign(path))
         if d == b"cdc":
             return fuse_export.LazyFile(lambda: _chunks(path))
+        if d == b"cbt":
+            side = join(cdir, b"cbt-%d.json" % i)
+            if not os.path.exists(side):
+                return None
+            with open(side) as f:
+                rs = [tuple(r) for r in json.load(f)]
+            return fuse_export.LazyFile(lambda: cbt.build(path, header["base"], rs))
         return None
 
     control = fuse_export.DictControlTree(
         {b"cycle": fuse_export.BytesFile(json.dumps(header).encode() + b"\n"),
          b"manifest": fuse_export.BytesFile(manifest)},
-        resolver=resolver, dynamic_dirs=(b"pack", b"sig", b"cdc", b"data", b"z"))
+        resolver=resolver, dynamic_dirs=(b"pack", b"sig", b"cdc", b"data", b"z", b"cbt"))
     source = fuse_export.DirectorySource(rec.snapshot)
     return fuse_export.ExportView(source, control)

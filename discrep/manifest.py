@@ -16,7 +16,8 @@ Entry kinds (``op``):
   optionally ``h`` (hex whole-content digest, small files), ``pack`` ([k, offset])
   when its bytes travel inside ``.discrep/pack/<k>``, ``extents`` ([[off,len]...])
   for sparse files, ``link`` (path of the hard-link group member that carries the
-  data).
+  data), ``cbt`` (base cycle: ``.discrep/cbt/<idx>`` lists the only blocks that
+  may differ from the base cycle's copy, see cbt.py).
 
 Everything read from a manifest is untrusted: ``validate`` refuses absolute
 paths, ``..``, NUL, the reserved ``.discrep`` name, and malformed fields.
@@ -151,7 +152,7 @@ class Entry:
     """A validated manifest entry with byte paths."""
 
     __slots__ = ("op", "path", "old", "mode", "uid", "gid", "mtime_ns", "xattrs", "target",
-                 "size", "idx", "h", "pack", "extents", "link")
+                 "size", "idx", "h", "pack", "extents", "link", "cbt")
 
     def __init__(self, raw: Dict[str, Any]):
         op = raw.get("op")
@@ -161,7 +162,7 @@ class Entry:
         self.path: bytes = check_rel(dec(raw.get("path")))
         self.old = self.target = self.h = self.pack = self.extents = self.link = None
         self.xattrs: Dict[str, bytes] = {}
-        self.size = self.idx = None
+        self.size = self.idx = self.cbt = None
         if op == "move":
             self.old = check_rel(dec(raw.get("old")))
             return
@@ -212,6 +213,8 @@ class Entry:
                 self.extents = out
             if raw.get("link") is not None:
                 self.link = check_rel(dec(raw["link"]))
+            if raw.get("cbt") is not None:
+                self.cbt = _int(raw, "cbt")
 
     @property
     def is_upsert(self) -> bool:

@@ -48,6 +48,56 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 120.0   # seconds for the remote export to come up
 
 
+class DirectDataReader(MountReader):
+    """MountReader over an sshfs mount of the source's ``/``: control files come from the export
+    (``<export>/.discrep/...``), but ``.discrep/data/<idx>`` is read straight from the immutable
+    snapshot file it aliases (``<snapshot>/<path>``), skipping the source's Python FUSE hop
+    (measured: export 333-516 MB/s vs the snapshot's filesystem at GB/s).  Falls back to the
+    export's alias when the snapshot file cannot be opened.
+    """
+
+    def __init__(self, root_mnt: str, export_dir: str, snapshot_path: str, **kw):
+        super().__init__(root_mnt.rstrip("/") + export_dir, **kw)
+        self.snap = os.fsencode(root_mnt.rstrip("/")) + os.fsencode(snapshot_path)
+        self.paths: Dict[int, bytes] = {}
+
+    def read_all(self, rel: bytes) -> bytes:
+        data = super().read_all(rel)
+        if rel == b".discrep/manifest":
+            try:
+                from .manifest import read_lines
+                from .paths import dec
+                _h, entries = read_lines(data)
+                self.paths = {int(e["idx"]): dec(e["path"]) for e in entries if e.get("op") == "file"}
+            except Exception as e:  # never fatal: the export's aliases still work
+                log.debug("no direct data paths: %s", e)
+        return data
+
+    def _fd(self, rel: bytes) -> int:
+        if rel.startswith(b".discrep/data/"):
+            with self._lock:
+                fd = self._fds.get(rel)
+            if fd is not None:
+                return fd
+            p = self.paths.get(int(rel.rsplit(b"/", 1)[1])) if rel.rsplit(b"/", 1)[1].isdigit() else None
+            if p is not None:
+                try:
+                    fd = os.open(self.snap + b"/" + p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    fd = None
+                if fd is not None:
+                    with self._lock:
+                        if rel in self._fds:
+                            os.close(fd)
+                            return self._fds[rel]
+                        if len(self._fds) > 64:
+                            for k in list(self._fds)[:32]:
+                                os.close(self._fds.pop(k))
+                        self._fds[rel] = fd
+                        return fd
+        return super()._fd(rel)
+
+
 def _choose_transport(want: str) -> str:
     from .sshfs import available
     if want == "sftp":
@@ -229,7 +279,7 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
         if transport == "sshfs":
             from .sshfs import SshfsMount
             local_dir = tempfile.mkdtemp(prefix="discrep-sshfs-")
-            mount = SshfsMount(cfg, remote_dir, local_dir)
+            mount = SshfsMount(cfg, "/", local_dir)
 
             def do_mount() -> None:
                 try:
@@ -250,7 +300,7 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
             mount_thread = None
             if mount_err:
                 raise mount_err[0]
-            reader = MountReader(os.path.join(local_dir, "m"))
+            reader = DirectDataReader(local_dir, remote_dir + "/m", snap.get("path") or "/nonexistent")
         else:
             from .sftp_reader import SftpReader
             reader = SftpReader(conn.sftp(), remote_dir + "/m")

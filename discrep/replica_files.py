@@ -20,6 +20,7 @@ import blockdiff
 from blockdiff import cdc_index, framing
 
 from . import platform
+from . import cbt
 from . import ranges as rq
 from .errors import ManifestError
 from .manifest import Entry
@@ -152,7 +153,40 @@ class FileOps:
             lazy = _LazySig(e.size, fine)  # digests arrive with the data: no reread of what we wrote
         self._write_new(e, fill, lazy)
 
+    def _patch_cbt(self, e: Entry, old_sig, st) -> bool:
+        """The source proved which blocks may have changed since the base cycle (our copy):
+        compare only those digests.  False when the answer does not fit (then use signatures)."""
+        base, size, bs, rs, digs = cbt.parse(self.reader.read_all(b".discrep/cbt/%d" % e.idx))
+        if base != self.stats.base or size != e.size or bs != old_sig.block_size:
+            return False
+        n_new = -(-e.size // bs)
+        fine = bytearray(old_sig.fine[:n_new * 8])
+        if len(fine) < n_new * 8:
+            fine.extend(b"\0" * (n_new * 8 - len(fine)))
+        blocks: List[int] = []
+        k = 0
+        listed = set()
+        for off, ln in rs:
+            for b in range(off // bs, -(-(off + ln) // bs)):
+                d = digs[k * 8:k * 8 + 8]
+                k += 1
+                listed.add(b)
+                if b >= old_sig.n_blocks or old_sig.fine[b * 8:b * 8 + 8] != d or \
+                        (b == old_sig.n_blocks - 1 and old_sig.file_size != e.size):
+                    blocks.append(b)
+                fine[b * 8:b * 8 + 8] = d
+        if any(b >= old_sig.n_blocks for b in range(n_new) if b not in listed):
+            return False  # growth the answer does not cover: do not guess
+        if not blocks and e.size == old_sig.file_size:
+            self.stats.files_changed -= 1
+            self._unchanged(e, old_sig)
+            return True
+        self._apply_blocks(e, old_sig, blocks, bytes(fine), bs, old_sig.factor)
+        return True
+
     def _patch(self, e: Entry, old_sig, st) -> None:
+        if e.cbt is not None and e.cbt == self.stats.base and self._patch_cbt(e, old_sig, st):
+            return
         rel = b".discrep/sig/%d" % e.idx
         hdr = blockdiff.SigHeader.from_bytes(self.reader.pread(rel, blockdiff.HEADER_SIZE, 0))
         if hdr.file_size != e.size or hdr.block_size != old_sig.block_size or hdr.factor != old_sig.factor:
@@ -177,7 +211,12 @@ class FileOps:
             blocks += blockdiff.differing_fine(old_sig, hdr, ci, sl)
             start = ci * hdr.factor * 8
             fine[start:start + len(sl)] = sl
-        ranges = blockdiff.blocks_to_ranges(blocks, hdr.block_size, e.size)
+        self._apply_blocks(e, old_sig, blocks, bytes(fine), hdr.block_size, hdr.factor)
+
+    def _apply_blocks(self, e: Entry, old_sig, blocks: List[int], fine: bytes, bs: int, factor: int) -> None:
+        """Patch changed ``blocks`` in place (old bytes to the undo log first); ``fine`` is the new
+        file's complete fine-digest array, so the new signature needs no reread."""
+        ranges = blockdiff.blocks_to_ranges(sorted(set(blocks)), bs, e.size)
         holes: List[Tuple[int, int]] = []
         if e.extents is not None:
             ranges, holes = _split_by_extents(ranges, e.extents)
@@ -214,8 +253,7 @@ class FileOps:
             ino = os.fstat(fd).st_ino
         finally:
             os.close(fd)
-        new_sig = blockdiff.Signature(e.size, hdr.block_size, hdr.factor, bytes(fine),
-                                      blockdiff.coarse_digests(bytes(fine), hdr.factor))
+        new_sig = blockdiff.Signature(e.size, bs, factor, fine, blockdiff.coarse_digests(fine, factor))
         self.rows.append((e.path, "file", e.size, e.mtime_ns, ino, new_sig.to_bytes()))
 
     def _cdc(self, e: Entry, st) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import ManifestError, TransportError
@@ -41,8 +42,11 @@ class SftpReader:
         self.bytes_read = 0
         self._lock = threading.RLock()
         self._files: Dict[bytes, Tuple[object, int]] = {}
+        # callers may fan out through reader.pool (as with MountReader); calls still serialize on the lock
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="discrep-sftp")
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True)
         with self._lock:
             for f, _ in self._files.values():
                 try:

@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import blockdiff
 from blockdiff import framing
 
+from . import cbt
 from . import snapshot as snapmod
 from .changes import coalesce
 from .errors import LockedError, SourceError, WarningList
@@ -160,6 +161,10 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                 mw.add({"op": "move", "path": enc(new), "old": enc(old)})
                 pending.append(("move", new, old, None, None, None, None, None))
         packer = _Packer(cdir)
+        base_rec = catalog.cycle(base) if base else None
+        base_snap = base_rec.snapshot if (base_rec and base_rec.provider in ("btrfs", "reflink")
+                                          and os.path.isdir(base_rec.snapshot)) else None
+        moves_map = dict(cs.moves)
         links: Dict[Tuple[int, int], bytes] = {}
         idx = 0
         for p in sorted(touched, key=lambda q: q.split(b"/")):
@@ -195,6 +200,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                         data = _read_small(full, st.st_size)
                         e["h"] = blockdiff.sign_bytes(data).whole_digest().hex()
                         e["pack"] = packer.add(data)
+                    if st.st_size > SMALL_MAX and base_snap is not None:
+                        _track_changes(e, join(base_snap, _base_path(p, moves_map)), full, st.st_size, base, cdir)
             mw.add(e)
             live = snap.live_stats.get(p)
             if live is None:
@@ -214,6 +221,27 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     log.info("cycle %d built: %d entries, %d files, %.2fs", n, mw.count, nfiles, time.monotonic() - t0)
     return BuiltCycle(n, base, cut, kind, snap.root, header["change_source"], mw.count, nfiles,
                       nbytes, warnings)
+
+
+def _base_path(p: bytes, moves: Dict[bytes, bytes]) -> bytes:
+    q = p
+    while q:
+        if q in moves:
+            return moves[q] + p[len(q):]
+        i = q.rfind(b"/")
+        q = q[:i] if i > 0 else b""
+    return p
+
+
+def _track_changes(e: dict, old: bytes, new: bytes, size: int, base: int, cdir: bytes) -> None:
+    """Changed-block tracking: when FIEMAP proves most of the file shares extents with the base
+    snapshot's copy, record the candidate ranges; the export hashes only those."""
+    cand = cbt.candidates(old, new)
+    if cand is None or sum(ln for _o, ln in cand) * 2 > size:
+        return
+    e["cbt"] = base
+    with open(os.fsdecode(join(cdir, b"cbt-%d.json" % e["idx"])), "w") as f:
+        json.dump(cand, f)
 
 
 def _add_link_siblings(root: bytes, catalog: SourceCatalog, touched: set) -> None:

@@ -589,6 +589,7 @@ class FanotifyBackend(_Backend):
                 inv.append((n, o))
             seq.append((o, n, isdir, old, new))
         seq.reverse()
+        appeared: List[bytes] = []               # directories moved in from outside, batch-time paths
         for i, (o, n, isdir, old, new) in enumerate(seq):
             eo, en = rel(old[0]), rel(new[0])     # end-namespace parents
             if eo is not None:
@@ -597,12 +598,22 @@ class FanotifyBackend(_Backend):
                 touches.append(("meta", en))
             if o is not None and n is not None:
                 b.rename(o, n)
+                if appeared:
+                    under = any(o == a or o.startswith(a + b"/") for a in appeared)
+                    appeared = [n + a[len(o):] if (a == o or a.startswith(o + b"/")) else a for a in appeared]
+                    if under:
+                        # it left a directory that appeared in this batch and was walked as it is
+                        # at the end: nothing journaled its contents, so walk it too
+                        if isdir:
+                            appeared.append(n)
+                            _touch_subtree(self.w, _forward(n, seq, i), as_rel=n)
             elif o is not None:                  # moved out of ROOT (or its target vanished)
                 if eo is not None:
                     touches.append(("delete", join(eo, old[1]) if eo else old[1]))
             elif n is not None:                  # moved in from outside: journaled in sequence,
                 b.touch("create", n)             # so the batch's later renames carry it along
                 if isdir:
+                    appeared.append(n)
                     _touch_subtree(self.w, _forward(n, seq, i), as_rel=n)
         for op, p in touches:
             b.touch(op, p)
