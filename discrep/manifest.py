@@ -33,7 +33,7 @@ import json
 import os
 import pwd
 import stat as statmod
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple  # noqa: F401
 
 import pyzstd
 
@@ -45,11 +45,17 @@ UPSERT_OPS = ("dir", "symlink", "file")
 OPS = ("move", "delete") + UPSERT_OPS
 
 
+_names: Dict[Tuple[int, int], Optional[str]] = {}
+
+
 def _name_of(uid: int, table) -> Optional[str]:
-    try:
-        return table(uid)[0]
-    except (KeyError, OverflowError):
-        return None
+    key = (id(table), uid)
+    if key not in _names:
+        try:
+            _names[key] = table(uid)[0]
+        except (KeyError, OverflowError):
+            _names[key] = None
+    return _names[key]
 
 
 def read_xattrs(path: bytes) -> Dict[str, str]:
@@ -66,8 +72,10 @@ def read_xattrs(path: bytes) -> Dict[str, str]:
     return out
 
 
-def entry_for(rel: bytes, full: bytes, st: os.stat_result) -> Dict[str, Any]:
-    """The upsert entry of an existing snapshot path (without idx/pack/link)."""
+def entry_for(rel: bytes, full: bytes, st: os.stat_result,
+              xattrs: Optional[Dict[str, bytes]] = None) -> Dict[str, Any]:
+    """The upsert entry of an existing snapshot path (without idx/pack/link); ``xattrs`` when
+    the caller read them already (else they are read from ``full``)."""
     mode = st.st_mode
     e: Dict[str, Any] = {
         "path": enc(rel), "mode": statmod.S_IMODE(mode), "uid": st.st_uid, "gid": st.st_gid,
@@ -85,7 +93,8 @@ def entry_for(rel: bytes, full: bytes, st: os.stat_result) -> Dict[str, Any]:
     else:
         raise ValueError("special file")
     if not statmod.S_ISLNK(mode):
-        x = read_xattrs(full)
+        x = read_xattrs(full) if xattrs is None else \
+            {k: base64.b64encode(v).decode() for k, v in sorted(xattrs.items())}
         if x:
             e["xattrs"] = x
     return e

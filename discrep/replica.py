@@ -218,12 +218,9 @@ class Applier(FileOps):
 
     # -- primitives: every change to DEST is preceded by a durable undo record -----
     def _was_created(self, rel: bytes) -> bool:
-        q = rel
-        while q:
-            if q in self.created:
-                return True
-            q = parent(q)
-        return False
+        """``rel`` itself was made new by this cycle (undo removes it).  Exact path only: an older
+        object moved into a new directory still needs its own records."""
+        return rel in self.created
 
     def _dirmeta(self, d: bytes) -> None:
         """Before the first change of entries in directory ``d``: remember its times."""

@@ -25,7 +25,7 @@ import os
 import shutil
 import stat as statmod
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple  # noqa: F401
 
 from . import platform
 from .errors import SnapshotError, UsageError, WarningList
@@ -44,6 +44,7 @@ class Snapshot:
     full: bool                  # True when every path of the tree is in it
     live_stats: Dict[bytes, os.stat_result] = field(default_factory=dict)
     skipped: Set[bytes] = field(default_factory=set)  # touched paths not captured (retry next cycle)
+    inline: Set[bytes] = field(default_factory=set)   # small files captured later, straight into packs
 
     def locate(self, rel: bytes) -> bytes:
         return join(self.root, rel)
@@ -71,8 +72,14 @@ def choose(kind: str, root: bytes) -> str:
     return kind
 
 
-def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: WarningList) -> Snapshot:
-    """Capture ``paths`` (sorted, parents before children) of ``root`` as snapshot ``cycle``."""
+def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: WarningList,
+         inline_max: int = 0, stats: Optional[Dict[bytes, os.stat_result]] = None) -> Snapshot:
+    """Capture ``paths`` (sorted, parents before children) of ``root`` as snapshot ``cycle``.
+
+    With ``inline_max``, regular single-link files up to that size are not copied: they are
+    captured when the manifest is written, straight into a pack, with the same stat-before-
+    and-after check (``read_verified``): the pack is their point-in-time copy.
+    """
     sdir = snapshots_dir(root)
     os.makedirs(sdir, exist_ok=True)
     dst = join(sdir, str(cycle).encode())
@@ -93,30 +100,40 @@ def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: W
         return snap
     os.mkdir(dst, 0o700)
     snap = Snapshot(kind, dst, False)
-    _capture(root, snap, plist, warnings, reflink=(kind == "reflink"))
+    _capture(root, snap, plist, warnings, reflink=(kind == "reflink"), inline_max=inline_max, stats=stats or {})
     return snap
 
 
-def _capture(root: bytes, snap: Snapshot, plist: List[bytes], warnings: WarningList, *, reflink: bool) -> None:
+def _capture(root: bytes, snap: Snapshot, plist: List[bytes], warnings: WarningList, *, reflink: bool,
+             inline_max: int, stats: Dict[bytes, os.stat_result]) -> None:
     linked: Dict[Tuple[int, int], bytes] = {}
     dirs: List[Tuple[bytes, os.stat_result]] = []
+    made: Set[bytes] = {b""}
     for rel in plist:
         src = join(root, rel)
         dst = snap.locate(rel)
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            continue  # deleted: the manifest says so
-        except OSError as e:
-            warnings.add(show(rel), f"cannot stat: {e.strerror}")
-            snap.skipped.add(rel)
+        st = stats.get(rel)
+        if st is None:
+            try:
+                st = os.lstat(src)
+            except FileNotFoundError:
+                continue  # deleted: the manifest says so
+            except OSError as e:
+                warnings.add(show(rel), f"cannot stat: {e.strerror}")
+                snap.skipped.add(rel)
+                continue
+        if statmod.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= inline_max:
+            snap.inline.add(rel)   # verified when it is read into its pack
             continue
-        _ensure_parent(snap, rel)
+        if parent(rel) not in made:
+            _ensure_parent(snap, rel)
+            made.add(parent(rel))
         mode = st.st_mode
         try:
             if statmod.S_ISDIR(mode):
                 if not os.path.isdir(dst):
                     os.mkdir(dst, 0o700)
+                made.add(rel)
                 dirs.append((rel, st))
                 snap.live_stats[rel] = st
             elif statmod.S_ISLNK(mode):
@@ -178,6 +195,34 @@ def _capture_file(src: bytes, dst: bytes, rel: bytes, warnings: WarningList) -> 
                             "left for the next cycle")
     if os.path.lexists(dst):
         os.unlink(dst)
+    return None
+
+
+def read_verified(path: bytes, rel: bytes, warnings: WarningList, max_size: int
+                  ) -> Optional[Tuple[bytes, os.stat_result, Dict[str, bytes]]]:
+    """Read a small live file as one point-in-time copy: (bytes, stat, xattrs), verified by
+    stat before and after (inode, size, mtime, ctime); retried; None (with a warning) if it keeps
+    changing, FileNotFoundError if it is gone or no longer a small regular file."""
+    for attempt in range(RETRIES):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st1 = os.fstat(fd)
+            if not statmod.S_ISREG(st1.st_mode) or st1.st_size > max_size:
+                raise FileNotFoundError(path)
+            data = os.pread(fd, st1.st_size + 1, 0)
+            xattrs = {}
+            try:
+                for n in os.listxattr(fd):
+                    xattrs[n] = os.getxattr(fd, n)
+            except OSError:
+                pass
+            st2 = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if len(data) == st1.st_size and (st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns) == \
+                (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns):
+            return data, st1, xattrs
+    warnings.add(show(rel), f"kept changing while it was read ({RETRIES} tries); left for the next cycle")
     return None
 
 

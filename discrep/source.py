@@ -16,6 +16,7 @@ lazy files build once under a lock.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import blockdiff
+import xxhash
 from blockdiff import framing
 
 from . import cbt
@@ -128,8 +130,9 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     n = max((last.cycle + 1) if last else 1, min_cycle)
     kind = snapmod.choose(kind, root)
     use_journal = (not force_scan and base > 0 and journal.gap() is None and watcher_alive(root))
+    stats: Dict[bytes, os.stat_result] = {}
     if not use_journal:
-        scan(root, catalog, journal)
+        stats = scan(root, catalog, journal).stats
     cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
     cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
     touched = set(cs.touched)
@@ -139,11 +142,11 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
             touched.update(p + b"/" + rel for rel, _st in walk(full))
     for new in cs.moves:                # a moved directory's metadata is rewritten too
         touched.add(new)
-    _add_link_siblings(root, catalog, touched)
+    _add_link_siblings(root, catalog, touched, stats)
     root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
     for k in ("op", "path"):
         root_meta.pop(k, None)
-    snap = snapmod.take(kind, root, n, touched, warnings)
+    snap = snapmod.take(kind, root, n, touched, warnings, inline_max=SMALL_MAX, stats=stats)
     cdir = cycle_dir(root, n)
     if os.path.lexists(cdir):
         shutil.rmtree(cdir)
@@ -157,7 +160,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     nfiles = nbytes = 0
     try:
         for new, old in sorted(cs.moves.items()):
-            if catalog.exists(old) and os.path.lexists(snap.locate(new)):
+            if catalog.exists(old) and (new in snap.inline or os.path.lexists(snap.locate(new))):
                 mw.add({"op": "move", "path": enc(new), "old": enc(old)})
                 pending.append(("move", new, old, None, None, None, None, None))
         packer = _Packer(cdir)
@@ -169,6 +172,31 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         idx = 0
         for p in sorted(touched, key=lambda q: q.split(b"/")):
             if p in snap.skipped:
+                continue
+            if p in snap.inline:     # a small file: captured now, straight into its pack
+                try:
+                    got = snapmod.read_verified(join(root, p), p, warnings, SMALL_MAX)
+                except OSError as err:
+                    got = None
+                    if err.errno == errno.ENOENT and not os.path.lexists(join(root, p)):
+                        mw.add({"op": "delete", "path": enc(p)})
+                        pending.append(("gone", p, None, None, None, None, None, None))
+                        continue
+                if got is None:
+                    snap.skipped.add(p)
+                    continue
+                data, st, xattrs = got
+                e = entry_for(p, join(root, p), st, xattrs)
+                e["idx"] = idx
+                idx += 1
+                nfiles += 1
+                nbytes += st.st_size
+                if st.st_size:
+                    e["h"] = xxhash.xxh3_128_hexdigest(blockdiff.fine_digests(data))
+                    e["pack"] = packer.add(data)
+                mw.add(e)
+                pending.append(("upsert", p, None, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                st.st_mode))
                 continue
             full = snap.locate(p)
             try:
@@ -198,7 +226,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                         e["extents"] = _extents(full, st.st_size)
                     elif 0 < st.st_size <= SMALL_MAX:
                         data = _read_small(full, st.st_size)
-                        e["h"] = blockdiff.sign_bytes(data).whole_digest().hex()
+                        e["h"] = xxhash.xxh3_128_hexdigest(blockdiff.fine_digests(data))
                         e["pack"] = packer.add(data)
                     if st.st_size > SMALL_MAX and base_snap is not None:
                         _track_changes(e, join(base_snap, _base_path(p, moves_map)), full, st.st_size, base, cdir)
@@ -244,14 +272,17 @@ def _track_changes(e: dict, old: bytes, new: bytes, size: int, base: int, cdir: 
         json.dump(cand, f)
 
 
-def _add_link_siblings(root: bytes, catalog: SourceCatalog, touched: set) -> None:
+def _add_link_siblings(root: bytes, catalog: SourceCatalog, touched: set,
+                       stats: Dict[bytes, os.stat_result]) -> None:
     """A touched hard-linked file drags in the other members of its link group."""
     extra = []
     for p in touched:
-        try:
-            st = os.lstat(join(root, p))
-        except OSError:
-            continue
+        st = stats.get(p)
+        if st is None:
+            try:
+                st = os.lstat(join(root, p))
+            except OSError:
+                continue
         if statmod.S_ISREG(st.st_mode) and st.st_nlink > 1:
             for (q,) in catalog.con.execute("SELECT path FROM files WHERE ino = ?", (st.st_ino,)):
                 extra.append(bytes(q))

@@ -219,3 +219,31 @@ def test_restore_first_cycle_after_several_and_prune(work_dir: Path):
     assert p.returncode == 3 and "pruned" in p.stderr
     run("restore", str(dst), "--cycle", "3", "--to", str(work_dir / "again3"))
     assert equal(states[2], work_dir / "again3")
+
+
+def test_moved_into_new_dir_then_rewritten_rolls_back(work_dir: Path):
+    """An old file moved into a directory the cycle creates, then given new content: every
+    crash point must still roll back to the old file at its old path (regression)."""
+    src, dst = work_dir / "src", work_dir / "dst"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "f").write_bytes(b"old content " * 100)
+    (src / "a" / "big").write_bytes(os.urandom(3 << 20))
+    run("replicate", str(src), str(dst))
+    before = save(src, work_dir / "c1")
+    (src / "new").mkdir()
+    os.rename(src / "a" / "f", src / "new" / "f")
+    with open(src / "new" / "f", "r+b") as f:     # same inode, new bytes
+        f.write(b"NEW")
+    os.rename(src / "a" / "big", src / "new" / "big")
+    with open(src / "new" / "big", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"changed")
+    for k in range(1, 40):
+        p = run("replicate", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": str(k)}, check=False)
+        if p.returncode == 0:
+            break
+        run("recover", str(dst))
+        assert equal(before, dst), f"crash at barrier {k}"
+    assert equal(src, dst)
+    run("restore", str(dst), "--cycle", "1", "--to", str(work_dir / "r1"))
+    assert equal(before, work_dir / "r1")
