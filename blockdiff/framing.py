@@ -33,9 +33,25 @@ _RAW = b"\x00"
 _ZSTD = b"\x01"
 
 
+PROBE_OVER = 512 * 1024   # larger buffers are probed before a full compression attempt
+_PROBE = 32 * 1024
+
+
+def _looks_compressible(mv: memoryview, level: int) -> bool:
+    """Three 32 KiB samples (start, middle, end): does any shrink by 3 % or more?"""
+    n = len(mv)
+    for off in (0, n // 2 - _PROBE // 2, n - _PROBE):
+        sample = mv[off:off + _PROBE]
+        if len(pyzstd.compress(sample, level)) < len(sample) * 0.97:
+            return True
+    return False
+
+
 def pack(data: Buffer, level: int = 1) -> bytes:
     """Frame ``data``: zstd-compressed at ``level`` if that makes it smaller, else raw."""
     mv = memoryview(data).cast("B")
+    if len(mv) >= PROBE_OVER and not _looks_compressible(mv, level):
+        return _RAW + bytes(mv)
     if len(mv) >= MIN_COMPRESS:
         comp = pyzstd.compress(mv, level)
         if len(comp) < len(mv):

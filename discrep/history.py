@@ -12,7 +12,7 @@ Each cycle N that changes DEST keeps ``DEST/.discrep/history/<N>/``:
   of replaced files (hard links: no data copied), lifted-out moved entries.
 
 Record kinds (paths relative to DEST; ``K:`` prefix = ``keep/`` of this cycle):
-``rename {src,dst}``, ``mkdir {path}``, ``create {path}``, ``replace {path,kept}``,
+``rename {src,dst}``, ``mkdir {path}``, ``create {paths}``, ``replace {path,kept}``,
 ``patch {path,old_size,ranges,blob}``, ``meta {path,old}``, ``dirmeta {path,mtime_ns}``.
 
 Undoing them newest first brings DEST back to the cycle before, content and
@@ -269,10 +269,11 @@ def undo(records: List[Dict], target: _Target) -> int:
                 os.rename(kept, target.path(rec["path"]))
                 n += 1
         elif op in ("create", "mkdir"):
-            p = target.path(rec["path"])
-            if os.path.lexists(p):
-                _remove(p)
-                n += 1
+            for q in reversed(rec.get("paths") or [rec["path"]]):
+                p = target.path(q)
+                if os.path.lexists(p):
+                    _remove(p)
+                    n += 1
         elif op == "patch":
             p = target.path(rec["path"])
             data = _blob(target.hist, rec)

@@ -94,7 +94,7 @@ def entry_for(rel: bytes, full: bytes, st: os.stat_result,
         raise ValueError("special file")
     if not statmod.S_ISLNK(mode):
         x = read_xattrs(full) if xattrs is None else \
-            {k: base64.b64encode(v).decode() for k, v in sorted(xattrs.items())}
+            ({k: base64.b64encode(v).decode() for k, v in sorted(xattrs.items())} if xattrs else {})
         if x:
             e["xattrs"] = x
     return e
@@ -107,16 +107,26 @@ class ManifestWriter:
         self._raw = open(path, "wb")
         self._z = pyzstd.ZstdFile(self._raw, "wb", level_or_option=3)
         self.count = 0
+        self._buf: List[str] = []
+        self._enc = json.JSONEncoder(separators=(",", ":")).encode
         self._write(dict(header, discrep_manifest=VERSION))
 
     def _write(self, obj: Dict[str, Any]) -> None:
-        self._z.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+        self._buf.append(self._enc(obj))
+        if len(self._buf) >= 2048:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._z.write(("\n".join(self._buf) + "\n").encode("utf-8", "surrogatepass"))
+            self._buf = []
 
     def add(self, entry: Dict[str, Any]) -> None:
         self._write(entry)
         self.count += 1
 
     def close(self) -> None:
+        self._flush()
         self._z.close()
         self._raw.flush()
         os.fsync(self._raw.fileno())

@@ -37,7 +37,7 @@ import time
 from typing import Any, Dict, Optional
 
 from . import errors as errmod
-from .errors import Error, TransportError, UsageError, WarningList
+from .errors import Error, SourceError, TransportError, UsageError, WarningList
 from .local import prepare_dest
 from .reader import MountReader
 from .replica import sync
@@ -49,7 +49,7 @@ READY_TIMEOUT = 120.0   # seconds for the remote export to come up
 
 
 class DirectDataReader(MountReader):
-    """MountReader over an sshfs mount of the source's ``/``: control files come from the export
+    """MountReader over an sshfs mount of the source's ``SRC/.discrep``: control files come from the export
     (``<export>/.discrep/...``), but ``.discrep/data/<idx>`` is read straight from the immutable
     snapshot file it aliases (``<snapshot>/<path>``), skipping the source's Python FUSE hop
     (measured: export 333-516 MB/s vs the snapshot's filesystem at GB/s).  Falls back to the
@@ -272,14 +272,18 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
     try:
         conn.connect()
         t_conn = time.monotonic()
-        r = conn.run('mktemp -d "${TMPDIR:-/tmp}/discrep-export.XXXXXXXX"')
+        # the export's mountpoint lives in the source's own state dir, next to the snapshots: the
+        # replica mounts just SRC/.discrep over sshfs, not the source's whole filesystem
+        r = conn.run(f'cd {q(rpath)} && mkdir -p .discrep && mktemp -d "$(pwd -P)/.discrep/export.XXXXXXXX"')
         if r.rc != 0:
-            raise TransportError(f"cannot create a temporary directory on {cfg.alias}: {r.err_text}")
+            raise SourceError(f"source {cfg.alias}:{rpath} is not a usable directory: {r.err_text}",
+                              hint="check the path on the source host")
         remote_dir = r.out.decode().strip()
+        state_dir = remote_dir.rsplit("/", 1)[0]
         if transport == "sshfs":
             from .sshfs import SshfsMount
             local_dir = tempfile.mkdtemp(prefix="discrep-sshfs-")
-            mount = SshfsMount(cfg, "/", local_dir)
+            mount = SshfsMount(cfg, state_dir, local_dir)
 
             def do_mount() -> None:
                 try:
@@ -300,7 +304,8 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
             mount_thread = None
             if mount_err:
                 raise mount_err[0]
-            reader = DirectDataReader(local_dir, remote_dir + "/m", snap.get("path") or "/nonexistent")
+            snap_rel = (snap.get("path") or "").split("/.discrep/", 1)[-1] or "nonexistent"
+            reader = DirectDataReader(local_dir, "/" + remote_dir.rsplit("/", 1)[1] + "/m", "/" + snap_rel)
         else:
             from .sftp_reader import SftpReader
             reader = SftpReader(conn.sftp(), remote_dir + "/m")

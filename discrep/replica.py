@@ -204,6 +204,7 @@ class Applier(FileOps):
         self._installs: List[Tuple[int, bytes, bytes]] = []
         self._packs: Dict[int, bytes] = {}
         self.euid = os.geteuid()
+        self.egid = os.getegid()
         self.dir_paths = {e.path for e in entries if e.op == "dir"}
 
     def close(self) -> None:
@@ -307,6 +308,7 @@ class Applier(FileOps):
     def flush_installs(self) -> None:
         """Log every queued install (create / replace keeping the old one), one barrier, then rename."""
         plan = []
+        creates: List[str] = []
         for src_fd, tmp, rel in self._installs:
             pfd = self.ensure_parent(rel)
             st = _lstat(self.dirs, rel)
@@ -316,12 +318,14 @@ class Applier(FileOps):
             self._dirmeta(parent(rel))
             kept = None
             if st is None:
-                self.log.add({"op": "create", "path": enc(rel)})
+                creates.append(enc(rel))
             elif not self._was_created(rel):
                 kept = self.log.keep_name("r")
                 self.log.add({"op": "replace", "path": enc(rel), "kept": KEEP + os.fsdecode(kept)})
             plan.append((src_fd, tmp, rel, kept, st is None))
         self._installs = []
+        if creates:
+            self.log.add({"op": "create", "paths": creates})
         self.log.barrier()
         for src_fd, tmp, rel, kept, new in plan:
             pfd = self.dirs.get(parent(rel))
@@ -481,11 +485,14 @@ class Applier(FileOps):
         self.rows.append((e.path, "file", e.size, e.mtime_ns, pst.st_ino, prim[5] if prim else None))
 
     # -- metadata ------------------------------------------------------
-    def _apply_meta_fd(self, e: Entry, fd: int) -> None:
-        if self.euid == 0:
+    def _apply_meta_fd(self, e: Entry, fd: int, fresh: bool = False) -> None:
+        """Owner, mode, xattrs, times (last).  ``fresh``: a file this cycle just created (owned by
+        us, no xattrs yet), so unneeded calls are skipped."""
+        if self.euid == 0 and not (fresh and e.uid == self.euid and e.gid == self.egid):
             os.fchown(fd, e.uid, e.gid)
         os.fchmod(fd, e.mode)
-        self._xattrs_fd(e, fd)
+        if not fresh or e.xattrs:
+            self._xattrs_fd(e, fd)
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
     def _xattrs_fd(self, e: Entry, fd: int) -> None:
