@@ -264,6 +264,12 @@ def cmd_prune(a, warnings: WarningList) -> Dict[str, Any]:
     return {"pruned": gone}
 
 
+def cmd_agent(a, warnings: WarningList) -> Dict[str, Any]:
+    from .agent import run_agent
+    rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings)
+    raise SystemExit(rc)
+
+
 def cmd_reset(a, warnings: WarningList) -> Dict[str, Any]:
     from .source import reset
     reset(os.fsencode(os.path.abspath(a.src)))
@@ -371,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dest", metavar="DEST")
     sp.add_argument("--keep-last", type=int, default=10, metavar="N", help="keep the last N cycles (default 10)")
     sp.add_argument("--keep-within", metavar="DURATION", help="also keep cycles committed within e.g. 7d, 12h")
+
+    sp = sub.add_parser("agent", help=argparse.SUPPRESS)   # the source side of a remote cycle (agent.py)
+    sp.set_defaults(func=cmd_agent, json=False, quiet=True)
+    sp.add_argument("src")
+    sp.add_argument("--replica-cycle", type=int, required=True)
+    sp.add_argument("--snapshot", default="auto", choices=["auto", "btrfs", "reflink", "copy"])
 
     sp = add("reset", cmd_reset, "forget what the source replicated: the next cycle compares everything")
     sp.add_argument("src", metavar="SRC")

@@ -25,6 +25,7 @@ from .errors import ManifestError, TransportError
 log = logging.getLogger(__name__)
 
 CHUNK = 4 * 1024 * 1024
+RANDOM_ACCESS = (b".discrep/sig/", b".discrep/cdc/", b".discrep/cbt/")
 
 
 class MountReader:
@@ -57,6 +58,12 @@ class MountReader:
             raise ManifestError(f"the export has no {os.fsdecode(rel)}") from None
         except OSError as e:
             raise TransportError(f"cannot open {os.fsdecode(rel)} on the export: {e.strerror}") from None
+        if rel.startswith(RANDOM_ACCESS):
+            # scattered small reads: no read-ahead (over sshfs it would pull most of the file)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            except OSError:
+                pass
         with self._lock:
             if rel in self._fds:
                 os.close(fd)

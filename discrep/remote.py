@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import tempfile
 import threading
@@ -37,7 +36,7 @@ import time
 from typing import Any, Dict, Optional
 
 from . import errors as errmod
-from .errors import Error, SourceError, TransportError, UsageError, WarningList
+from .errors import Error, TransportError, WarningList
 from .local import prepare_dest
 from .reader import MountReader
 from .replica import sync
@@ -163,86 +162,80 @@ def _run_discrep(conn: Connection, exe: str, args: str, what: str, warnings: War
                          hint="the remote discrep may be too old; install the same version on both hosts")
 
 
-EXPORT_SCRIPT = r"""D={d}; M="$D/m"
-mkdir "$M" || exit 1
-{exe} export --json {src} "$M" --cycle {n} </dev/null & p=$!
-while ! test -r "$M/.discrep/cycle"; do
-  if ! kill -0 $p 2>/dev/null; then wait $p; rc=$?; rmdir "$M" "$D" 2>/dev/null; exit $rc; fi
-  sleep 0.01
-done
-echo ready
-cat >/dev/null
-fusermount3 -u "$M" 2>/dev/null || fusermount -u "$M" 2>/dev/null || fusermount3 -uz "$M" 2>/dev/null \
-  || umount -l "$M" 2>/dev/null
-wait $p
-rmdir "$M" "$D" 2>/dev/null
-exit 0
-"""
+class _Agent:
+    """The source's ``discrep agent`` on one exec channel (JSON lines, see agent.py)."""
 
-
-class _RemoteExport:
-    """The export supervisor channel (see EXPORT_SCRIPT)."""
-
-    def __init__(self, conn: Connection, exe: str, src: str, d: str, n: int):
+    def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str):
         self.conn = conn
-        self.ch = conn.start("sh -c " + q(EXPORT_SCRIPT.format(d=q(d), exe=q(exe), src=q(src), n=int(n))))
-        self._stderr = []
-        self._t = threading.Thread(target=self._read_err, daemon=True, name="discrep-export-stderr")
+        self.ch = conn.start(f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} {q(src)}")
+        self.out = self.ch.makefile("rb")
+        self._stderr: list = []
+        self._t = threading.Thread(target=self._read_err, daemon=True, name="discrep-agent-stderr")
         self._t.start()
 
     def _read_err(self) -> None:
         try:
-            f = self.ch.makefile_stderr("rb")
-            for line in f:
+            for line in self.ch.makefile_stderr("rb"):
                 self._stderr.append(line)
-                if len(self._stderr) > 200:
-                    del self._stderr[:100]
+                if len(self._stderr) > 400:
+                    del self._stderr[:200]
         except Exception:  # connection gone: what we have is enough
             pass
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+    def expect(self, event: str, timeout: float = READY_TIMEOUT) -> Dict[str, Any]:
+        """Next JSON line from the agent, which must be ``event`` (an error event raises it)."""
         self.ch.settimeout(timeout)
-        out = self.ch.makefile("rb")
         try:
             while True:
-                line = out.readline()
+                line = self.out.readline()
                 if not line:
                     break
-                if line.strip() == b"ready":
-                    return
-                if line.strip().startswith(b"{"):
-                    rest = line
-                    self.ch.status_event.wait(5)
-                    rc = self.ch.recv_exit_status() if self.ch.exit_status_ready() else -1
-                    self._t.join(2)
-                    raise _remote_error(self.conn.cfg, "export", rc, rest, b"".join(self._stderr))
+                line = line.strip()
+                if not line.startswith(b"{"):
+                    continue
+                msg = json.loads(line)
+                if msg.get("event") == "error":
+                    self._t.join(1)
+                    raise _remote_error(self.conn.cfg, "the source agent", msg.get("exit_code", 2), line,
+                                        b"".join(self._stderr))
+                if msg.get("event") != event:
+                    raise TransportError(f"the source agent on {self.conn.cfg.alias} said {msg.get('event')!r} "
+                                         f"where {event!r} was expected",
+                                         hint="install the same discrep version on both hosts")
+                return msg
         except socket.timeout:
-            raise TransportError(f"the export on {self.conn.cfg.alias} did not come up within {timeout:.0f}s: "
-                                 f"{self.stderr_tail()}") from None
+            raise TransportError(f"the source on {self.conn.cfg.alias} did not answer within {timeout:.0f}s "
+                                 f"({self.stderr_tail()})") from None
         self.ch.status_event.wait(5)
         rc = self.ch.recv_exit_status() if self.ch.exit_status_ready() else -1
         self._t.join(2)
         if rc == 127:
             raise _missing_discrep(self.conn.cfg, "discrep")
         if not self.conn.transport_alive():
-            raise TransportError(f"the SSH connection to {self.conn.cfg.describe()} was lost while starting the export",
+            raise TransportError(f"the SSH connection to {self.conn.cfg.describe()} was lost",
                                  hint="the replica stays at its last committed cycle; run again")
-        raise TransportError(f"the export on {self.conn.cfg.alias} failed (exit status {rc}): {self.stderr_tail()}")
+        raise TransportError(f"the source agent on {self.conn.cfg.alias} stopped (exit status {rc}): "
+                             f"{self.stderr_tail()}")
+
+    def send(self, obj: Dict[str, Any]) -> None:
+        self.ch.sendall((json.dumps(obj) + "\n").encode())
+
+    def warnings_into(self, warnings: WarningList) -> None:
+        _forward_warnings(b"".join(self._stderr), warnings, self.conn.cfg.alias)
 
     def stderr_tail(self) -> str:
         lines = [ln.decode(errors="replace").strip() for ln in self._stderr if ln.strip()]
-        lines = [ln for ln in lines if "exporting cycle" not in ln]
         return lines[-1] if lines else "no error output"
 
     def close(self, timeout: float = 10.0) -> None:
-        """EOF to the supervisor: it unmounts the export and removes D; wait for it, then close."""
+        """EOF to the agent: it unmounts the export and removes its directory; wait, then close."""
         try:
             if self.conn.transport_alive() and not self.ch.closed:
                 self.ch.shutdown_write()
                 if not self.ch.status_event.wait(timeout):
-                    log.warning("the export on %s did not stop within %.0fs", self.conn.cfg.alias, timeout)
-        except Exception as e:  # the connection may be gone: the remote side cleans up on EOF itself
-            log.debug("closing the export channel: %s", e)
+                    log.warning("the source agent on %s did not stop within %.0fs", self.conn.cfg.alias, timeout)
+        except Exception as e:  # the connection may be gone: the agent cleans up on EOF/SIGHUP itself
+            log.debug("closing the agent channel: %s", e)
         try:
             self.ch.close()
         except Exception:
@@ -268,22 +261,19 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
     local_dir = None
     remote_dir = None
     export = None
+    agent = None
     reader = None
     try:
         conn.connect()
         t_conn = time.monotonic()
-        # the export's mountpoint lives in the source's own state dir, next to the snapshots: the
-        # replica mounts just SRC/.discrep over sshfs, not the source's whole filesystem
-        r = conn.run(f'cd {q(rpath)} && mkdir -p .discrep && mktemp -d "$(pwd -P)/.discrep/export.XXXXXXXX"')
-        if r.rc != 0:
-            raise SourceError(f"source {cfg.alias}:{rpath} is not a usable directory: {r.err_text}",
-                              hint="check the path on the source host")
-        remote_dir = r.out.decode().strip()
-        state_dir = remote_dir.rsplit("/", 1)[0]
-        if transport == "sshfs":
+        # one remote agent for the whole cycle; its export lives in SRC/.discrep next to the snapshots,
+        # and the replica mounts just that directory over sshfs (while the snapshot is taken)
+        def start_mount(target: str) -> None:
+            nonlocal mount, mount_thread, local_dir
             from .sshfs import SshfsMount
-            local_dir = tempfile.mkdtemp(prefix="discrep-sshfs-")
-            mount = SshfsMount(cfg, state_dir, local_dir)
+            local_dir = local_dir or tempfile.mkdtemp(prefix="discrep-sshfs-")
+            mount = SshfsMount(cfg, target, local_dir)
+            mount_err.clear()
 
             def do_mount() -> None:
                 try:
@@ -292,15 +282,28 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
                     mount_err.append(e)
             mount_thread = threading.Thread(target=do_mount, daemon=True, name="discrep-sshfs-mount")
             mount_thread.start()
-        snap = _run_discrep(conn, exe, f"snapshot --json --replica-cycle {int(rcycle)} --snapshot "
-                                       f"{q(snapshot_kind)} {q(rpath)}", "snapshot", warnings)
+
+        # sshfs connects while the agent starts (SRC/.discrep exists after the first cycle)
+        if transport == "sshfs":
+            start_mount(rpath.rstrip("/") + "/.discrep")
+        agent = _Agent(conn, exe, rpath, rcycle, snapshot_kind)
+        hello = agent.expect("hello")
+        state_dir, remote_dir = hello["state_dir"], hello["dir"]
+        if transport == "sshfs" and mount_thread is not None and not mount_thread.is_alive() and mount_err:
+            mount.stop()
+            start_mount(state_dir)   # first cycle: the state dir did not exist yet
+        snap = agent.expect("built")
         n = int(snap["cycle"])
         t_snap = time.monotonic()
-        export = _RemoteExport(conn, exe, rpath, remote_dir, n)
-        export.wait_ready()
+        agent.expect("ready")
+        export = agent
         t_ready = time.monotonic()
         if mount_thread is not None:
             mount_thread.join()
+            if mount_err:               # the early mount could not see SRC/.discrep: once more, by the
+                mount.stop()            # path the agent reported
+                start_mount(state_dir)
+                mount_thread.join()
             mount_thread = None
             if mount_err:
                 raise mount_err[0]
@@ -324,18 +327,19 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
         reader = None
         log.info("remote cycle %d: connect %.2fs, snapshot %.2fs, export %.2fs, mount wait %.2fs, sync %.2fs",
                  n, t_conn - t0, t_snap - t_conn, t_ready - t_snap, t_mount - t_ready, t_sync - t_mount)
+        # the replica committed cycle n: tell the source (a failure here is settled by the next run)
+        try:
+            agent.send({"cmd": "ack", "cycle": n})
+            agent.expect("acked", timeout=60)
+        except (TransportError, OSError, socket.error, EOFError) as e:
+            warnings.add(f"{cfg.alias}:{rpath}", f"cycle {n} is committed on the replica but the source was not "
+                                                f"told ({e}); the next run acknowledges it")
+        agent.warnings_into(warnings)
     except (socket.error, EOFError) as e:
         raise TransportError(f"the SSH connection to {cfg.describe()} failed: {e}",
                              hint="the replica stays at its last committed cycle; run again") from None
     finally:
-        _cleanup(conn, reader, mount_thread, mount, local_dir, export, remote_dir)
-    # the replica committed cycle n: tell the source (a failure here is settled by the next run)
-    try:
-        _run_discrep(conn, exe, f"ack --json {q(rpath)} {n}", "ack", warnings)
-    except TransportError as e:
-        warnings.add(f"{cfg.alias}:{rpath}", f"cycle {n} is committed on the replica but the source was not told "
-                                            f"({e}); the next run acknowledges it")
-    finally:
+        _cleanup(conn, reader, mount_thread, mount, local_dir, agent)
         conn.close()
     return {
         "cycle": n, "base": snap.get("base"), "change_source": snap.get("change_source"),
@@ -349,7 +353,7 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
     }
 
 
-def _lost_reason(conn: Connection, export: Optional[_RemoteExport], mount) -> Optional[str]:
+def _lost_reason(conn: Connection, export: Optional[_Agent], mount) -> Optional[str]:
     """Why the cycle's connection is unusable (None if it still works); probes with a no-op command."""
     desc = conn.cfg.describe()
     if not conn.transport_alive():
@@ -367,7 +371,7 @@ def _lost_reason(conn: Connection, export: Optional[_RemoteExport], mount) -> Op
     return None
 
 
-def _cleanup(conn, reader, mount_thread, mount, local_dir, export, remote_dir) -> None:
+def _cleanup(conn, reader, mount_thread, mount, local_dir, agent) -> None:
     """Undo everything in reverse order; never raises (a second Ctrl-C aside)."""
     if reader is not None:
         try:
@@ -383,12 +387,5 @@ def _cleanup(conn, reader, mount_thread, mount, local_dir, export, remote_dir) -
             os.rmdir(local_dir)
         except OSError as e:
             log.warning("cannot remove %s: %s", local_dir, e)
-    if export is not None:
-        export.close()
-    elif remote_dir is not None and conn.transport_alive():
-        try:
-            conn.run(f"rmdir {q(remote_dir)}", timeout=10)
-        except Exception as e:
-            log.debug("removing %s on the source: %s", remote_dir, e)
-    if not conn.transport_alive():
-        conn.close()
+    if agent is not None:
+        agent.close()

@@ -815,7 +815,7 @@ class Watcher:
                 busy = bool(self.batch.items) or be.pending()
                 if busy:
                     left = self.batch_s - (time.monotonic() - self.batch.first)
-                    timeout = max(0, int(left * 1000))
+                    timeout = max(5, int(left * 1000))
                 else:
                     timeout = 1000
                 ready = poller.poll(timeout)

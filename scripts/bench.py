@@ -309,6 +309,12 @@ def case_h(ctx: Ctx) -> None:
     case_c(ctx)
 
 
+@case("n", "no change at all: the per-cycle floor (a 3 MiB file, nothing changed)")
+def case_n(ctx: Ctx) -> None:
+    _big_file(ctx.src / "f.bin", 3 << 20)
+    ctx.initial()
+
+
 # --------------------------------------------------------------------------- runner
 
 class Runner:

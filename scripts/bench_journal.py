@@ -94,8 +94,8 @@ def throughput(src: str, nev: int) -> float:
     for i in range(nev):
         os.close(os.open(os.path.join(d, f"e{i}"), os.O_WRONLY | os.O_CREAT, 0o644))
     while True:
-        n = j.con.execute("SELECT COUNT(*) FROM entries WHERE seq > ? AND op = 'create' AND path LIKE 'burst/e%'",
-                          (before,)).fetchone()[0]
+        n = j.con.execute("SELECT COUNT(*) FROM entries WHERE seq > ? AND op = 'create' AND path >= ? "
+                          "AND path < ?", (before, b"burst/e", b"burst/f")).fetchone()[0]
         if n >= nev:
             break
         if time.monotonic() - t > 120:

@@ -1,0 +1,94 @@
+"""``discrep agent``: the source's side of one remote cycle, on one SSH exec channel.
+
+Each separate remote command costs an SSH session set-up (~0.3 s here), so the
+replica runs one agent per cycle and talks to it in JSON lines:
+
+    agent -> {"event": "hello", "state_dir": ".../SRC/.discrep", "dir": ".../export.XXXX"}
+    agent -> {"event": "built", "cycle": N, "base": B, ...}     (journal cut, snapshot, manifest)
+    agent -> {"event": "ready", "mountpoint": ".../export.XXXX/m"}  (FUSE export mounted)
+    replica -> {"cmd": "ack", "cycle": N}   agent -> {"event": "acked", "cycle": N}
+    replica -> {"cmd": "bye"} or EOF       agent unmounts the export, removes its dir, exits 0
+    agent -> {"event": "error", "error": ..., "kind": ..., "exit_code": ...}  on failure
+
+"hello" comes before the build, so the replica can mount ``state_dir`` with sshfs
+while the snapshot is being taken.  A dropped connection (EOF, SIGHUP, SIGPIPE)
+is cleaned up like "bye": the export is unmounted, the built cycle stays for
+the next run to settle.  Warnings go to stderr as ``discrep: warning: ...``.
+
+Thread-safety: single-threaded (the export is served by a child process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any, Dict, Optional
+
+from .errors import Error, FuseUnavailableError, SourceError, WarningList
+
+
+def _say(obj: Dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def run_agent(src: str, replica_cycle: int, snapshot_kind: str, warnings: WarningList) -> int:
+    import fuse_export
+
+    from .export import make_view
+    from .local import settle_source
+    from .source import ack_cycle, build_cycle
+
+    def hang_up(signum, frame):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, hang_up)
+    export: Optional[Any] = None
+    workdir: Optional[str] = None
+    try:
+        try:
+            real = os.path.realpath(src)
+            if not os.path.isdir(real):
+                raise SourceError(f"source {src} does not exist or is not a directory", hint="check the path")
+            state = os.path.join(real, ".discrep")
+            os.makedirs(state, exist_ok=True)
+            workdir = tempfile.mkdtemp(prefix="export.", dir=state)
+            mnt = os.path.join(workdir, "m")
+            os.mkdir(mnt)
+            _say({"event": "hello", "state_dir": state, "dir": workdir})
+            bsrc = os.fsencode(real)
+            settle_source(bsrc, replica_cycle)
+            b = build_cycle(bsrc, snapshot_kind=snapshot_kind, min_cycle=replica_cycle + 1, warnings=warnings)
+            _say({"event": "built", "cycle": b.cycle, "base": b.base, "entries": b.entries, "snapshot": b.provider,
+                  "change_source": b.change_source, "path": os.fsdecode(b.snapshot)})
+            for w in warnings:
+                print(f"discrep: warning: {w}", file=sys.stderr, flush=True)
+            try:
+                export = fuse_export.BackgroundExport(make_view(bsrc, b.cycle), mnt).start()
+            except (fuse_export.FuseUnavailable, fuse_export.MountError) as e:
+                raise FuseUnavailableError(f"cannot mount the export on the source: {e}") from None
+            _say({"event": "ready", "mountpoint": mnt})
+            for line in sys.stdin:
+                try:
+                    cmd = json.loads(line)
+                except ValueError:
+                    continue
+                if cmd.get("cmd") == "ack":
+                    ack_cycle(bsrc, int(cmd["cycle"]))
+                    _say({"event": "acked", "cycle": int(cmd["cycle"])})
+                elif cmd.get("cmd") == "bye":
+                    break
+            return 0
+        except Error as e:
+            _say({"event": "error", "error": str(e), "kind": type(e).__name__, "exit_code": e.exit_code})
+            return e.exit_code
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 130
+    finally:
+        if export is not None:
+            export.stop()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
