@@ -311,7 +311,8 @@ class Applier(FileOps):
         creates: List[str] = []
         for src_fd, tmp, rel in self._installs:
             pfd = self.ensure_parent(rel)
-            st = _lstat(self.dirs, rel)
+            # in a directory this cycle made, only this cycle's own installs can exist
+            st = None if (parent(rel) in self.created and rel not in self.created) else _lstat(self.dirs, rel)
             if st is not None and statmod.S_ISDIR(st.st_mode):
                 self.trash(rel)
                 st = None

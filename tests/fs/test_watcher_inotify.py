@@ -89,13 +89,9 @@ def replicate(src: Path, dst: Path) -> dict:
 
 
 def assert_same(src: Path, dst: Path, inplace=()) -> None:
-    """rsync finds no difference.  ``inplace``: directories holding a file rewritten in place
-    this cycle; their mtime alone may differ -- a replica-side bug (the staged file renamed into
-    the directory bumps its mtime and the replica does not restore it; a scan cycle shows the
-    same), tracked for discrep/replica.py, not a journal problem."""
+    """rsync finds no difference at all.  (``inplace`` -- directories holding a file rewritten in
+    place -- is kept only as documentation of the case: their mtimes must match too.)"""
     diff = helpers.tree_equal(src, dst)
-    allowed = {f".d..t...... {d}/" for d in inplace}
-    diff = [d for d in diff if d not in allowed]
     assert diff == [], diff[:20]
 
 
