@@ -199,6 +199,7 @@ class Applier(FileOps):
         self.rows: List[Tuple] = []
         self.origin: Dict[bytes, bytes] = {}         # new path -> base path of a move
         self.created: Set[bytes] = set()             # made by this cycle: undo removes them whole
+        self.dropped: Set[bytes] = set()             # older objects moved in by this cycle
         self._dm_done: Set[bytes] = set()
         self._dir_times: Dict[bytes, Tuple[int, int]] = {}   # directories whose entries this cycle changed
         self._installs: List[Tuple[int, bytes, bytes]] = []
@@ -281,6 +282,7 @@ class Applier(FileOps):
         self.log.add({"op": "rename", "src": KEEP + os.fsdecode(name), "dst": enc(rel)})
         self.log.barrier()
         os.rename(name, basename(rel), src_dir_fd=self.log.keep_fd, dst_dir_fd=pfd)
+        self.dropped.add(rel)
         self.dirs.dirty.add(parent(rel))
 
     def ensure_parent(self, rel: bytes) -> int:
@@ -312,7 +314,8 @@ class Applier(FileOps):
         for src_fd, tmp, rel in self._installs:
             pfd = self.ensure_parent(rel)
             # in a directory this cycle made, only this cycle's own installs can exist
-            st = None if (parent(rel) in self.created and rel not in self.created) else _lstat(self.dirs, rel)
+            st = None if (parent(rel) in self.created and rel not in self.created and rel not in self.dropped) \
+                else _lstat(self.dirs, rel)
             if st is not None and statmod.S_ISDIR(st.st_mode):
                 self.trash(rel)
                 st = None
