@@ -348,6 +348,7 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
         "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
         "dirs_created": stats.dirs, "symlinks": stats.symlinks,
         "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
+        "history_bytes": stats.history_bytes,
         "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
         "transport": transport,
     }

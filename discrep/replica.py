@@ -204,6 +204,10 @@ class Applier(FileOps):
         self._dir_times: Dict[bytes, Tuple[int, int]] = {}   # directories whose entries this cycle changed
         self._installs: List[Tuple[int, bytes, bytes]] = []
         self._packs: Dict[int, bytes] = {}
+        self.n_packs = 1 + max((e.pack[0] for e in entries if e.op == "file" and e.pack is not None), default=-1)
+        # read ahead to the next pack only when every packed file is needed (a first copy)
+        self.prefetch_packs = bool(header.get("full")) and \
+            catalog.con.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
         self.euid = os.geteuid()
         self.egid = os.getegid()
         self.dir_paths = {e.path for e in entries if e.op == "dir"}

@@ -54,12 +54,20 @@ class FileOps:
         return row
 
     def _pack(self, k: int) -> bytes:
+        """Pack ``k``, decoded.  Packs are consumed in order: while this one's files are written,
+        the next one is already being read (a reader-pool thread; I/O releases the GIL)."""
         data = self._packs.get(k)
         if data is None:
-            self._packs.clear()  # packs are consumed in order: keep one
-            data = framing.unpack(self.reader.read_all(b".discrep/pack/%d" % k))
+            fut = self._pack_next.pop(k, None) if hasattr(self, "_pack_next") else None
+            self._packs.clear()
+            data = fut.result() if fut is not None else self._read_pack(k)
             self._packs[k] = data
+            if self.prefetch_packs and k + 1 < self.n_packs:
+                self._pack_next = {k + 1: self.reader.pool.submit(self._read_pack, k + 1)}
         return data
+
+    def _read_pack(self, k: int) -> bytes:
+        return framing.unpack(self.reader.read_all(b".discrep/pack/%d" % k))
 
     def _file(self, e: Entry) -> None:
         st = _lstat(self.dirs, e.path)

@@ -208,6 +208,8 @@ class Ctx:
         self.src.mkdir()
         self.rng = random.Random(42)
 
+        self.cleanups: List[Callable[[], None]] = []
+
     def initial(self) -> None:
         """Untimed first copy for both tools (incremental cases)."""
         self.runner.run_discrep(self)
@@ -273,6 +275,38 @@ def case_e(ctx: Ctx) -> None:
     files = sorted(ctx.src.rglob("f*"))
     for p in ctx.rng.sample(files, 10):
         p.write_bytes(ctx.rng.randbytes(ctx.rng.randint(1024, 8192)))
+
+
+@case("w", "10 changed files out of the 100 000, watcher running on the source")
+def case_w(ctx: Ctx) -> None:
+    """Case e with ``discrep watch SRC`` running: the cycle reads the journal, it does not walk."""
+    case_a(ctx)
+    ctx.initial()
+    proc = subprocess.Popen([DISCREP, "watch", str(ctx.src)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    ctx.cleanups.append(stop)
+    # the watcher is trusted once its start-up gap is closed by one scan cycle (untimed)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = subprocess.run([DISCREP, "status", "--json", str(ctx.src)], capture_output=True, text=True)
+        try:
+            if json.loads(st.stdout.strip().splitlines()[-1])["source"]["watcher"] == "running":
+                break
+        except (ValueError, KeyError, IndexError):
+            pass
+        time.sleep(0.2)
+    ctx.runner.run_discrep(ctx)
+    files = sorted(ctx.src.rglob("f*"))
+    for p in ctx.rng.sample(files, 10):
+        p.write_bytes(ctx.rng.randbytes(ctx.rng.randint(1024, 8192)))
+    time.sleep(0.3)   # let the watcher commit its batch (it commits within 50 ms)
 
 
 @case("f", "SQLite 100k rows: 200 updates + 1% deleted")
@@ -367,15 +401,36 @@ def run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
         d = runner.run_discrep(ctx)
         r = runner.run_rsync(ctx)
         ok_d = identical(ctx.src, root / "dst-discrep")
+        hist_kept = _history_kept(root / "dst-discrep", d["res"].get("cycle"))
         ok_r = identical(ctx.src, root / "dst-rsync")
         return {"case": c.key, "title": c.title, "discrep_s": round(d["wall"], 3), "rsync_s": round(r["wall"], 3),
                 "time_ratio": round(d["wall"] / r["wall"], 2) if r["wall"] else None,
                 "discrep_wire": d["wire"], "rsync_wire": r["wire"],
                 "wire_ratio": round(d["wire"] / r["wire"], 2) if r["wire"] else None,
-                "discrep_identical": ok_d, "rsync_identical": ok_r, "transport": d["res"].get("transport")}
+                "discrep_identical": ok_d, "rsync_identical": ok_r, "transport": d["res"].get("transport"),
+                "history_written": d["res"].get("history_bytes"), "history_kept": hist_kept}
     finally:
+        for fn in reversed(getattr(locals().get("ctx"), "cleanups", [])):
+            fn()
         runner.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _history_kept(dst: Path, cycle) -> Optional[int]:
+    """Bytes the replica's history keeps for this cycle (blocks referenced only by the history:
+    saved old blocks, replaced or deleted files).  Hard links shared with the tree count 0."""
+    if not cycle:
+        return None
+    d = dst / ".discrep" / "history" / str(cycle)
+    total = 0
+    for p in d.rglob("*"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if p.is_file() and st.st_nlink == 1:
+            total += st.st_blocks * 512
+    return total
 
 
 def fmt_bytes(n: int) -> str:
@@ -387,16 +442,37 @@ def fmt_bytes(n: int) -> str:
 
 
 def table(rows: List[Dict]) -> str:
-    out = ["| case | discrep s | rsync s | time ratio | discrep wire | rsync wire | wire ratio | identical |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| case | discrep s | rsync s | time ratio | discrep wire | rsync wire | wire ratio | identical "
+           "| history written / kept |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['case']} {r['title']} | error: {r['error']} | | | | | | |")
+            out.append(f"| {r['case']} {r['title']} | error: {r['error']} | | | | | | | |")
             continue
+        hw, hk = r.get("history_written"), r.get("history_kept")
+        hist = f"{fmt_bytes(hw)} / {fmt_bytes(hk)}" if hw is not None and hk is not None else ""
         out.append(f"| {r['case']} {r['title']} | {r['discrep_s']:.2f} | {r['rsync_s']:.2f} | {r['time_ratio']}x | "
                    f"{fmt_bytes(r['discrep_wire'])} | {fmt_bytes(r['rsync_wire'])} | {r['wire_ratio']}x | "
-                   f"{'yes' if r['discrep_identical'] and r['rsync_identical'] else 'NO'} |")
+                   f"{'yes' if r['discrep_identical'] and r['rsync_identical'] else 'NO'} | {hist} |")
     return "\n".join(out)
+
+
+def signature_throughput(base: Path, size: int) -> float:
+    """Source-side signing speed (GB/s) of a cached file: what the export spends per byte it must hash."""
+    sys.path.insert(0, str(REPO))
+    import blockdiff
+    p = base / "sig-probe.bin"
+    _big_file(p, size)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        blockdiff.sign_fd(fd)            # warm the page cache
+        t = time.perf_counter()
+        blockdiff.sign_fd(fd)
+        dt = time.perf_counter() - t
+    finally:
+        os.close(fd)
+        p.unlink()
+    return size / dt / 1e9
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -405,6 +481,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--cases", default="a,b,c,d,e", help=f"comma-separated, from {','.join(CASES)} (default a-e)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ap.add_argument("--tmpfs-size", default="12g")
+    ap.add_argument("--sig", action="store_true", help="also measure source-side signature throughput")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (tmpfs mount, sshd, FUSE)", file=sys.stderr)
@@ -428,16 +505,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             except Exception as e:
                 rows.append({"case": k, "title": c.title, "error": str(e)[:300]})
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        if a.sig:
+            gbps = signature_throughput(base, (128 << 20) if a.quick else (1 << 30))
+            print(f"bench: source-side signature throughput (cached): {gbps:.2f} GB/s", file=sys.stderr)
+            rows.append({"case": "sig", "title": "signature throughput GB/s", "value": round(gbps, 2)})
     finally:
         if sshd is not None:
             sshd.stop()
         subprocess.run(["umount", str(base)])
         os.rmdir(base)
-    print(table(rows))
+    print(table([r for r in rows if r.get("case") != "sig"]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 0 if all("error" not in r and r["discrep_identical"] for r in rows) else 1
+    return 0 if all("error" not in r and r.get("discrep_identical", True) for r in rows) else 1
 
 
 if __name__ == "__main__":
