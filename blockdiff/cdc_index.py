@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import xxhash
 
-from .cdc import CDC_AVG, ChunkList, Op
+from .cdc import ChunkList, Op
 from .errors import ChunkListFormatError
 
 MAGIC = b"DRCX"

@@ -21,7 +21,7 @@ Thread-safety: plain data, used by one thread.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Set, Tuple
+from typing import Callable, Dict, Iterable, Set
 
 from .journal import Entry
 from .paths import is_under, parent

@@ -22,7 +22,6 @@ Thread-safety: runs in the caller's (main) thread.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -31,7 +30,8 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
-from .errors import DestinationError, Error, LockedError, UsageError, WarningList
+from . import locks
+from .errors import DestinationError, Error, UsageError, WarningList
 
 log = logging.getLogger(__name__)
 
@@ -53,39 +53,13 @@ def _lock(dest: str) -> int:
             raise DestinationError(f"cannot create replica {dest}: {par} does not exist",
                                    hint="create the parent directory first")
         os.makedirs(dest, exist_ok=True)
-    sd = _dest_state(dest)
-    os.makedirs(sd, exist_ok=True)
-    fd = os.open(os.path.join(sd, "daemon.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        except OSError:
-            holder = ""
-        os.close(fd)
-        raise LockedError(f"a continuous 'discrep replicate --every' already runs on {dest}"
-                          + (f" (pid {holder})" if holder else ""),
-                          hint="stop it first; two cycles never run at once on one DEST") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return locks.take(os.path.join(_dest_state(dest), "daemon.lock"),
+                      f"a continuous 'discrep replicate --every' already runs on {dest}",
+                      hint="stop it first; two cycles never run at once on one DEST")
 
 
 def daemon_running(dest: str) -> bool:
-    p = os.path.join(_dest_state(dest), "daemon.lock")
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return locks.held(os.path.join(_dest_state(dest), "daemon.lock"))
 
 
 def _set_meta(dest: str, items: Dict[str, str]) -> None:

@@ -32,7 +32,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 from .errors import JournalError
 

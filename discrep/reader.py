@@ -47,17 +47,22 @@ class MountReader:
         with self._lock:
             self.bytes_read += n
 
-    def _fd(self, rel: bytes) -> int:
-        with self._lock:
-            fd = self._fds.get(rel)
-            if fd is not None:
-                return fd
+    def _open(self, rel: bytes) -> int:
+        """Open export file ``rel`` (subclasses may read some files from elsewhere)."""
         try:
-            fd = os.open(self.mountpoint + b"/" + rel, os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(self.mountpoint + b"/" + rel, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ManifestError(f"the export has no {os.fsdecode(rel)}") from None
         except OSError as e:
             raise TransportError(f"cannot open {os.fsdecode(rel)} on the export: {e.strerror}") from None
+
+    def _fd(self, rel: bytes) -> int:
+        """A cached fd of ``rel`` (at most ~64 open)."""
+        with self._lock:
+            fd = self._fds.get(rel)
+            if fd is not None:
+                return fd
+        fd = self._open(rel)
         if rel.startswith(RANDOM_ACCESS):
             # scattered small reads: no read-ahead (over sshfs it would pull most of the file)
             try:

@@ -72,29 +72,16 @@ class DirectDataReader(MountReader):
                 log.debug("no direct data paths: %s", e)
         return data
 
-    def _fd(self, rel: bytes) -> int:
+    def _open(self, rel: bytes) -> int:
         if rel.startswith(b".discrep/data/"):
-            with self._lock:
-                fd = self._fds.get(rel)
-            if fd is not None:
-                return fd
-            p = self.paths.get(int(rel.rsplit(b"/", 1)[1])) if rel.rsplit(b"/", 1)[1].isdigit() else None
+            name = rel.rsplit(b"/", 1)[1]
+            p = self.paths.get(int(name)) if name.isdigit() else None
             if p is not None:
                 try:
-                    fd = os.open(self.snap + b"/" + p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    return os.open(self.snap + b"/" + p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 except OSError:
-                    fd = None
-                if fd is not None:
-                    with self._lock:
-                        if rel in self._fds:
-                            os.close(fd)
-                            return self._fds[rel]
-                        if len(self._fds) > 64:
-                            for k in list(self._fds)[:32]:
-                                os.close(self._fds.pop(k))
-                        self._fds[rel] = fd
-                        return fd
-        return super()._fd(rel)
+                    pass  # not in the snapshot dir (e.g. captured into a pack): the export's alias
+        return super()._open(rel)
 
 
 def _choose_transport(want: str) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -37,20 +36,17 @@ import shutil
 import stat as statmod
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
-import blockdiff
-from blockdiff import framing
 
-from . import platform
-from .errors import (CycleMismatchError, DestinationError, DiskFullError, LockedError, ManifestError,
-                     RecoveryNeededError, UnsafePathError, WarningList)
+from . import locks
+from .errors import (CycleMismatchError, DestinationError, DiskFullError, ManifestError, UnsafePathError, WarningList)
 from .history import KEEP, UndoLog, encode_meta, read_xattrs_fd, rollback
 from .manifest import Entry, read_lines
 from .paths import STATE_DIR, basename, depth, enc, join, parent, show
 from .replica_files import FileOps
-from .replica_catalog import FileRow, ReplicaCatalog
+from .replica_catalog import ReplicaCatalog
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +77,9 @@ def state_dir(dest: bytes) -> bytes:
 
 @contextmanager
 def replica_lock(dest: bytes) -> Iterator[None]:
-    sd = state_dir(dest)
-    os.makedirs(sd, exist_ok=True)
-    fd = os.open(join(sd, b"lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError(f"another discrep run is writing to {os.fsdecode(dest)}",
-                              hint="wait for it, or stop it; two cycles never run at once on one DEST") from None
+    with locks.holding(join(state_dir(dest), b"lock"), f"another discrep run is writing to {os.fsdecode(dest)}",
+                       hint="wait for it, or stop it; two cycles never run at once on one DEST"):
         yield
-    finally:
-        os.close(fd)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -255,10 +242,6 @@ class Applier(FileOps):
             st = os.fstat(fd)
             xa = read_xattrs_fd(fd)
         self.log.add({"op": "meta", "path": enc(rel), "old": encode_meta(st, xa)})
-
-    def _tmpname(self, tag: str) -> bytes:
-        self._n += 1
-        return b"%s%d" % (tag.encode(), self._n)
 
     def lift(self, rel: bytes, tag: str = "t") -> bytes:
         """Move ``rel`` (any type) into this cycle's history keep/; returns its name there."""

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .errors import SourceError
 from .journal import Journal
-from .paths import STATE_DIR, is_under, parent
+from .paths import STATE_DIR, parent
 from .source_catalog import Row, SourceCatalog
 
 log = logging.getLogger(__name__)

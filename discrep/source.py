@@ -17,7 +17,6 @@ lazy files build once under a lock.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -32,12 +31,12 @@ import blockdiff
 import xxhash
 from blockdiff import framing
 
-from . import cbt
+from . import cbt, locks
 from . import snapshot as snapmod
 from .changes import coalesce
-from .errors import LockedError, SourceError, WarningList
+from .errors import SourceError, WarningList
 from .journal import Journal
-from .manifest import ManifestWriter, entry_for, read_lines
+from .manifest import ManifestWriter, entry_for
 from .paths import STATE_DIR, enc, join, show
 from .scan import scan, walk
 from .source_catalog import CycleRec, SourceCatalog
@@ -54,35 +53,15 @@ def state_dir(root: bytes) -> bytes:
 
 @contextmanager
 def source_lock(root: bytes) -> Iterator[None]:
-    sd = state_dir(root)
-    os.makedirs(sd, exist_ok=True)
-    fd = os.open(join(sd, b"source.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError(f"another discrep run is building or acknowledging a cycle of "
-                              f"{os.fsdecode(root)}", hint="wait for it to finish") from None
+    with locks.holding(join(state_dir(root), b"source.lock"),
+                       f"another discrep run is building or acknowledging a cycle of {os.fsdecode(root)}",
+                       hint="wait for it to finish"):
         yield
-    finally:
-        os.close(fd)
 
 
 def watcher_alive(root: bytes) -> bool:
     """True when a ``discrep watch`` process holds the watcher lock of ``root``."""
-    p = join(state_dir(root), b"watcher.lock")
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return locks.held(join(state_dir(root), b"watcher.lock"))
 
 
 def cycle_dir(root: bytes, n: int) -> bytes:

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from .errors import SourceError
 from .journal import connect

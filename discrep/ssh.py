@@ -24,7 +24,6 @@ import os
 import shlex
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 

@@ -50,7 +50,6 @@ any thread or a signal handler.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import select
@@ -62,9 +61,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import fanotify as fan
 from . import inotify as ino
-from .errors import LockedError, SourceError, UsageError, WarningList
+from . import locks
+from .errors import SourceError, UsageError, WarningList
 from .journal import Journal
-from .paths import STATE_DIR, join, parent
+from .paths import STATE_DIR, join
 
 log = logging.getLogger(__name__)
 
@@ -702,15 +702,9 @@ class Watcher:
 
     # -- life cycle ----------------------------------------------------
     def start(self) -> "Watcher":
-        os.makedirs(self.state_dir, exist_ok=True)
-        fd = os.open(join(self.state_dir, b"watcher.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockedError(f"a watcher already runs for {os.fsdecode(self.root)}",
-                              hint="see 'discrep status ROOT'; stop it first") from None
-        self.lock_fd = fd
+        self.lock_fd = locks.take(join(self.state_dir, b"watcher.lock"),
+                                  f"a watcher already runs for {os.fsdecode(self.root)}",
+                                  hint="see 'discrep status ROOT'; stop it first")
         try:
             self.journal = Journal(os.fsdecode(self.state_dir))
             # changes while no watcher ran are unknown; also while the watches are being placed
@@ -721,8 +715,8 @@ class Watcher:
             self.journal.set("watcher_pid", str(os.getpid()))
             self.journal.set("watcher_started_ns", str(time.time_ns()))
             self.journal.set("watcher_stopped_ns", "")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {self.backend.name}\n".encode(), 0)
+            os.ftruncate(self.lock_fd, 0)
+            os.pwrite(self.lock_fd, f"{os.getpid()} {self.backend.name}\n".encode(), 0)
         except BaseException:
             self.close()
             raise
