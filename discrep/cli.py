@@ -79,8 +79,10 @@ def cmd_replicate(a, warnings: WarningList) -> Dict[str, Any]:
 
 
 def retention(a) -> Dict[str, Any]:
-    return {"keep_last": a.keep_last,
-            "keep_within_s": parse_duration(a.keep_within) if getattr(a, "keep_within", None) else None}
+    """The replica-side options replicate and sync share."""
+    return {"keep_last": getattr(a, "keep_last", 10),
+            "keep_within_s": parse_duration(a.keep_within) if getattr(a, "keep_within", None) else None,
+            "numeric_ids": bool(getattr(a, "numeric_ids", False))}
 
 
 def is_remote(src: str) -> bool:
@@ -306,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-last", type=int, default=10, metavar="N",
                     help="recovery points to keep history for (default 10; older history is pruned)")
     sp.add_argument("--keep-within", metavar="DURATION", help="also keep recovery points younger than this (7d, 12h)")
+    sp.add_argument("--numeric-ids", action="store_true",
+                    help="keep owner and group numbers as they are (default: map by name, like rsync)")
     sp.add_argument("--every", type=float, metavar="SECONDS",
                     help="continuous mode: run a cycle every SECONDS (sooner when the journal has entries)")
     g = sp.add_argument_group("remote sources ([USER@]HOST:PATH)")
@@ -336,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-last", type=int, default=10, metavar="N",
                     help="recovery points to keep history for (default 10; older history is pruned)")
     sp.add_argument("--keep-within", metavar="DURATION", help="also keep recovery points younger than this (7d, 12h)")
+    sp.add_argument("--numeric-ids", action="store_true",
+                    help="keep owner and group numbers as they are (default: map by name, like rsync)")
     sp.add_argument("--force", action="store_true", help="allow a first cycle into a non-empty DEST")
 
     sp = add("ack", cmd_ack, "tell the source the replica committed CYCLE")

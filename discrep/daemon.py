@@ -164,10 +164,11 @@ def run_every(a, warnings: WarningList, progress=None, *, stop: Optional[threadi
                         from .remote import replicate_remote
                         res = replicate_remote(a, cw, progress)
                     else:
+                        from .cli import retention
                         from .local import replicate_local
                         res = replicate_local(a.src, a.dest, snapshot_kind=getattr(a, "snapshot", "auto"),
                                               force=getattr(a, "force", False) and cycles == 0,
-                                              warnings=cw, progress=progress)
+                                              warnings=cw, progress=progress, **retention(a))
                 finally:
                     in_cycle[0] = False
             except KeyboardInterrupt:

@@ -87,7 +87,7 @@ def settle_source(src: bytes, replica_cycle: int) -> None:
 
 def replicate_local(src: str, dest: str, *, snapshot_kind: str = "auto", force: bool = False,
                     warnings: Optional[WarningList] = None, progress=None, keep_last: int = 10,
-                    keep_within_s: Optional[float] = None) -> Dict[str, Any]:
+                    keep_within_s: Optional[float] = None, numeric_ids: bool = False) -> Dict[str, Any]:
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
     src, dest = os.path.abspath(src), os.path.abspath(dest)
@@ -113,7 +113,7 @@ def replicate_local(src: str, dest: str, *, snapshot_kind: str = "auto", force: 
             reader = MountReader(mnt)
             try:
                 stats = sync(reader, bdest, warnings=warnings, progress=progress, keep_last=keep_last,
-                             keep_within_s=keep_within_s)
+                             keep_within_s=keep_within_s, numeric_ids=numeric_ids)
             finally:
                 reader.close()
         finally:

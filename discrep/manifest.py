@@ -171,7 +171,7 @@ class Entry:
     """A validated manifest entry with byte paths."""
 
     __slots__ = ("op", "path", "old", "mode", "uid", "gid", "mtime_ns", "xattrs", "target",
-                 "size", "idx", "h", "pack", "extents", "link", "cbt")
+                 "size", "idx", "h", "pack", "extents", "link", "cbt", "user", "group")
 
     def __init__(self, raw: Dict[str, Any]):
         op = raw.get("op")
@@ -182,6 +182,7 @@ class Entry:
         self.old = self.target = self.h = self.pack = self.extents = self.link = None
         self.xattrs: Dict[str, bytes] = {}
         self.size = self.idx = self.cbt = None
+        self.user = self.group = None
         if op == "move":
             self.old = check_rel(dec(raw.get("old")))
             return
@@ -191,6 +192,8 @@ class Entry:
         self.uid = _int(raw, "uid", hi=2 ** 32)
         self.gid = _int(raw, "gid", hi=2 ** 32)
         self.mtime_ns = _int(raw, "mtime_ns", lo=-2 ** 63)
+        self.user = raw.get("user") if isinstance(raw.get("user"), str) else None
+        self.group = raw.get("group") if isinstance(raw.get("group"), str) else None
         xs = raw.get("xattrs") or {}
         if not isinstance(xs, dict):
             raise ManifestError("xattrs must be an object")
@@ -234,6 +237,25 @@ class Entry:
                 self.link = check_rel(dec(raw["link"]))
             if raw.get("cbt") is not None:
                 self.cbt = _int(raw, "cbt")
+
+    def map_owner(self, users: Dict[str, Optional[int]], groups: Dict[str, Optional[int]]) -> None:
+        """rsync's default: owner and group by name where the name exists here, else by number."""
+        if self.user:
+            if self.user not in users:
+                try:
+                    users[self.user] = pwd.getpwnam(self.user).pw_uid
+                except KeyError:
+                    users[self.user] = None
+            if users[self.user] is not None:
+                self.uid = users[self.user]
+        if self.group:
+            if self.group not in groups:
+                try:
+                    groups[self.group] = grp.getgrnam(self.group).gr_gid
+                except KeyError:
+                    groups[self.group] = None
+            if groups[self.group] is not None:
+                self.gid = groups[self.group]
 
     @property
     def is_upsert(self) -> bool:

@@ -301,7 +301,8 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
             reader = SftpReader(conn.sftp(), remote_dir + "/m")
         t_mount = time.monotonic()
         try:
-            stats = sync(reader, bdest, warnings=warnings, progress=progress)
+            from .cli import retention
+            stats = sync(reader, bdest, warnings=warnings, progress=progress, **retention(a))
         except (OSError, Error) as e:
             # a vanished export looks like a missing file or EIO from the reader: tell the real cause
             lost = _lost_reason(conn, export, mount)

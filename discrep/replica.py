@@ -529,7 +529,7 @@ class Applier(FileOps):
 
 
 def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progress=None,
-         keep_last: int = 10, keep_within_s: Optional[float] = None) -> SyncStats:
+         keep_last: int = 10, keep_within_s: Optional[float] = None, numeric_ids: bool = False) -> SyncStats:
     """Apply the cycle exported through ``reader`` to replica directory ``dest``."""
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
@@ -541,7 +541,7 @@ def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progres
     with replica_lock(dest):
         cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
         try:
-            st = _sync(reader, dest, cat, warnings, progress, t0)
+            st = _sync(reader, dest, cat, warnings, progress, t0, numeric_ids)
             if not st.already_committed:
                 apply_retention(dest, cat, keep_last, keep_within_s)
             return st
@@ -586,7 +586,7 @@ def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int, keep_withi
     return prune(dest, committed, keep)
 
 
-def _sync(reader, dest, cat, warnings, progress, t0) -> SyncStats:
+def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False) -> SyncStats:
     try:
         header = json.loads(reader.read_all(b".discrep/cycle"))
         cycle, base = int(header["cycle"]), int(header["base"])
@@ -607,6 +607,16 @@ def _sync(reader, dest, cat, warnings, progress, t0) -> SyncStats:
     if int(mhead.get("cycle", -1)) != cycle:
         raise ManifestError("manifest and cycle description disagree")
     entries = [Entry(r) for r in raw]      # everything validated before anything is touched
+    if not numeric_ids:
+        users: Dict[str, Optional[int]] = {}
+        groups: Dict[str, Optional[int]] = {}
+        for e in entries:
+            if e.is_upsert:
+                e.map_owner(users, groups)
+        if isinstance(header.get("root"), dict):
+            r = Entry(dict(header["root"], op="dir", path="_"))
+            r.map_owner(users, groups)
+            header["root"] = dict(header["root"], uid=r.uid, gid=r.gid)
     cat.begin(cycle, base, int(header.get("created_ns", 0)))
     ap = Applier(reader, dest, cat, header, entries, warnings, progress)
     try:
