@@ -152,7 +152,7 @@ def loop_fs(size_gb: int):
         f.truncate(size_gb << 30)
     dev = subprocess.run(["losetup", "--find", "--show", img], check=True, stdout=subprocess.PIPE,
                          text=True).stdout.strip()
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", "3000000", dev], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", "4500000", dev], check=True)
     subprocess.run(["mount", dev, mnt], check=True)
     return d, dev, mnt
 
@@ -168,12 +168,14 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="discrep-bench-", dir="/dev/shm")
     try:
         rows.append(run_case(tmp, a.files, a.events))
+        print("ROW", json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not a.quick:
         d, dev, mnt = loop_fs(24)
         try:
             rows.append(run_case(mnt, a.big_files, a.events))
+            print("ROW", json.dumps(rows[-1]), file=sys.stderr, flush=True)
         finally:
             subprocess.run(["umount", mnt])
             subprocess.run(["losetup", "-d", dev])
