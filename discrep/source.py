@@ -64,6 +64,30 @@ def watcher_alive(root: bytes) -> bool:
     return locks.held(join(state_dir(root), b"watcher.lock"))
 
 
+BARRIER_WAIT_S = 3.0
+
+
+def wait_for_watcher(root: bytes, journal: Journal) -> bool:
+    """Make the watcher commit everything it has seen up to now before the cut is read.
+
+    The cycle sets ROOT/.discrep's mtime to a fresh token; the watcher, on that event, commits
+    its batch and records the token (watcher.barrier).  Events are delivered in order, so a
+    change made before this call is then in the journal.  If the watcher does not answer in
+    time, the cycle goes on: what it missed has a later seq and comes next cycle."""
+    token = time.time_ns()
+    sd = state_dir(root)
+    os.utime(sd, ns=(token, token))
+    token = os.stat(sd).st_mtime_ns      # the filesystem's granularity
+    deadline = time.monotonic() + BARRIER_WAIT_S
+    while time.monotonic() < deadline:
+        if int(journal.get("barrier_ns", "0") or 0) >= token:
+            return True
+        time.sleep(0.005)
+    log.info("the watcher did not confirm within %.1fs; changes it has not written yet come next cycle",
+             BARRIER_WAIT_S)
+    return False
+
+
 def cycle_dir(root: bytes, n: int) -> bytes:
     return join(state_dir(root), b"cycles/" + str(n).encode())
 
@@ -112,6 +136,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     stats: Dict[bytes, os.stat_result] = {}
     if not use_journal:
         stats = scan(root, catalog, journal).stats
+    if use_journal:
+        wait_for_watcher(root, journal)
     cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
     cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
     touched = set(cs.touched)

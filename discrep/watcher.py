@@ -314,6 +314,8 @@ class InotifyBackend(_Backend):
                 continue
             rel = join(d, name) if d else name
             if is_state(rel):
+                if rel == STATE_DIR and m & ino.IN_ATTRIB:
+                    self.w.barrier()
                 continue
             isdir = bool(m & ino.IN_ISDIR)
             if m & ino.IN_CREATE:
@@ -475,8 +477,8 @@ class FanotifyBackend(_Backend):
             rel = b""
         elif p.startswith(self.prefix):
             rel = p[len(self.prefix):]
-            if is_state(rel):
-                rel = None
+            if is_state(rel) and rel != STATE_DIR:   # the state dir itself stays: its own attribute
+                rel = None                              # event is a cycle's barrier
         else:
             rel = None
         if len(c) >= CACHE_MAX:
@@ -552,12 +554,18 @@ class FanotifyBackend(_Backend):
             d = rel(key)
             if d is None:
                 continue
+            if d == STATE_DIR:
+                if name in (b"", b".") and m & fan.FAN_ATTRIB:
+                    self.w.barrier()
+                continue
             if name in (b"", b"."):
                 if d and m & (fan.FAN_ATTRIB | fan.FAN_MODIFY):
                     touches.append(("meta", d))
                 continue
             p = join(d, name) if d else name
             if is_state(p):
+                if p == STATE_DIR and m & fan.FAN_ATTRIB:
+                    self.w.barrier()
                 continue
             if m & (fan.FAN_CREATE | fan.FAN_DELETE):
                 if d:
@@ -695,6 +703,7 @@ class Watcher:
         self.degraded: Optional[str] = None
         self.gaps: List[str] = []
         self._pending_gap: Optional[str] = None
+        self._barrier_pending = False
         self._stop = threading.Event()
         self._wr, self._ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.events = 0
@@ -785,6 +794,21 @@ class Watcher:
         self.gaps.append(reason)
         log.warning("journal gap: %s", reason)
 
+    def barrier(self) -> None:
+        """A cycle touched ROOT/.discrep (see source.wait_for_watcher): everything seen before that
+        event must be committed before the cycle reads its journal cut."""
+        self._barrier_pending = True
+
+    def _ack_barrier(self) -> None:
+        assert self.journal is not None
+        self.flush()
+        try:
+            token = os.stat(self.state_dir).st_mtime_ns
+        except OSError:
+            return
+        self.journal.set("barrier_ns", str(token))
+        self._barrier_pending = False
+
     def flush(self) -> None:
         assert self.journal is not None
         if self.batch.items:
@@ -829,6 +853,9 @@ class Watcher:
                     self.flush()
                 elif self._pending_gap is not None:
                     self.flush()
+                if self._barrier_pending:
+                    be.settle()
+                    self._ack_barrier()
                 if now - last_check >= 1.0:
                     last_check = now
                     self._check_degraded()

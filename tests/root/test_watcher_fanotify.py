@@ -88,3 +88,11 @@ def test_fanotify_ignores_the_rest_of_the_filesystem(work_dir):
         assert json.loads(st.stdout.splitlines()[-1])["source"]["backend"] == "fanotify"
     finally:
         S.stop_watcher(p)
+
+
+def test_fanotify_change_right_before_cycle(work_dir):
+    S.scenario_change_right_before_cycle(work_dir, "fanotify")
+
+
+def test_fanotify_stalled_watcher_only_delays(work_dir):
+    S.scenario_stalled_watcher_only_delays(work_dir, "fanotify")
