@@ -13,7 +13,7 @@ Threading: pure functions; pyzstd objects are created per call.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, Optional, Union
+from typing import Tuple, Iterable, Iterator, Optional, Union
 
 import pyzstd
 
@@ -47,16 +47,22 @@ def _looks_compressible(mv: memoryview, level: int) -> bool:
     return False
 
 
-def pack(data: Buffer, level: int = 1) -> bytes:
-    """Frame ``data``: zstd-compressed at ``level`` if that makes it smaller, else raw."""
+def pack_parts(data: Buffer, level: int = 1) -> Tuple[bytes, Buffer]:
+    """``(flag, payload)`` of the frame of ``data`` -- for writing with writev, no copy of raw data."""
     mv = memoryview(data).cast("B")
     if len(mv) >= PROBE_OVER and not _looks_compressible(mv, level):
-        return _RAW + bytes(mv)
+        return _RAW, mv
     if len(mv) >= MIN_COMPRESS:
         comp = pyzstd.compress(mv, level)
         if len(comp) < len(mv):
-            return _ZSTD + comp
-    return _RAW + bytes(mv)
+            return _ZSTD, comp
+    return _RAW, mv
+
+
+def pack(data: Buffer, level: int = 1) -> bytes:
+    """Frame ``data``: zstd-compressed at ``level`` if that makes it smaller, else raw."""
+    flag, payload = pack_parts(data, level)
+    return flag + bytes(payload)
 
 
 def unpack(frame: Buffer, max_size: Optional[int] = None) -> bytes:

@@ -149,11 +149,21 @@ def read_lines(data: bytes) -> Tuple[Dict[str, Any], Iterator[Dict[str, Any]]]:
         raise ManifestError(f"unsupported manifest version: {header!r:.80}")
 
     def it() -> Iterator[Dict[str, Any]]:
-        for n, line in enumerate(stream, 2):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise ManifestError(f"manifest line {n} is not JSON") from None
+        rest = stream.read().rstrip(b"\n")
+        if not rest:
+            return
+        try:   # one parse for all lines (a JSON array), not one call per line
+            objs = json.loads(b"[" + rest.replace(b"\n", b",") + b"]")
+        except ValueError:
+            objs = None
+        if objs is None:        # say which line is bad
+            for n, line in enumerate(rest.split(b"\n"), 2):
+                try:
+                    json.loads(line)
+                except ValueError:
+                    raise ManifestError(f"manifest line {n} is not JSON") from None
+            raise ManifestError("manifest is not JSON lines")
+        for n, obj in enumerate(objs, 2):
             if not isinstance(obj, dict):
                 raise ManifestError(f"manifest line {n} is not an object")
             yield obj
@@ -162,7 +172,7 @@ def read_lines(data: bytes) -> Tuple[Dict[str, Any], Iterator[Dict[str, Any]]]:
 
 def _int(e: Dict[str, Any], key: str, *, lo: int = 0, hi: int = 2 ** 63) -> int:
     v = e.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < hi:
+    if type(v) is not int or not lo <= v < hi:
         raise ManifestError(f"entry {e.get('path')!r:.80}: field {key} must be an integer in [{lo}, {hi})")
     return v
 

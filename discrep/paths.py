@@ -46,24 +46,30 @@ def show(path: bytes) -> str:
 
 
 def check_rel(path: bytes, *, allow_root: bool = False) -> bytes:
-    """Validate an untrusted relative path; returns it unchanged or raises UnsafePathError."""
+    """Validate an untrusted relative path; returns it unchanged or raises UnsafePathError.
+
+    Substring tests (C speed: a manifest holds millions of paths) with the same meaning as a
+    component-by-component check: no NUL, not absolute, no empty, ``.`` or ``..`` component, not
+    inside the reserved top-level ``.discrep``."""
     if not isinstance(path, (bytes, bytearray)):
         raise UnsafePathError(f"path is not bytes: {path!r}")
     path = bytes(path)
-    if path == b"":
+    if not path:
         if allow_root:
             return path
         raise UnsafePathError("empty path")
     if b"\x00" in path:
         raise UnsafePathError(f"path contains NUL: {show(path)}")
-    if path.startswith(b"/"):
+    if path[0] == 0x2F:
         raise UnsafePathError(f"absolute path refused: {show(path)}")
-    parts = path.split(b"/")
-    for p in parts:
-        if p in (b"", b".", b".."):
-            raise UnsafePathError(f"path component {p!r} refused in {show(path)}")
-    if parts[0] == STATE_DIR:
-        raise UnsafePathError(f"path inside the reserved {STATE_DIR.decode()}/ refused: {show(path)}")
+    if b"//" in path or path[-1] == 0x2F:
+        raise UnsafePathError(f"empty path component refused in {show(path)}")
+    if b"." in path:
+        wrapped = b"/" + path + b"/"
+        if b"/./" in wrapped or b"/../" in wrapped:
+            raise UnsafePathError(f"path component '.' or '..' refused in {show(path)}")
+        if path == STATE_DIR or path.startswith(STATE_DIR + b"/"):
+            raise UnsafePathError(f"path inside the reserved {STATE_DIR.decode()}/ refused: {show(path)}")
     return path
 
 

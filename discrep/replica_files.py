@@ -70,7 +70,9 @@ class FileOps:
         return framing.unpack(self.reader.read_all(b".discrep/pack/%d" % k))
 
     def _file(self, e: Entry) -> None:
-        st = _lstat(self.dirs, e.path)
+        # in a directory this cycle made, nothing older can be there (unless moved in: dropped)
+        new_dir = parent(e.path) in self.created and e.path not in self.dropped
+        st = None if new_dir else _lstat(self.dirs, e.path)
         old = self._trusted_old(e, st)
         old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
         if e.h is not None and old_sig is not None and old_sig.whole_digest() == e.h and old.size == e.size:

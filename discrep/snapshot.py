@@ -74,7 +74,8 @@ def choose(kind: str, root: bytes) -> str:
 
 def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: WarningList,
          inline_max: int = 0, stats: Optional[Dict[bytes, os.stat_result]] = None) -> Snapshot:
-    """Capture ``paths`` (sorted, parents before children) of ``root`` as snapshot ``cycle``.
+    """Capture ``paths`` of ``root`` as snapshot ``cycle`` (a list is taken as already sorted,
+    parents before children; any other iterable is sorted here).
 
     With ``inline_max``, regular single-link files up to that size are not copied: they are
     captured when the manifest is written, straight into a pack, with the same stat-before-
@@ -85,7 +86,7 @@ def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: W
     dst = join(sdir, str(cycle).encode())
     if os.path.lexists(dst):
         release(kind, dst)
-    plist = sorted(set(paths), key=lambda p: p.split(b"/"))
+    plist = paths if isinstance(paths, list) else sorted(set(paths), key=lambda p: p.split(b"/"))
     if kind == "btrfs":
         snap = Snapshot("btrfs", dst, True)
         for p in plist:  # live stats before the snapshot: what the catalog records

@@ -151,7 +151,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
     for k in ("op", "path"):
         root_meta.pop(k, None)
-    snap = snapmod.take(kind, root, n, touched, warnings, inline_max=SMALL_MAX, stats=stats)
+    ordered = sorted(touched, key=lambda q: q.split(b"/"))   # parents before children, once
+    snap = snapmod.take(kind, root, n, ordered, warnings, inline_max=SMALL_MAX, stats=stats)
     cdir = cycle_dir(root, n)
     if os.path.lexists(cdir):
         shutil.rmtree(cdir)
@@ -175,7 +176,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         moves_map = dict(cs.moves)
         links: Dict[Tuple[int, int], bytes] = {}
         idx = 0
-        for p in sorted(touched, key=lambda q: q.split(b"/")):
+        for p in ordered:
             if p in snap.skipped:
                 continue
             if p in snap.inline:     # a small file: captured now, straight into its pack
@@ -331,9 +332,13 @@ class _Packer:
         return ref
 
     def _flush(self) -> None:
-        frame = framing.pack(b"".join(self.buf))
-        with open(os.fsdecode(join(self.cdir, b"pack-%d" % self.count)), "wb") as f:
-            f.write(frame)
+        flag, payload = framing.pack_parts(b"".join(self.buf))
+        fd = os.open(join(self.cdir, b"pack-%d" % self.count), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.writev(fd, [flag, payload])
+        finally:
+            os.close(fd)
         self.count += 1
         self.buf, self.size = [], 0
 
