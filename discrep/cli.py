@@ -74,15 +74,16 @@ def cmd_replicate(a, warnings: WarningList) -> Dict[str, Any]:
     if is_remote(a.src):
         from .remote import replicate_remote
         return replicate_remote(a, warnings, prog)
-    return replicate_local(a.src, a.dest, snapshot_kind=a.snapshot, force=a.force, warnings=warnings,
-                           progress=prog, **retention(a))
+    return replicate_local(a.src, a.dest, snapshot_kind=a.snapshot, warnings=warnings, progress=prog,
+                           **replica_options(a))
 
 
-def retention(a) -> Dict[str, Any]:
-    """The replica-side options replicate and sync share."""
+def replica_options(a) -> Dict[str, Any]:
+    """The replica-side options replicate and sync share (history retention, owners, --force)."""
     return {"keep_last": getattr(a, "keep_last", 10),
             "keep_within_s": parse_duration(a.keep_within) if getattr(a, "keep_within", None) else None,
-            "numeric_ids": bool(getattr(a, "numeric_ids", False))}
+            "numeric_ids": bool(getattr(a, "numeric_ids", False)),
+            "force": bool(getattr(a, "force", False))}
 
 
 def is_remote(src: str) -> bool:
@@ -141,7 +142,7 @@ def cmd_sync(a, warnings: WarningList) -> Dict[str, Any]:
     reader = MountReader(a.mountpoint)
     try:
         prog = _progress_printer(sys.stderr.isatty() and not a.quiet and not a.json)
-        st = sync(reader, os.fsencode(os.path.abspath(a.dest)), warnings=warnings, progress=prog, **retention(a))
+        st = sync(reader, os.fsencode(os.path.abspath(a.dest)), warnings=warnings, progress=prog, **replica_options(a))
     finally:
         reader.close()
     return {"cycle": st.cycle, "base": st.base, "files_changed": st.files_changed,

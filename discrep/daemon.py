@@ -164,11 +164,11 @@ def run_every(a, warnings: WarningList, progress=None, *, stop: Optional[threadi
                         from .remote import replicate_remote
                         res = replicate_remote(a, cw, progress)
                     else:
-                        from .cli import retention
+                        from .cli import replica_options
                         from .local import replicate_local
+                        opts = dict(replica_options(a), force=getattr(a, "force", False) and cycles == 0)
                         res = replicate_local(a.src, a.dest, snapshot_kind=getattr(a, "snapshot", "auto"),
-                                              force=getattr(a, "force", False) and cycles == 0,
-                                              warnings=cw, progress=progress, **retention(a))
+                                              warnings=cw, progress=progress, **opts)
                 finally:
                     in_cycle[0] = False
             except KeyboardInterrupt:

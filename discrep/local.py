@@ -113,7 +113,7 @@ def replicate_local(src: str, dest: str, *, snapshot_kind: str = "auto", force: 
             reader = MountReader(mnt)
             try:
                 stats = sync(reader, bdest, warnings=warnings, progress=progress, keep_last=keep_last,
-                             keep_within_s=keep_within_s, numeric_ids=numeric_ids)
+                             keep_within_s=keep_within_s, numeric_ids=numeric_ids, force=force)
             finally:
                 reader.close()
         finally:

@@ -301,8 +301,8 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
             reader = SftpReader(conn.sftp(), remote_dir + "/m")
         t_mount = time.monotonic()
         try:
-            from .cli import retention
-            stats = sync(reader, bdest, warnings=warnings, progress=progress, **retention(a))
+            from .cli import replica_options
+            stats = sync(reader, bdest, warnings=warnings, progress=progress, **replica_options(a))
         except (OSError, Error) as e:
             # a vanished export looks like a missing file or EIO from the reader: tell the real cause
             lost = _lost_reason(conn, export, mount)

@@ -529,7 +529,8 @@ class Applier(FileOps):
 
 
 def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progress=None,
-         keep_last: int = 10, keep_within_s: Optional[float] = None, numeric_ids: bool = False) -> SyncStats:
+         keep_last: int = 10, keep_within_s: Optional[float] = None, numeric_ids: bool = False,
+         force: bool = False) -> SyncStats:
     """Apply the cycle exported through ``reader`` to replica directory ``dest``."""
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
@@ -541,7 +542,7 @@ def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progres
     with replica_lock(dest):
         cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
         try:
-            st = _sync(reader, dest, cat, warnings, progress, t0, numeric_ids)
+            st = _sync(reader, dest, cat, warnings, progress, t0, numeric_ids, force)
             if not st.already_committed:
                 apply_retention(dest, cat, keep_last, keep_within_s)
             return st
@@ -586,7 +587,7 @@ def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int, keep_withi
     return prune(dest, committed, keep)
 
 
-def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False) -> SyncStats:
+def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, force: bool = False) -> SyncStats:
     try:
         header = json.loads(reader.read_all(b".discrep/cycle"))
         cycle, base = int(header["cycle"]), int(header["base"])
@@ -594,6 +595,11 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False) 
         raise ManifestError("the export's .discrep/cycle is not a valid cycle description") from None
     recover_locked(dest, cat)   # an interrupted earlier run: back to the last committed cycle first
     last = cat.last_committed()
+    sid, mine = header.get("source_id"), cat.get_meta("source_id")
+    if sid and mine and sid != mine and not force:
+        raise DestinationError(f"{os.fsdecode(dest)} is a replica of another source tree",
+                               hint="use the right DEST, or --force to make this one a replica of the new "
+                                    "source (what differs is kept in its history)")
     if cycle == last:
         st = SyncStats(cycle=cycle, base=base, already_committed=True,
                        bytes_transferred=reader.bytes_read, duration_s=time.monotonic() - t0)
@@ -626,6 +632,8 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False) 
         stats.duration_s = time.monotonic() - t0
         cat.commit(cycle, full=bool(header.get("full")), moves=ap.moves, deletes=ap.deleted, rows=ap.rows,
                    stats=asdict(stats))
+        if sid:
+            cat.set_meta("source_id", str(sid))
     except BaseException as exc:
         ap.close()
         try:  # leave the replica at its last committed cycle, now rather than at the next run

@@ -160,7 +160,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     header = {"cycle": n, "base": base, "seq_from": acked_cut, "seq_to": cut, "provider": kind,
               "created_ns": time.time_ns(), "full": base == 0,
               "change_source": "journal" if use_journal else "scan",
-              "block_size": blockdiff.FINE_SIZE, "factor": blockdiff.COARSE_FACTOR, "root": root_meta}
+              "block_size": blockdiff.FINE_SIZE, "factor": blockdiff.COARSE_FACTOR, "root": root_meta,
+              "source_id": catalog.source_id()}
     pending: List[Tuple] = []
     mw = ManifestWriter(os.fsdecode(join(cdir, b"manifest.zst")), header)
     nfiles = nbytes = 0

@@ -82,6 +82,16 @@ class SourceCatalog:
     def close(self) -> None:
         self.con.close()
 
+    def source_id(self) -> str:
+        """A random id made once per source tree: the replica checks it is fed by the same source."""
+        r = self.con.execute("SELECT v FROM meta WHERE k = 'source_id'").fetchone()
+        if r is not None:
+            return r[0]
+        import uuid
+        sid = uuid.uuid4().hex
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('source_id', ?)", (sid,))
+        return self.con.execute("SELECT v FROM meta WHERE k = 'source_id'").fetchone()[0]
+
     # -- files ---------------------------------------------------------
     def load_all(self) -> Dict[bytes, Row]:
         return {bytes(r[0]): Row(r[1], r[2], r[3], r[4], r[5])

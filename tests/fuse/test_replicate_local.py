@@ -212,3 +212,17 @@ def test_failed_cycle_keeps_journal_and_replica(work_dir: Path):
     r = replicate(src, dst)
     assert r["files_changed"] >= 1
     assert_identical(src, dst)
+
+
+def test_replica_of_another_source_is_refused(work_dir: Path):
+    a, b, dst = work_dir / "a", work_dir / "b", work_dir / "dst"
+    for d in (a, b):
+        d.mkdir()
+        (d / f"only-in-{d.name}").write_text(d.name)
+    replicate(a, dst)
+    p = discrep("replicate", str(b), str(dst), check=False)
+    assert p.returncode == 5 and "another source" in p.stderr
+    assert helpers.tree_equal(a, dst) == []          # untouched
+    r = replicate(b, dst, "--force")                  # deliberate: DEST follows b now
+    assert helpers.tree_equal(b, dst) == []
+    assert r["files_deleted"] >= 1
