@@ -4,11 +4,16 @@ Each separate remote command costs an SSH session set-up (~0.3 s here), so the
 replica runs one agent per cycle and talks to it in JSON lines:
 
     agent -> {"event": "hello", "state_dir": ".../SRC/.discrep", "dir": ".../export.XXXX"}
+    (with --replica-cycle R, or on replica -> {"cmd": "cycle", "replica_cycle": R}:)
     agent -> {"event": "built", "cycle": N, "base": B, ...}     (journal cut, snapshot, manifest)
-    agent -> {"event": "ready", "mountpoint": ".../export.XXXX/m"}  (FUSE export mounted)
-    replica -> {"cmd": "ack", "cycle": N}   agent -> {"event": "acked", "cycle": N}
+    agent -> {"event": "ready", "mountpoint": ".../export.XXXX/m<k>"}  (FUSE export mounted)
+    replica -> {"cmd": "ack", "cycle": N}   agent unmounts, -> {"event": "acked", "cycle": N}
+    replica -> {"cmd": "done"}              (the cycle failed) agent unmounts, -> {"event": "ended"}
     replica -> {"cmd": "bye"} or EOF       agent unmounts the export, removes its dir, exits 0
     agent -> {"event": "error", "error": ..., "kind": ..., "exit_code": ...}  on failure
+
+One agent can serve many cycles (continuous mode keeps the SSH session and the
+sshfs mount up between cycles); each cycle's export gets a fresh mountpoint.
 
 "hello" comes before the build, so the replica can mount ``state_dir`` with sshfs
 while the snapshot is being taken.  A dropped connection (EOF, SIGHUP, SIGPIPE)
@@ -35,7 +40,7 @@ def _say(obj: Dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def run_agent(src: str, replica_cycle: int, snapshot_kind: str, warnings: WarningList) -> int:
+def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList) -> int:
     import fuse_export
 
     from .export import make_view
@@ -56,31 +61,58 @@ def run_agent(src: str, replica_cycle: int, snapshot_kind: str, warnings: Warnin
             state = os.path.join(real, ".discrep")
             os.makedirs(state, exist_ok=True)
             workdir = tempfile.mkdtemp(prefix="export.", dir=state)
-            mnt = os.path.join(workdir, "m")
-            os.mkdir(mnt)
-            _say({"event": "hello", "state_dir": state, "dir": workdir})
             bsrc = os.fsencode(real)
-            settle_source(bsrc, replica_cycle)
-            b = build_cycle(bsrc, snapshot_kind=snapshot_kind, min_cycle=replica_cycle + 1, warnings=warnings)
-            _say({"event": "built", "cycle": b.cycle, "base": b.base, "entries": b.entries, "snapshot": b.provider,
-                  "change_source": b.change_source, "path": os.fsdecode(b.snapshot)})
-            for w in warnings:
-                print(f"discrep: warning: {w}", file=sys.stderr, flush=True)
-            try:
-                export = fuse_export.BackgroundExport(make_view(bsrc, b.cycle), mnt).start()
-            except (fuse_export.FuseUnavailable, fuse_export.MountError) as e:
-                raise FuseUnavailableError(f"cannot mount the export on the source: {e}") from None
-            _say({"event": "ready", "mountpoint": mnt})
+            _say({"event": "hello", "state_dir": state, "dir": workdir})
+            served = 0
+
+            def cycle(rcycle: int) -> None:
+                nonlocal export, served
+                served += 1
+                mnt = os.path.join(workdir, f"m{served}")   # a fresh path per cycle: no stale caches
+                os.mkdir(mnt)
+                settle_source(bsrc, rcycle)
+                b = build_cycle(bsrc, snapshot_kind=snapshot_kind, min_cycle=rcycle + 1, warnings=warnings)
+                _say({"event": "built", "cycle": b.cycle, "base": b.base, "entries": b.entries,
+                      "snapshot": b.provider, "change_source": b.change_source, "path": os.fsdecode(b.snapshot)})
+                for w in warnings:
+                    print(f"discrep: warning: {w}", file=sys.stderr, flush=True)
+                warnings.items.clear()
+                try:
+                    export = fuse_export.BackgroundExport(make_view(bsrc, b.cycle), mnt).start()
+                except (fuse_export.FuseUnavailable, fuse_export.MountError) as e:
+                    raise FuseUnavailableError(f"cannot mount the export on the source: {e}") from None
+                _say({"event": "ready", "mountpoint": mnt})
+
+            def end_cycle() -> None:
+                nonlocal export
+                if export is not None:
+                    export.stop()
+                    export = None
+
+            if replica_cycle is not None:
+                cycle(replica_cycle)
             for line in sys.stdin:
                 try:
                     cmd = json.loads(line)
                 except ValueError:
                     continue
-                if cmd.get("cmd") == "ack":
-                    ack_cycle(bsrc, int(cmd["cycle"]))
-                    _say({"event": "acked", "cycle": int(cmd["cycle"])})
-                elif cmd.get("cmd") == "bye":
-                    break
+                what = cmd.get("cmd")
+                try:
+                    if what == "ack":
+                        end_cycle()
+                        ack_cycle(bsrc, int(cmd["cycle"]))
+                        _say({"event": "acked", "cycle": int(cmd["cycle"])})
+                    elif what == "done":             # the cycle failed on the replica: just end it
+                        end_cycle()
+                        _say({"event": "ended"})
+                    elif what == "cycle":            # continuous mode: the next cycle, same session
+                        end_cycle()
+                        cycle(int(cmd["replica_cycle"]))
+                    elif what == "bye":
+                        break
+                except Error as e:
+                    end_cycle()
+                    _say({"event": "error", "error": str(e), "kind": type(e).__name__, "exit_code": e.exit_code})
             return 0
         except Error as e:
             _say({"event": "error", "error": str(e), "kind": type(e).__name__, "exit_code": e.exit_code})

@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("agent", help=argparse.SUPPRESS)   # the source side of a remote cycle (agent.py)
     sp.set_defaults(func=cmd_agent, json=False, quiet=True)
     sp.add_argument("src")
-    sp.add_argument("--replica-cycle", type=int, required=True)
+    sp.add_argument("--replica-cycle", type=int, help="serve this first cycle at once")
     sp.add_argument("--snapshot", default="auto", choices=["auto", "btrfs", "reflink", "copy"])
 
     sp = add("reset", cmd_reset, "forget what the source replicated: the next cycle compares everything")

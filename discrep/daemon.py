@@ -5,6 +5,8 @@ entries beyond the last acknowledged cut (``Journal.last_seq``, one indexed
 MAX() query every 0.1 s; a cycle starts once the journal has been quiet for
 0.25 s or 2 s after the first new entry) -- until SIGINT/SIGTERM.
 
+* A remote source keeps one SSH session, one source agent and one sshfs mount for all cycles
+  (remote.RemoteSession); a failed cycle closes it and the next cycle opens a new one.
 * Never two cycles on one DEST: ``DEST/.discrep/daemon.lock`` (flock) is held for
   the daemon's lifetime (``LockedError`` when another daemon holds it); the
   replica sync also takes its own lock per cycle.
@@ -153,6 +155,7 @@ def run_every(a, warnings: WarningList, progress=None, *, stop: Optional[threadi
     last_res: Optional[Dict[str, Any]] = None
     last_err: Optional[str] = None
     stopped_by = "signal"
+    session = None
     try:
         while not stop.is_set():
             t_start = time.monotonic()
@@ -160,9 +163,16 @@ def run_every(a, warnings: WarningList, progress=None, *, stop: Optional[threadi
             try:
                 in_cycle[0] = True
                 try:
-                    if remote:
-                        from .remote import replicate_remote
-                        res = replicate_remote(a, cw, progress)
+                    if remote:   # one SSH session, agent and sshfs mount for all cycles
+                        from .remote import RemoteSession
+                        if session is None:
+                            session = RemoteSession(a)
+                        try:
+                            res = session.cycle(cw, progress)
+                        except BaseException:
+                            session.close()      # a failed cycle may have broken it: a fresh one next time
+                            session = None
+                            raise
                     else:
                         from .cli import replica_options
                         from .local import replicate_local
@@ -217,6 +227,8 @@ def run_every(a, warnings: WarningList, progress=None, *, stop: Optional[threadi
                             break
                 stop.wait(POLL_S)
     finally:
+        if session is not None:
+            session.close()
         if poll is not None:
             poll.close()
         for s, h in old_handlers.items():

@@ -230,116 +230,161 @@ class _Agent:
 
 
 def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -> Dict[str, Any]:
-    warnings = warnings if warnings is not None else WarningList()
-    t0 = time.monotonic()
-    user, host, rpath = parse_remote(a.src)
-    dest = os.path.abspath(a.dest)
-    bdest = os.fsencode(dest)
-    exe = getattr(a, "remote_discrep", None) or "discrep"
-    cfg = resolve(user, host, getattr(a, "ssh_config", None))
-    transport = _choose_transport(getattr(a, "transport", "auto") or "auto")
-    snapshot_kind = getattr(a, "snapshot", "auto") or "auto"
-    rcycle = prepare_dest(dest, force=bool(getattr(a, "force", False)))
-
-    conn = Connection(cfg)
-    mount = None
-    mount_thread = None
-    mount_err: list = []
-    local_dir = None
-    remote_dir = None
-    export = None
-    agent = None
-    reader = None
+    """One remote cycle: open a session, run the cycle, close everything."""
+    session = RemoteSession(a)
     try:
-        conn.connect()
-        t_conn = time.monotonic()
-        # one remote agent for the whole cycle; its export lives in SRC/.discrep next to the snapshots,
-        # and the replica mounts just that directory over sshfs (while the snapshot is taken)
-        def start_mount(target: str) -> None:
-            nonlocal mount, mount_thread, local_dir
-            from .sshfs import SshfsMount
-            local_dir = local_dir or tempfile.mkdtemp(prefix="discrep-sshfs-")
-            mount = SshfsMount(cfg, target, local_dir)
-            mount_err.clear()
-
-            def do_mount() -> None:
-                try:
-                    mount.start()
-                except BaseException as e:  # handed to the main thread
-                    mount_err.append(e)
-            mount_thread = threading.Thread(target=do_mount, daemon=True, name="discrep-sshfs-mount")
-            mount_thread.start()
-
-        # sshfs connects while the agent starts (SRC/.discrep exists after the first cycle)
-        if transport == "sshfs":
-            start_mount(rpath.rstrip("/") + "/.discrep")
-        agent = _Agent(conn, exe, rpath, rcycle, snapshot_kind)
-        hello = agent.expect("hello")
-        state_dir, remote_dir = hello["state_dir"], hello["dir"]
-        if transport == "sshfs" and mount_thread is not None and not mount_thread.is_alive() and mount_err:
-            mount.stop()
-            start_mount(state_dir)   # first cycle: the state dir did not exist yet
-        snap = agent.expect("built")
-        n = int(snap["cycle"])
-        t_snap = time.monotonic()
-        agent.expect("ready")
-        export = agent
-        t_ready = time.monotonic()
-        if mount_thread is not None:
-            mount_thread.join()
-            if mount_err:               # the early mount could not see SRC/.discrep: once more, by the
-                mount.stop()            # path the agent reported
-                start_mount(state_dir)
-                mount_thread.join()
-            mount_thread = None
-            if mount_err:
-                raise mount_err[0]
-            snap_rel = (snap.get("path") or "").split("/.discrep/", 1)[-1] or "nonexistent"
-            reader = DirectDataReader(local_dir, "/" + remote_dir.rsplit("/", 1)[1] + "/m", "/" + snap_rel)
-        else:
-            from .sftp_reader import SftpReader
-            reader = SftpReader(conn.sftp(), remote_dir + "/m")
-        t_mount = time.monotonic()
-        try:
-            from .cli import replica_options
-            stats = sync(reader, bdest, warnings=warnings, progress=progress, **replica_options(a))
-        except (OSError, Error) as e:
-            # a vanished export looks like a missing file or EIO from the reader: tell the real cause
-            lost = _lost_reason(conn, export, mount)
-            if lost:
-                raise TransportError(f"{lost} during the cycle ({e})",
-                                     hint="the replica stays at its last committed cycle; run again") from None
-            raise
-        t_sync = time.monotonic()
-        reader.close()
-        reader = None
-        log.info("remote cycle %d: connect %.2fs, snapshot %.2fs, export %.2fs, mount wait %.2fs, sync %.2fs",
-                 n, t_conn - t0, t_snap - t_conn, t_ready - t_snap, t_mount - t_ready, t_sync - t_mount)
-        # the replica committed cycle n: tell the source (a failure here is settled by the next run)
-        try:
-            agent.send({"cmd": "ack", "cycle": n})
-            agent.expect("acked", timeout=60)
-        except (TransportError, OSError, socket.error, EOFError) as e:
-            warnings.add(f"{cfg.alias}:{rpath}", f"cycle {n} is committed on the replica but the source was not "
-                                                f"told ({e}); the next run acknowledges it")
-        agent.warnings_into(warnings)
-    except (socket.error, EOFError) as e:
-        raise TransportError(f"the SSH connection to {cfg.describe()} failed: {e}",
-                             hint="the replica stays at its last committed cycle; run again") from None
+        return session.cycle(warnings if warnings is not None else WarningList(), progress)
     finally:
-        _cleanup(conn, reader, mount_thread, mount, local_dir, agent)
-        conn.close()
-    return {
-        "cycle": n, "base": snap.get("base"), "change_source": snap.get("change_source"),
-        "snapshot": snap.get("snapshot"), "entries": snap.get("entries"),
-        "files_changed": stats.files_changed, "files_unchanged": stats.files_unchanged,
-        "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
-        "dirs_created": stats.dirs, "symlinks": stats.symlinks,
-        "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
-        "history_bytes": stats.history_bytes,
-        "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
-        "transport": transport,
-    }
+        session.close()
+
+
+class RemoteSession:
+    """One SSH connection, one source agent and one sshfs mount of ``SRC/.discrep``, for one cycle or,
+    in continuous mode, for many (the session stays up between cycles; each cycle gets a fresh export
+    mountpoint on the source).  After a failed cycle the caller closes the session and opens a new one.
+    """
+
+    def __init__(self, a):
+        self.a = a
+        self.user, self.host, self.rpath = parse_remote(a.src)
+        self.dest = os.path.abspath(a.dest)
+        self.exe = getattr(a, "remote_discrep", None) or "discrep"
+        self.cfg = resolve(self.user, self.host, getattr(a, "ssh_config", None))
+        self.transport = _choose_transport(getattr(a, "transport", "auto") or "auto")
+        self.snapshot_kind = getattr(a, "snapshot", "auto") or "auto"
+        self.conn: Optional[Connection] = None
+        self.agent: Optional[_Agent] = None
+        self.mount = None
+        self.mount_thread: Optional[threading.Thread] = None
+        self.mount_err: list = []
+        self.local_dir: Optional[str] = None
+        self.state_dir = self.remote_dir = ""
+        self.cycles = 0
+
+    # -- set-up ----------------------------------------------------------
+    def _start_mount(self, target: str) -> None:
+        from .sshfs import SshfsMount
+        self.local_dir = self.local_dir or tempfile.mkdtemp(prefix="discrep-sshfs-")
+        self.mount = mount = SshfsMount(self.cfg, target, self.local_dir)
+        self.mount_err.clear()
+
+        def do_mount() -> None:
+            try:
+                mount.start()
+            except BaseException as e:  # handed to the main thread
+                self.mount_err.append(e)
+        self.mount_thread = threading.Thread(target=do_mount, daemon=True, name="discrep-sshfs-mount")
+        self.mount_thread.start()
+
+    def _open(self, rcycle: int) -> None:
+        """Connect; sshfs connects while the agent starts and builds the first cycle."""
+        self.conn = Connection(self.cfg)
+        self.conn.connect()
+        if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
+            self._start_mount(self.rpath.rstrip("/") + "/.discrep")
+        self.agent = _Agent(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind)
+        hello = self.agent.expect("hello")
+        self.state_dir, self.remote_dir = hello["state_dir"], hello["dir"]
+        if self.mount_thread is not None and not self.mount_thread.is_alive() and self.mount_err:
+            self.mount.stop()
+            self._start_mount(self.state_dir)
+
+    def _mount_ready(self) -> None:
+        if self.mount_thread is None:
+            return
+        self.mount_thread.join()
+        if self.mount_err:               # the early mount could not see SRC/.discrep: once more, by the
+            self.mount.stop()            # path the agent reported
+            self._start_mount(self.state_dir)
+            self.mount_thread.join()
+        self.mount_thread = None
+        if self.mount_err:
+            raise self.mount_err[0]
+
+    # -- one cycle ---------------------------------------------------------
+    def cycle(self, warnings: WarningList, progress=None) -> Dict[str, Any]:
+        t0 = time.monotonic()
+        a, cfg = self.a, self.cfg
+        rcycle = prepare_dest(self.dest, force=bool(getattr(a, "force", False)) and self.cycles == 0)
+        reader = None
+        try:
+            if self.agent is None:
+                self._open(rcycle)
+            else:
+                self.agent.send({"cmd": "cycle", "replica_cycle": rcycle})
+            t_conn = time.monotonic()
+            snap = self.agent.expect("built")
+            n = int(snap["cycle"])
+            t_snap = time.monotonic()
+            ready = self.agent.expect("ready")
+            t_ready = time.monotonic()
+            mnt_name = ready["mountpoint"].rsplit("/", 1)[1]
+            if self.transport == "sshfs":
+                self._mount_ready()
+                snap_rel = (snap.get("path") or "").split("/.discrep/", 1)[-1] or "nonexistent"
+                reader = DirectDataReader(self.local_dir, "/" + self.remote_dir.rsplit("/", 1)[1] + "/" + mnt_name,
+                                          "/" + snap_rel)
+            else:
+                from .sftp_reader import SftpReader
+                reader = SftpReader(self.conn.sftp(), ready["mountpoint"])
+            t_mount = time.monotonic()
+            try:
+                from .cli import replica_options
+                opts = dict(replica_options(a), force=replica_options(a)["force"] and self.cycles == 0)
+                stats = sync(reader, os.fsencode(self.dest), warnings=warnings, progress=progress, **opts)
+            except (OSError, Error) as e:
+                # a vanished export looks like a missing file or EIO from the reader: tell the real cause
+                lost = _lost_reason(self.conn, self.agent, self.mount)
+                if lost:
+                    raise TransportError(f"{lost} during the cycle ({e})",
+                                         hint="the replica stays at its last committed cycle; run again") from None
+                raise
+            t_sync = time.monotonic()
+            reader.close()
+            reader = None
+            log.info("remote cycle %d: connect %.2fs, snapshot %.2fs, export %.2fs, mount wait %.2fs, "
+                     "sync %.2fs", n, t_conn - t0, t_snap - t_conn, t_ready - t_snap, t_mount - t_ready,
+                     t_sync - t_mount)
+            # the replica committed cycle n: tell the source (a failure here is settled by the next run)
+            try:
+                self.agent.send({"cmd": "ack", "cycle": n})
+                self.agent.expect("acked", timeout=60)
+            except (TransportError, OSError, socket.error, EOFError) as e:
+                warnings.add(f"{cfg.alias}:{self.rpath}", f"cycle {n} is committed on the replica but the source "
+                                                         f"was not told ({e}); the next run acknowledges it")
+            self.agent.warnings_into(warnings)
+        except (socket.error, EOFError) as e:
+            raise TransportError(f"the SSH connection to {cfg.describe()} failed: {e}",
+                                 hint="the replica stays at its last committed cycle; run again") from None
+        finally:
+            if reader is not None:
+                try:
+                    reader.close()
+                except Exception as e:
+                    log.debug("closing the reader: %s", e)
+        self.cycles += 1
+        return {
+            "cycle": n, "base": snap.get("base"), "change_source": snap.get("change_source"),
+            "snapshot": snap.get("snapshot"), "entries": snap.get("entries"),
+            "files_changed": stats.files_changed, "files_unchanged": stats.files_unchanged,
+            "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
+            "dirs_created": stats.dirs, "symlinks": stats.symlinks,
+            "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
+            "history_bytes": stats.history_bytes,
+            "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
+            "transport": self.transport, "session_cycle": self.cycles,
+        }
+
+    def close(self) -> None:
+        """Unmount, stop the agent (it unmounts its export and removes its dir), disconnect."""
+        try:
+            if self.conn is not None:
+                _cleanup(self.conn, None, self.mount_thread, self.mount, self.local_dir, self.agent)
+        finally:
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = self.agent = self.mount = self.mount_thread = None
+            self.local_dir = None
 
 
 def _lost_reason(conn: Connection, export: Optional[_Agent], mount) -> Optional[str]:

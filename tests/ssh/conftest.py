@@ -101,7 +101,7 @@ class Sshd:
             f"Port {self.port}\nListenAddress {listen}\nHostKey {self.host_key}\n"
             f"AuthorizedKeysFile {self.authorized_keys}\nPidFile {self.pidfile}\nStrictModes no\nUsePAM no\n"
             f"PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            f"Subsystem sftp {sftp}\nSetEnv TMPDIR={self.remote_tmp}\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 100\n")
+            f"Subsystem sftp {sftp}\nSetEnv TMPDIR={self.remote_tmp}\nLogLevel INFO\nMaxStartups 100\nMaxSessions 100\n")
         self.known_hosts = d / "known_hosts"
         hk = (str(self.host_key) + ".pub")
         typ, b64 = Path(hk).read_text().split()[:2]

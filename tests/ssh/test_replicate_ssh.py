@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -116,7 +117,7 @@ def test_missing_remote_discrep(sshd: Sshd, work_dir: Path) -> None:
 
 
 def _export_mounted(sshd: Sshd) -> bool:
-    return any(m.endswith("/m") for m in mounts_under(sshd.base) if "/.discrep/export." in m)
+    return any(re.search(r"/m\d+$", m) for m in mounts_under(sshd.base) if "/.discrep/export." in m)
 
 
 @pytest.mark.parametrize("transport", ["sshfs"])
@@ -232,3 +233,40 @@ def test_parent_dir_mtime_kept(sshd: Sshd, work_dir: Path) -> None:
         f.write(b"more\n")
     _ok(replicate(sshd, str(src), str(dst), "--transport", "sftp"))
     assert helpers.tree_equal(src, dst) == []
+
+
+# --------------------------------------------------------------------------- continuous mode
+
+def test_continuous_mode_keeps_one_session(sshd: Sshd, work_dir: Path) -> None:
+    """``replicate --every`` over SSH: several cycles, one SSH login for control and one for sshfs,
+    whatever the number of cycles; the replica converges and nothing is left behind."""
+    _need_fuse()
+    src, dst = work_dir / "src", work_dir / "dst"
+    helpers.make_sample_tree(src)
+    logins_before = sshd.log.read_text(errors="replace").count("Accepted publickey")
+    p = subprocess.Popen([REMOTE_DISCREP, "replicate", "--every", "0.3", "-F", str(sshd.client_config),
+                          "--remote-discrep", REMOTE_DISCREP, f"{ALIAS}:{src}", str(dst)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(sshd))
+    try:
+        def committed() -> int:
+            try:
+                h = subprocess.run([REMOTE_DISCREP, "history", "--json", str(dst)], capture_output=True, text=True)
+                return len(json.loads(h.stdout.strip().splitlines()[-1])["cycles"])
+            except (ValueError, IndexError, KeyError):
+                return 0
+        for round_ in range(3):
+            (src / f"continuous-{round_}.txt").write_text(f"round {round_}\n")
+            target = committed() + 1
+            deadline = time.monotonic() + 60
+            while committed() < target or helpers.tree_equal(src, dst):
+                assert p.poll() is None, p.communicate()
+                assert time.monotonic() < deadline, "continuous mode did not catch up"
+                time.sleep(0.2)
+    finally:
+        p.terminate()
+        out, err = p.communicate(timeout=60)
+    assert committed() >= 4, err
+    assert helpers.tree_equal(src, dst) == []
+    logins = sshd.log.read_text(errors="replace").count("Accepted publickey") - logins_before
+    assert logins == 2, f"{logins} SSH logins for {committed()} cycles: the session was not kept"
+    _no_leftovers(sshd)
