@@ -28,6 +28,18 @@ CHUNK = 4 * 1024 * 1024
 RANDOM_ACCESS = (b".discrep/sig/", b".discrep/cdc/", b".discrep/cbt/")
 
 
+def split_ranges(ranges: Iterable[Tuple[int, int]], chunk: int) -> List[Tuple[int, int]]:
+    """(offset, length) ranges cut at multiples of ``chunk``: pieces a reader fetches one by one."""
+    pieces: List[Tuple[int, int]] = []
+    for off, ln in ranges:
+        end = off + ln
+        while off < end:
+            n = min(chunk - (off % chunk), end - off)
+            pieces.append((off, n))
+            off += n
+    return pieces
+
+
 class MountReader:
     def __init__(self, mountpoint: str, *, workers: int = 8):
         self.mountpoint = os.fsencode(mountpoint)
@@ -122,13 +134,7 @@ class MountReader:
     def copy_ranges(self, rel: bytes, ranges: Iterable[Tuple[int, int]], out_fd: int,
                     on_data: Optional[Callable[[int, bytes], None]] = None) -> int:
         """Copy byte ranges of export file ``rel`` into ``out_fd`` at the same offsets."""
-        pieces: List[Tuple[int, int]] = []
-        for off, ln in ranges:
-            end = off + ln
-            while off < end:
-                n = min(CHUNK - (off % CHUNK), end - off)
-                pieces.append((off, n))
-                off += n
+        pieces = split_ranges(ranges, CHUNK)
 
         def one(piece: Tuple[int, int]) -> int:
             off, n = piece

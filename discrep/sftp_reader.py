@@ -22,6 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .reader import split_ranges
 from .errors import ManifestError, TransportError
 
 log = logging.getLogger(__name__)
@@ -142,13 +143,7 @@ class SftpReader:
     def copy_ranges(self, rel: bytes, ranges: Iterable[Tuple[int, int]], out_fd: int,
                     on_data: Optional[Callable[[int, bytes], None]] = None) -> int:
         """Copy byte ranges of export file ``rel`` into ``out_fd`` at the same offsets (one pipeline)."""
-        pieces: List[Tuple[int, int]] = []
-        for off, ln in ranges:
-            end = off + ln
-            while off < end:
-                n = min(PIECE - (off % PIECE), end - off)
-                pieces.append((off, n))
-                off += n
+        pieces = split_ranges(ranges, PIECE)
         total = 0
         with self._lock:
             for (off, n), data in zip(pieces, self._readv(rel, pieces)):
