@@ -45,12 +45,15 @@ def _progress_printer(enabled: bool):
         return None
     last = [0.0]
 
-    def show(done: int, total: int, nbytes: int) -> None:
+    def show(done: int, total: int, nbytes: int, done_bytes: int = 0, total_bytes: int = 0) -> None:
+        """files and file bytes done of the manifest's fixed totals; bytes actually read so far."""
         now = time.monotonic()
         if now - last[0] < 0.2 and done != total:
             return
         last[0] = now
-        sys.stderr.write(f"\r  files {done}/{total}  read {nbytes / 1e6:.1f} MB ")
+        pct = 100 * done_bytes / total_bytes if total_bytes else 100.0
+        sys.stderr.write(f"\r  files {done}/{total}  data {done_bytes / 1e6:.1f}/{total_bytes / 1e6:.1f} MB "
+                         f"({pct:.0f}%)  read through the export {nbytes / 1e6:.1f} MB ")
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()

@@ -387,13 +387,15 @@ class Applier(FileOps):
             self.stats.dirs += 1
         # 4. files (primaries), symlinks, hard links
         files = [e for e in ups if e.op == "file"]
-        done = 0
+        total_bytes = sum(e.size for e in files if e.link is None)
+        done = done_bytes = 0
         for e in files:
             if e.link is None:
                 self._file(e)
+                done_bytes += e.size
             done += 1
             if self.progress:
-                self.progress(done, len(files), self.reader.bytes_read)
+                self.progress(done, len(files), self.reader.bytes_read, done_bytes, total_bytes)
         for e in ups:
             if e.op == "symlink":
                 self._symlink(e)
