@@ -1,4 +1,4 @@
-"""``python -m discrep``: same as the ``discrep`` console script."""
+"""``python -m discrep``: same as the ``discrep`` console script (runs the CLI in the main thread)."""
 import sys
 
 from .cli import main
