@@ -135,20 +135,6 @@ def _forward_warnings(err: bytes, warnings: WarningList, host: str) -> None:
             warnings.add(f"{host}:{path}" if sep else host, msg if sep else body)
 
 
-def _run_discrep(conn: Connection, exe: str, args: str, what: str, warnings: WarningList) -> Dict[str, Any]:
-    r = conn.run(f"{q(exe)} {args}")
-    if r.rc == 127:
-        raise _missing_discrep(conn.cfg, exe)
-    _forward_warnings(r.err, warnings, conn.cfg.alias)
-    if r.rc not in (0, 1):
-        raise _remote_error(conn.cfg, what, r.rc, r.out, r.err)
-    for line in reversed(r.out.decode(errors="replace").splitlines()):
-        if line.strip().startswith("{"):
-            return json.loads(line)
-    raise TransportError(f"{what} on {conn.cfg.alias} printed no JSON result",
-                         hint="the remote discrep may be too old; install the same version on both hosts")
-
-
 class _Agent:
     """The source's ``discrep agent`` on one exec channel (JSON lines, see agent.py)."""
 

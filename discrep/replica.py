@@ -45,12 +45,11 @@ from .errors import (CycleMismatchError, DestinationError, DiskFullError, Manife
 from .history import KEEP, UndoLog, encode_meta, read_xattrs_fd, rollback
 from .manifest import Entry, read_lines
 from .paths import STATE_DIR, basename, depth, enc, join, parent, show
-from .replica_files import FileOps
+from .replica_files import O_FILE, FileOps, _lstat
 from .replica_catalog import ReplicaCatalog
 
 log = logging.getLogger(__name__)
 
-O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -145,15 +144,6 @@ class _Dirs:
 class _NotDir(Exception):
     def __init__(self, rel: bytes):
         self.rel = rel
-
-
-def _lstat(dirs: _Dirs, rel: bytes) -> Optional[os.stat_result]:
-    try:
-        return os.stat(basename(rel), dir_fd=dirs.get(parent(rel)), follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    except ManifestError:
-        return None
 
 
 class Applier(FileOps):

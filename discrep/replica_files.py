@@ -33,6 +33,7 @@ O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _lstat(dirs, rel: bytes) -> Optional[os.stat_result]:
+    """lstat of ``rel`` through the cached directory fds (no symlink followed); None if absent."""
     try:
         return os.stat(basename(rel), dir_fd=dirs.get(parent(rel)), follow_symlinks=False)
     except (FileNotFoundError, ManifestError):
