@@ -60,17 +60,8 @@ class DirectDataReader(MountReader):
         self.snap = os.fsencode(root_mnt.rstrip("/")) + os.fsencode(snapshot_path)
         self.paths: Dict[int, bytes] = {}
 
-    def read_all(self, rel: bytes) -> bytes:
-        data = super().read_all(rel)
-        if rel == b".discrep/manifest":
-            try:
-                from .manifest import read_lines
-                from .paths import dec
-                _h, entries = read_lines(data)
-                self.paths = {int(e["idx"]): dec(e["path"]) for e in entries if e.get("op") == "file"}
-            except Exception as e:  # never fatal: the export's aliases still work
-                log.debug("no direct data paths: %s", e)
-        return data
+    def know_files(self, paths: Dict[int, bytes]) -> None:
+        self.paths = paths
 
     def _open(self, rel: bytes) -> int:
         if rel.startswith(b".discrep/data/"):

@@ -605,6 +605,9 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
     if int(mhead.get("cycle", -1)) != cycle:
         raise ManifestError("manifest and cycle description disagree")
     entries = [Entry(r) for r in raw]      # everything validated before anything is touched
+    know = getattr(reader, "know_files", None)
+    if know is not None:
+        know({e.idx: e.path for e in entries if e.op == "file"})
     if not numeric_ids:
         users: Dict[str, Optional[int]] = {}
         groups: Dict[str, Optional[int]] = {}
