@@ -114,16 +114,9 @@ class _JournalPoll:
 
 
 def _acked_cut(src: str) -> int:
-    from .source_catalog import SourceCatalog
-    sd = os.path.join(os.path.abspath(src), ".discrep")
-    if not os.path.exists(os.path.join(sd, "catalog.db")):
-        return 0
-    cat = SourceCatalog(sd)
-    try:
-        a = cat.last_acked()
-        return a.cut_seq if a else 0
-    finally:
-        cat.close()
+    from .source import acked_cycle
+    rec = acked_cycle(os.fsencode(os.path.abspath(src)))
+    return rec.cut_seq if rec else 0
 
 
 def run_every(a, warnings: WarningList, progress=None, *, stop: Optional[threading.Event] = None,

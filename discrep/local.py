@@ -26,7 +26,7 @@ from .errors import DestinationError, FuseUnavailableError, UsageError, WarningL
 from .export import make_view
 from .paths import STATE_DIR, nested
 from .reader import MountReader
-from .replica import state_dir as replica_state, sync
+from .replica import result_fields, state_dir as replica_state, sync
 from .replica_catalog import ReplicaCatalog
 
 log = logging.getLogger(__name__)
@@ -123,11 +123,6 @@ def replicate_local(src: str, dest: str, *, snapshot_kind: str = "auto", force: 
     srcmod.ack_cycle(bsrc, built.cycle)
     return {
         "cycle": built.cycle, "base": built.base, "change_source": built.change_source,
-        "snapshot": built.provider, "entries": built.entries,
-        "files_changed": stats.files_changed, "files_unchanged": stats.files_unchanged,
-        "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
-        "dirs_created": stats.dirs, "symlinks": stats.symlinks,
-        "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
-        "history_bytes": stats.history_bytes,
+        "snapshot": built.provider, "entries": built.entries, **result_fields(stats),
         "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
     }

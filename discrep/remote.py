@@ -39,7 +39,7 @@ from . import errors as errmod
 from .errors import Error, TransportError, WarningList
 from .local import prepare_dest
 from .reader import MountReader
-from .replica import sync
+from .replica import result_fields, sync
 from .ssh import Connection, HostConfig, parse_remote, q, resolve
 
 log = logging.getLogger(__name__)
@@ -342,12 +342,7 @@ class RemoteSession:
         self.cycles += 1
         return {
             "cycle": n, "base": snap.get("base"), "change_source": snap.get("change_source"),
-            "snapshot": snap.get("snapshot"), "entries": snap.get("entries"),
-            "files_changed": stats.files_changed, "files_unchanged": stats.files_unchanged,
-            "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
-            "dirs_created": stats.dirs, "symlinks": stats.symlinks,
-            "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
-            "history_bytes": stats.history_bytes,
+            "snapshot": snap.get("snapshot"), "entries": snap.get("entries"), **result_fields(stats),
             "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
             "transport": self.transport, "session_cycle": self.cycles,
         }

@@ -70,6 +70,15 @@ class SyncStats:
     duration_s: float = 0.0
 
 
+def result_fields(stats: SyncStats) -> dict:
+    """The replica's figures in a cycle result (--json): one place for local and remote cycles."""
+    return {"files_changed": stats.files_changed, "files_unchanged": stats.files_unchanged,
+            "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
+            "dirs_created": stats.dirs, "symlinks": stats.symlinks,
+            "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
+            "history_bytes": stats.history_bytes}
+
+
 def state_dir(dest: bytes) -> bytes:
     return join(dest, STATE_DIR)
 

@@ -348,26 +348,32 @@ class _Packer:
             self._flush()
 
 
-def pending_cycle(root: bytes) -> Optional[CycleRec]:
+def _catalog_read(root: bytes, fn):
+    """``fn(catalog)`` on the source's catalog, or None when the source has no state yet."""
     sd = os.fsdecode(state_dir(root))
+    if not os.path.exists(os.path.join(sd, "catalog.db")):
+        return None
     cat = SourceCatalog(sd)
     try:
-        last = cat.last_cycle()
-        return last if last and last.state == "built" else None
+        return fn(cat)
     finally:
         cat.close()
+
+
+def pending_cycle(root: bytes) -> Optional[CycleRec]:
+    """The last cycle, if it was built but not acknowledged yet."""
+    last = _catalog_read(root, SourceCatalog.last_cycle)
+    return last if last and last.state == "built" else None
+
+
+def acked_cycle(root: bytes) -> Optional[CycleRec]:
+    """The last cycle the replica acknowledged (the base of the next one), if any."""
+    return _catalog_read(root, SourceCatalog.last_acked)
 
 
 def last_acked(root: bytes) -> int:
-    sd = os.fsdecode(state_dir(root))
-    if not os.path.isdir(sd):
-        return 0
-    cat = SourceCatalog(sd)
-    try:
-        a = cat.last_acked()
-        return a.cycle if a else 0
-    finally:
-        cat.close()
+    rec = acked_cycle(root)
+    return rec.cycle if rec else 0
 
 
 def ack_cycle(root: bytes, n: int) -> None:

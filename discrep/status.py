@@ -35,21 +35,14 @@ def _fmt_age(s: Optional[float]) -> str:
 def source_status(root: str) -> Dict[str, Any]:
     from .journal import Journal
     from .source import watcher_alive
-    from .source_catalog import SourceCatalog
+    from .source import acked_cycle as acked_record
     sd = os.path.join(root, ".discrep")
     j = Journal(sd)
     try:
         alive = watcher_alive(os.fsencode(root))
         last = j.last_seq()
-        acked_cut, acked_cycle = 0, 0
-        if os.path.exists(os.path.join(sd, "catalog.db")):
-            cat = SourceCatalog(sd)
-            try:
-                a = cat.last_acked()
-                if a:
-                    acked_cut, acked_cycle = a.cut_seq, a.cycle
-            finally:
-                cat.close()
+        a = acked_record(os.fsencode(root))
+        acked_cut, acked_cycle = (a.cut_seq, a.cycle) if a else (0, 0)
         started = j.get("watcher_started_ns") or ""
         out = {
             "watcher": "running" if alive else "stopped",
