@@ -177,6 +177,18 @@ def _int(e: Dict[str, Any], key: str, *, lo: int = 0, hi: int = 2 ** 63) -> int:
     return v
 
 
+def _local_id(name: Optional[str], cache: Dict[str, Optional[int]], lookup) -> Optional[int]:
+    """This host's id for a user or group name (cached; None when the name is unknown here)."""
+    if not name:
+        return None
+    if name not in cache:
+        try:
+            cache[name] = lookup(name)
+        except KeyError:
+            cache[name] = None
+    return cache[name]
+
+
 class Entry:
     """A validated manifest entry with byte paths."""
 
@@ -250,22 +262,12 @@ class Entry:
 
     def map_owner(self, users: Dict[str, Optional[int]], groups: Dict[str, Optional[int]]) -> None:
         """rsync's default: owner and group by name where the name exists here, else by number."""
-        if self.user:
-            if self.user not in users:
-                try:
-                    users[self.user] = pwd.getpwnam(self.user).pw_uid
-                except KeyError:
-                    users[self.user] = None
-            if users[self.user] is not None:
-                self.uid = users[self.user]
-        if self.group:
-            if self.group not in groups:
-                try:
-                    groups[self.group] = grp.getgrnam(self.group).gr_gid
-                except KeyError:
-                    groups[self.group] = None
-            if groups[self.group] is not None:
-                self.gid = groups[self.group]
+        uid = _local_id(self.user, users, lambda n: pwd.getpwnam(n).pw_uid)
+        gid = _local_id(self.group, groups, lambda n: grp.getgrnam(n).gr_gid)
+        if uid is not None:
+            self.uid = uid
+        if gid is not None:
+            self.gid = gid
 
     @property
     def is_upsert(self) -> bool:
