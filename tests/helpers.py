@@ -79,6 +79,14 @@ def require_tool(name: str) -> str:
     return found
 
 
+def require_fuse() -> None:
+    """Skip (a failure in CI) unless FUSE exports can be mounted and replicas checked here."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine (run scripts/setup.sh)")
+    require_tool("fusermount3")
+    require_tool("rsync")
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")

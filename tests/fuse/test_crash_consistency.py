@@ -31,9 +31,7 @@ DISCREP = [sys.executable, "-m", "discrep"]
 
 @pytest.fixture(autouse=True)
 def _need_fuse():
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse on this machine")
-    helpers.require_tool("rsync")
+    helpers.require_fuse()
 
 
 def run(*args, env=None, check=True):

@@ -22,10 +22,7 @@ DISCREP = [sys.executable, "-m", "discrep"]
 
 @pytest.fixture(autouse=True)
 def _need_fuse():
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse on this machine")
-    helpers.require_tool("fusermount3")
-    helpers.require_tool("rsync")
+    helpers.require_fuse()
 
 
 def discrep(*args: str, check: bool = True) -> subprocess.CompletedProcess:

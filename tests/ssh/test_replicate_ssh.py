@@ -19,8 +19,8 @@ pytestmark = pytest.mark.ssh
 
 
 def _need_fuse() -> None:
-    if not os.path.exists("/dev/fuse") or not shutil.which("sshfs") or not shutil.which("fusermount3"):
-        pytest.skip("sshfs, fuse3 and /dev/fuse are needed (run scripts/setup.sh)")
+    helpers.require_fuse()
+    helpers.require_tool("sshfs")
 
 
 def _ok(r: subprocess.CompletedProcess) -> dict:
