@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
