@@ -29,6 +29,15 @@ def make_export(root: Path, entries, cycle=1, base=0, full=True) -> Path:
     return root / "export"
 
 
+def sync_export(exp: Path, dst: Path) -> None:
+    """Apply a hand-made export with the real reader."""
+    r = MountReader(str(exp))
+    try:
+        sync(r, os.fsencode(dst))
+    finally:
+        r.close()
+
+
 def meta(**kw):
     return dict({"mode": 0o644, "uid": os.getuid(), "gid": os.getgid(), "mtime_ns": 1}, **kw)
 
@@ -38,12 +47,8 @@ def test_bad_paths_refused_nothing_written(work_dir: Path, bad: str):
     dst = work_dir / "dst"
     dst.mkdir()
     exp = make_export(work_dir, [dict(meta(op="dir", path="ok")), dict(meta(op="dir", path=bad))])
-    r = MountReader(str(exp))
-    try:
-        with pytest.raises(UnsafePathError):
-            sync(r, os.fsencode(dst))
-    finally:
-        r.close()
+    with pytest.raises(UnsafePathError):
+        sync_export(exp, dst)
     assert not (work_dir / "evil").exists()
     assert not (dst / "ok").exists(), "the replica was touched before the manifest was validated"
 
@@ -54,24 +59,16 @@ def test_bad_move_and_link_paths(work_dir: Path):
     for entries in ([{"op": "move", "path": "x", "old": "../outside"}],
                     [dict(meta(op="file", path="f", size=0, idx=0, link="/etc/passwd"))]):
         exp = make_export(work_dir / str(len(os.listdir(work_dir))), entries)
-        r = MountReader(str(exp))
-        try:
-            with pytest.raises(UnsafePathError):
-                sync(r, os.fsencode(dst))
-        finally:
-            r.close()
+        with pytest.raises(UnsafePathError):
+            sync_export(exp, dst)
 
 
 def test_malformed_fields(work_dir: Path):
     dst = work_dir / "dst"
     dst.mkdir()
     exp = make_export(work_dir, [dict(meta(op="file", path="f", size=-1, idx=0))])
-    r = MountReader(str(exp))
-    try:
-        with pytest.raises(ManifestError):
-            sync(r, os.fsencode(dst))
-    finally:
-        r.close()
+    with pytest.raises(ManifestError):
+        sync_export(exp, dst)
 
 
 def test_symlink_inside_dest_is_not_followed(work_dir: Path):
@@ -83,12 +80,8 @@ def test_symlink_inside_dest_is_not_followed(work_dir: Path):
     os.symlink(outside, dst / "link")
     # an incremental cycle that writes below "link/" without declaring "link" a directory
     exp = make_export(work_dir, [dict(meta(op="dir", path="link/sub"))], cycle=1, base=0, full=False)
-    r = MountReader(str(exp))
-    try:
-        with pytest.raises((UnsafePathError, ManifestError)):
-            sync(r, os.fsencode(dst))
-    finally:
-        r.close()
+    with pytest.raises((UnsafePathError, ManifestError)):
+        sync_export(exp, dst)
     assert os.listdir(outside) == []
     assert os.path.islink(dst / "link")
 
@@ -97,9 +90,5 @@ def test_symlink_target_kept_verbatim_not_followed(work_dir: Path):
     dst = work_dir / "dst"
     dst.mkdir()
     exp = make_export(work_dir, [dict(meta(op="symlink", path="l", target="../../../../etc/shadow"))])
-    r = MountReader(str(exp))
-    try:
-        sync(r, os.fsencode(dst))
-    finally:
-        r.close()
+    sync_export(exp, dst)
     assert os.readlink(dst / "l") == "../../../../etc/shadow"

@@ -153,26 +153,26 @@ def test_random_kill_9_from_outside(work_dir: Path):
     assert outcomes["old"] + outcomes["new"] == 10
 
 
-def test_replicate_recovers_by_itself(work_dir: Path):
-    rnd = random.Random(7)
+def crashed_cycle(work_dir: Path, seed: int, barrier: int):
+    """A first cycle, churn, then a second cycle killed right after its ``barrier``-th undo barrier."""
+    rnd = random.Random(seed)
     src, dst = work_dir / "src", work_dir / "dst"
     build(src, rnd)
     run("replicate", str(src), str(dst))
     churn(src, rnd, 1)
-    p = run("replicate", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": "4"}, check=False)
+    p = run("replicate", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": str(barrier)}, check=False)
     assert p.returncode == -signal.SIGKILL
-    p = run("replicate", "--json", str(src), str(dst))
+    return src, dst
+
+
+def test_replicate_recovers_by_itself(work_dir: Path):
+    src, dst = crashed_cycle(work_dir, 7, 4)
+    run("replicate", "--json", str(src), str(dst))
     assert equal(src, dst)
 
 
 def test_corrupt_history_record_is_reported_not_used(work_dir: Path):
-    rnd = random.Random(8)
-    src, dst = work_dir / "src", work_dir / "dst"
-    build(src, rnd)
-    run("replicate", str(src), str(dst))
-    churn(src, rnd, 1)
-    p = run("replicate", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": "5"}, check=False)
-    assert p.returncode == -signal.SIGKILL
+    src, dst = crashed_cycle(work_dir, 8, 5)
     hist = dst / ".discrep" / "history"
     (cyc,) = [d for d in hist.iterdir() if d.is_dir() and int(d.name) > 1]
     log = cyc / "undo.log"
