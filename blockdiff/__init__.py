@@ -24,7 +24,7 @@ from .framing import pack, unpack
 from .patch import apply_ranges, build_from_plan
 from .signature import (COARSE_DIGEST, COARSE_FACTOR, FINE_DIGEST, FINE_SIZE, HEADER_SIZE, SigHeader,
                         Signature, blocks_to_ranges, changed_blocks, coarse_digests, differing_coarse,
-                        differing_fine, fine_digests, sign_bytes, sign_fd, sign_path,
+                        differing_fine, fine_digests, sign_bytes, sign_fd, sign_path, sign_small,
                         zero_block_digest)
 from .sparse import data_extents, is_sparse
 
@@ -36,6 +36,6 @@ __all__ = [
     "apply_ranges", "build_from_plan",
     "COARSE_DIGEST", "COARSE_FACTOR", "FINE_DIGEST", "FINE_SIZE", "HEADER_SIZE", "SigHeader", "Signature",
     "blocks_to_ranges", "changed_blocks", "coarse_digests", "differing_coarse", "differing_fine",
-    "fine_digests", "sign_bytes", "sign_fd", "sign_path", "zero_block_digest",
+    "fine_digests", "sign_bytes", "sign_fd", "sign_path", "sign_small", "zero_block_digest",
     "data_extents", "is_sparse",
 ]

@@ -5,6 +5,9 @@ replica runs one agent per cycle and talks to it in JSON lines:
 
     agent -> {"event": "hello", "state_dir": ".../SRC/.discrep", "dir": ".../export.XXXX"}
     (with --replica-cycle R, or on replica -> {"cmd": "cycle", "replica_cycle": R}:)
+    agent -> {"event": "seg", "seg": S, "packs": K, "dir": ...}  (only for a streamed cycle:
+              --stream / "stream": true; manifest segment S and packs < K are on disk; seg 0
+              also carries the cycle header, the snapshot path and totals; see source.build_cycle)
     agent -> {"event": "built", "cycle": N, "base": B, ...}     (journal cut, snapshot, manifest)
     agent -> {"event": "ready", "mountpoint": ".../export.XXXX/m<k>"}  (FUSE export mounted)
     replica -> {"cmd": "ack", "cycle": N}   agent unmounts, -> {"event": "acked", "cycle": N}
@@ -30,6 +33,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from typing import Any, Dict, Optional
 
 from .errors import Error, FuseUnavailableError, SourceError, WarningList
@@ -40,7 +44,8 @@ def _say(obj: Dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList) -> int:
+def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList,
+              stream: bool = False) -> int:
     import fuse_export
 
     from .export import make_view
@@ -65,15 +70,18 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             _say({"event": "hello", "state_dir": state, "dir": workdir})
             served = 0
 
-            def cycle(rcycle: int) -> None:
+            def cycle(rcycle: int, stream: bool) -> None:
                 nonlocal export, served
                 served += 1
                 mnt = os.path.join(workdir, f"m{served}")   # a fresh path per cycle: no stale caches
                 os.mkdir(mnt)
                 settle_source(bsrc, rcycle)
-                b = build_cycle(bsrc, snapshot_kind=snapshot_kind, min_cycle=rcycle + 1, warnings=warnings)
+                t_build = time.monotonic()
+                b = build_cycle(bsrc, snapshot_kind=snapshot_kind, min_cycle=rcycle + 1, warnings=warnings,
+                                on_segment=(lambda m: _say(dict(m, event="seg"))) if stream else None)
                 _say({"event": "built", "cycle": b.cycle, "base": b.base, "entries": b.entries,
-                      "snapshot": b.provider, "change_source": b.change_source, "path": os.fsdecode(b.snapshot)})
+                      "snapshot": b.provider, "change_source": b.change_source, "path": os.fsdecode(b.snapshot),
+                      "build_s": round(time.monotonic() - t_build, 3)})
                 for w in warnings:
                     print(f"discrep: warning: {w}", file=sys.stderr, flush=True)
                 warnings.items.clear()
@@ -90,7 +98,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                     export = None
 
             if replica_cycle is not None:
-                cycle(replica_cycle)
+                cycle(replica_cycle, stream)
             for line in sys.stdin:
                 try:
                     cmd = json.loads(line)
@@ -107,7 +115,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                         _say({"event": "ended"})
                     elif what == "cycle":            # continuous mode: the next cycle, same session
                         end_cycle()
-                        cycle(int(cmd["replica_cycle"]))
+                        cycle(int(cmd["replica_cycle"]), bool(cmd.get("stream")))
                     elif what == "bye":
                         break
                 except Error as e:

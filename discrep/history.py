@@ -297,6 +297,11 @@ def undo(records: List[Dict], target: _Target) -> int:
             if os.path.lexists(p):
                 _set_meta(p, rec["old"])
                 n += 1
+        elif op == "fresh":          # the cycle was a first copy into an empty DEST: empty it again
+            for name in os.listdir(target.root):
+                if os.fsencode(name) != STATE_DIR:
+                    _remove(join(target.root, os.fsencode(name)))
+                    n += 1
         elif op == "dirmeta":
             p = target.path(rec["path"])
             if os.path.isdir(p):

@@ -101,11 +101,17 @@ def entry_for(rel: bytes, full: bytes, st: os.stat_result,
 
 
 class ManifestWriter:
-    """Stream entries into a zstd-compressed JSON-lines file."""
+    """Stream entries into a zstd-compressed JSON-lines file.
+
+    The file is a sequence of zstd frames.  ``cut(path)`` ends the current frame and also writes
+    the frames since the previous cut to ``path``: a *segment* a replica can apply while the rest
+    of the cycle is still being built (segment 0 starts with the header line; the concatenation
+    of all segments is the manifest)."""
 
     def __init__(self, path: str, header: Dict[str, Any]):
         self._raw = open(path, "wb")
-        self._z = pyzstd.ZstdFile(self._raw, "wb", level_or_option=3)
+        self._z = pyzstd.ZstdCompressor(3)
+        self._seg: List[bytes] = []
         self.count = 0
         self._buf: List[str] = []
         self._enc = json.JSONEncoder(separators=(",", ":")).encode
@@ -116,21 +122,46 @@ class ManifestWriter:
         if len(self._buf) >= 2048:
             self._flush()
 
+    def _out(self, data: bytes) -> None:
+        if data:
+            self._raw.write(data)
+            self._seg.append(data)
+
     def _flush(self) -> None:
         if self._buf:
-            self._z.write(("\n".join(self._buf) + "\n").encode("utf-8", "surrogatepass"))
+            self._out(self._z.compress(("\n".join(self._buf) + "\n").encode("utf-8", "surrogatepass")))
             self._buf = []
 
     def add(self, entry: Dict[str, Any]) -> None:
         self._write(entry)
         self.count += 1
 
+    def cut(self, path: str) -> None:
+        """End the frame; write everything since the last cut to segment file ``path``."""
+        self._flush()
+        self._out(self._z.flush(pyzstd.ZstdCompressor.FLUSH_FRAME))
+        with open(path, "wb") as f:
+            f.write(b"".join(self._seg))
+        self._seg = []
+
     def close(self) -> None:
         self._flush()
-        self._z.close()
+        self._out(self._z.flush(pyzstd.ZstdCompressor.FLUSH_FRAME))
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
+
+
+def read_segment(data: bytes, n: int) -> Iterator[Dict[str, Any]]:
+    """Raw entry dicts of manifest segment ``n`` (see ManifestWriter.cut); segment 0's header
+    line is checked and skipped."""
+    if n == 0:
+        return read_lines(data)[1]
+    try:
+        raw = pyzstd.decompress(data)
+    except pyzstd.ZstdError as e:
+        raise ManifestError(f"manifest segment {n} is not valid zstd: {e}") from None
+    return _parse_lines(raw.rstrip(b"\n"), f"segment {n} line ", 1)
 
 
 def read_lines(data: bytes) -> Tuple[Dict[str, Any], Iterator[Dict[str, Any]]]:
@@ -148,26 +179,30 @@ def read_lines(data: bytes) -> Tuple[Dict[str, Any], Iterator[Dict[str, Any]]]:
     if not isinstance(header, dict) or header.get("discrep_manifest") != VERSION:
         raise ManifestError(f"unsupported manifest version: {header!r:.80}")
 
+    return header, _parse_lines(stream.read().rstrip(b"\n"), "manifest line ", 2)
+
+
+def _parse_lines(rest: bytes, what: str, first: int) -> Iterator[Dict[str, Any]]:
+    if not rest:
+        return iter(())
+    try:   # one parse for all lines (a JSON array), not one call per line
+        objs = json.loads(b"[" + rest.replace(b"\n", b",") + b"]")
+    except ValueError:
+        objs = None
+    if objs is None:        # say which line is bad
+        for n, line in enumerate(rest.split(b"\n"), first):
+            try:
+                json.loads(line)
+            except ValueError:
+                raise ManifestError(f"{what}{n} is not JSON") from None
+        raise ManifestError("manifest is not JSON lines")
+
     def it() -> Iterator[Dict[str, Any]]:
-        rest = stream.read().rstrip(b"\n")
-        if not rest:
-            return
-        try:   # one parse for all lines (a JSON array), not one call per line
-            objs = json.loads(b"[" + rest.replace(b"\n", b",") + b"]")
-        except ValueError:
-            objs = None
-        if objs is None:        # say which line is bad
-            for n, line in enumerate(rest.split(b"\n"), 2):
-                try:
-                    json.loads(line)
-                except ValueError:
-                    raise ManifestError(f"manifest line {n} is not JSON") from None
-            raise ManifestError("manifest is not JSON lines")
-        for n, obj in enumerate(objs, 2):
+        for n, obj in enumerate(objs, first):
             if not isinstance(obj, dict):
-                raise ManifestError(f"manifest line {n} is not an object")
+                raise ManifestError(f"{what}{n} is not an object")
             yield obj
-    return header, it()
+    return it()
 
 
 def _int(e: Dict[str, Any], key: str, *, lo: int = 0, hi: int = 2 ** 63) -> int:
@@ -210,14 +245,21 @@ class Entry:
             return
         if op == "delete":
             return
-        self.mode = _int(raw, "mode", hi=0o10000)
-        self.uid = _int(raw, "uid", hi=2 ** 32)
-        self.gid = _int(raw, "gid", hi=2 ** 32)
-        self.mtime_ns = _int(raw, "mtime_ns", lo=-2 ** 63)
-        self.user = raw.get("user") if isinstance(raw.get("user"), str) else None
-        self.group = raw.get("group") if isinstance(raw.get("group"), str) else None
-        xs = raw.get("xattrs") or {}
-        if not isinstance(xs, dict):
+        get = raw.get
+        v = get("mode")   # the checks of _int, inline: this runs once per entry
+        self.mode = v if type(v) is int and 0 <= v < 0o10000 else _int(raw, "mode", hi=0o10000)
+        v = get("uid")
+        self.uid = v if type(v) is int and 0 <= v < 2 ** 32 else _int(raw, "uid", hi=2 ** 32)
+        v = get("gid")
+        self.gid = v if type(v) is int and 0 <= v < 2 ** 32 else _int(raw, "gid", hi=2 ** 32)
+        v = get("mtime_ns")
+        self.mtime_ns = v if type(v) is int and -2 ** 63 <= v < 2 ** 63 else _int(raw, "mtime_ns", lo=-2 ** 63)
+        v = get("user")
+        self.user = v if type(v) is str else None
+        v = get("group")
+        self.group = v if type(v) is str else None
+        xs = get("xattrs") or {}
+        if type(xs) is not dict:
             raise ManifestError("xattrs must be an object")
         for k, v in xs.items():
             if not isinstance(k, str) or "\x00" in k or not isinstance(v, str):
@@ -232,16 +274,22 @@ class Entry:
                 raise UnsafePathError(f"bad symlink target for {raw.get('path')!r:.80}")
             self.target = t  # kept verbatim, never followed by the replica
         elif op == "file":
-            self.size = _int(raw, "size")
-            self.idx = _int(raw, "idx")
-            if raw.get("h") is not None:
-                h = raw["h"]
-                if not isinstance(h, str) or len(h) != 32:
+            v = get("size")
+            self.size = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "size")
+            v = get("idx")
+            self.idx = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "idx")
+            h = get("h")
+            if h is not None:
+                if type(h) is not str or len(h) != 32:
                     raise ManifestError("h must be 32 hex digits")
-                self.h = bytes.fromhex(h)
-            if raw.get("pack") is not None:
-                p = raw["pack"]
-                if not (isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p)):
+                try:
+                    self.h = bytes.fromhex(h)
+                except ValueError:
+                    raise ManifestError("h must be 32 hex digits") from None
+            p = get("pack")
+            if p is not None:
+                if not (type(p) is list and len(p) == 2 and type(p[0]) is int and type(p[1]) is int
+                        and p[0] >= 0 and p[1] >= 0):
                     raise ManifestError("pack must be [k, offset]")
                 self.pack = (p[0], p[1])
             if raw.get("extents") is not None:

@@ -29,15 +29,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket
 import tempfile
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import errors as errmod
-from .errors import Error, TransportError, WarningList
+from .errors import Error, ManifestError, TransportError, WarningList
 from .local import prepare_dest
+from .manifest import Entry, read_segment
+from .paths import show
 from .reader import MountReader
 from .replica import result_fields, sync
 from .ssh import Connection, HostConfig, parse_remote, q, resolve
@@ -45,6 +48,7 @@ from .ssh import Connection, HostConfig, parse_remote, q, resolve
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0   # seconds for the remote export to come up
+CYCLE_DIR = b".discrep/cycledir/"   # reader name of the cycle's own directory (streamed cycles)
 
 
 class DirectDataReader(MountReader):
@@ -55,15 +59,29 @@ class DirectDataReader(MountReader):
     export's alias when the snapshot file cannot be opened.
     """
 
-    def __init__(self, root_mnt: str, export_dir: str, snapshot_path: str, **kw):
+    def __init__(self, root_mnt: str, export_dir: str, snapshot_path: str, cycle_dir: str = "", **kw):
         super().__init__(root_mnt.rstrip("/") + export_dir, **kw)
-        self.snap = os.fsencode(root_mnt.rstrip("/")) + os.fsencode(snapshot_path)
+        self.root_mnt = root_mnt.rstrip("/")
+        self.snap = os.fsencode(self.root_mnt) + os.fsencode(snapshot_path)
+        self.cycle_dir = os.fsencode(self.root_mnt) + os.fsencode(cycle_dir)
         self.paths: Dict[int, bytes] = {}
+
+    def set_export(self, export_dir: str) -> None:
+        """The export is mounted (a streamed cycle starts reading before it is)."""
+        self.mountpoint = os.fsencode(self.root_mnt + export_dir)
 
     def know_files(self, paths: Dict[int, bytes]) -> None:
         self.paths = paths
 
     def _open(self, rel: bytes) -> int:
+        if rel.startswith(CYCLE_DIR):   # a streamed cycle's segments and packs, written before announced
+            name = rel[len(CYCLE_DIR):]
+            if b"/" in name or not name:
+                raise ManifestError(f"bad cycle file name {show(name)}")
+            try:
+                return os.open(self.cycle_dir + b"/" + name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as e:
+                raise TransportError(f"cannot read {show(name)} of the cycle on the source: {e.strerror}") from None
         if rel.startswith(b".discrep/data/"):
             name = rel.rsplit(b"/", 1)[1]
             p = self.paths.get(int(name)) if name.isdigit() else None
@@ -73,6 +91,73 @@ class DirectDataReader(MountReader):
                 except OSError:
                     pass  # not in the snapshot dir (e.g. captured into a pack): the export's alias
         return super()._open(rel)
+
+
+class CycleStream:
+    """The replica's view of a cycle the source agent streams (agent.py, ``seg`` events): the
+    header, then validated entry batches as segments are announced, then ``finish()`` (the cycle
+    is built and its export mounted).  Used by replica.sync; reads go through ``reader``.
+
+    Thread-safety: one helper thread reads the agent's announcements as they come (so
+    ``packs_known`` runs ahead of the segment being applied, for pack read-ahead) until
+    ``built``; everything else runs in the caller's thread."""
+
+    pack_rel = CYCLE_DIR + b"pack-%d"
+
+    def __init__(self, first: Dict[str, Any], agent: "_Agent", reader: DirectDataReader, export_base: str):
+        if not isinstance(first.get("header"), dict):
+            raise TransportError("the source agent streamed a cycle without its header",
+                                 hint="install the same discrep version on both hosts")
+        self.header: Dict[str, Any] = first["header"]
+        self.totals = first.get("totals") or {}
+        self._agent, self._reader, self._export_base = agent, reader, export_base
+        self._q: "queue.Queue[Any]" = queue.Queue()
+        self._q.put(first)
+        self._n = 0
+        self._done = False
+        self.packs_known = int(first.get("packs", 0))
+        self.built: Optional[Dict[str, Any]] = None
+        self.ready: Optional[Dict[str, Any]] = None
+        self._t = threading.Thread(target=self._listen, daemon=True, name="discrep-stream")
+        self._t.start()
+
+    def _listen(self) -> None:
+        try:
+            while True:
+                msg = self._agent.expect(("seg", "built"))
+                if msg["event"] == "seg":
+                    self.packs_known = max(self.packs_known, int(msg.get("packs", 0)))
+                self._q.put(msg)
+                if msg["event"] == "built":
+                    return
+        except BaseException as e:   # handed to the applying thread
+            self._q.put(e)
+
+    def segments(self) -> Iterator[Tuple[List[Entry], int]]:
+        while not self._done:
+            msg = self._q.get()
+            if isinstance(msg, BaseException):
+                self._done = True
+                raise msg
+            if msg["event"] == "built":
+                self.built = msg
+                self._done = True
+                return
+            if int(msg.get("seg", -1)) != self._n:
+                raise TransportError(f"the source agent announced segment {msg.get('seg')} where {self._n} was due")
+            ents = [Entry(r) for r in read_segment(self._reader.read_all(CYCLE_DIR + b"seg-%d.zst" % self._n),
+                                                   self._n)]
+            self._n += 1
+            yield ents, int(msg["packs"])
+
+    def finish(self) -> None:
+        """Every segment consumed (the rest is read and dropped), then the export is waited for."""
+        for _ in self.segments():
+            pass
+        self._t.join()
+        if self.ready is None:
+            self.ready = self._agent.expect("ready")
+            self._reader.set_export(self._export_base + "/" + self.ready["mountpoint"].rsplit("/", 1)[1])
 
 
 def _choose_transport(want: str) -> str:
@@ -129,9 +214,10 @@ def _forward_warnings(err: bytes, warnings: WarningList, host: str) -> None:
 class _Agent:
     """The source's ``discrep agent`` on one exec channel (JSON lines, see agent.py)."""
 
-    def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str):
+    def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool = False):
         self.conn = conn
-        self.ch = conn.start(f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} {q(src)}")
+        self.ch = conn.start(f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} "
+                             f"{'--stream ' if stream else ''}{q(src)}")
         self.out = self.ch.makefile("rb")
         self._stderr: list = []
         self._t = threading.Thread(target=self._read_err, daemon=True, name="discrep-agent-stderr")
@@ -146,8 +232,10 @@ class _Agent:
         except Exception:  # connection gone: what we have is enough
             pass
 
-    def expect(self, event: str, timeout: float = READY_TIMEOUT) -> Dict[str, Any]:
-        """Next JSON line from the agent, which must be ``event`` (an error event raises it)."""
+    def expect(self, event, timeout: float = READY_TIMEOUT) -> Dict[str, Any]:
+        """Next JSON line from the agent, which must be ``event`` (or one of a tuple of events;
+        an error event raises it)."""
+        events = event if isinstance(event, tuple) else (event,)
         self.ch.settimeout(timeout)
         try:
             while True:
@@ -162,7 +250,7 @@ class _Agent:
                     self._t.join(1)
                     raise _remote_error(self.conn.cfg, "the source agent", msg.get("exit_code", 2), line,
                                         b"".join(self._stderr))
-                if msg.get("event") != event:
+                if msg.get("event") not in events:
                     raise TransportError(f"the source agent on {self.conn.cfg.alias} said {msg.get('event')!r} "
                                          f"where {event!r} was expected",
                                          hint="install the same discrep version on both hosts")
@@ -253,13 +341,13 @@ class RemoteSession:
         self.mount_thread = threading.Thread(target=do_mount, daemon=True, name="discrep-sshfs-mount")
         self.mount_thread.start()
 
-    def _open(self, rcycle: int) -> None:
+    def _open(self, rcycle: int, stream: bool = False) -> None:
         """Connect; sshfs connects while the agent starts and builds the first cycle."""
         self.conn = Connection(self.cfg)
         self.conn.connect()
         if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
-        self.agent = _Agent(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind)
+        self.agent = _Agent(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream)
         hello = self.agent.expect("hello")
         self.state_dir, self.remote_dir = hello["state_dir"], hello["dir"]
         if self.mount_thread is not None and not self.mount_thread.is_alive() and self.mount_err:
@@ -283,32 +371,45 @@ class RemoteSession:
         t0 = time.monotonic()
         a, cfg = self.a, self.cfg
         rcycle = prepare_dest(self.dest, force=bool(getattr(a, "force", False)) and self.cycles == 0)
-        reader = None
+        # a first copy into an empty DEST is applied while the source still builds it
+        want_stream = self.transport == "sshfs" and rcycle == 0 and \
+            all(n == ".discrep" for n in os.listdir(self.dest))
+        reader = stream = None
         try:
             if self.agent is None:
-                self._open(rcycle)
+                self._open(rcycle, want_stream)
             else:
-                self.agent.send({"cmd": "cycle", "replica_cycle": rcycle})
+                self.agent.send({"cmd": "cycle", "replica_cycle": rcycle, "stream": want_stream})
             t_conn = time.monotonic()
-            snap = self.agent.expect("built")
-            n = int(snap["cycle"])
-            t_snap = time.monotonic()
-            ready = self.agent.expect("ready")
-            t_ready = time.monotonic()
-            mnt_name = ready["mountpoint"].rsplit("/", 1)[1]
-            if self.transport == "sshfs":
+            snap = self.agent.expect(("seg", "built") if want_stream else "built")
+            export_base = "/" + self.remote_dir.rsplit("/", 1)[1]
+            if snap["event"] == "seg":
                 self._mount_ready()
-                snap_rel = (snap.get("path") or "").split("/.discrep/", 1)[-1] or "nonexistent"
-                reader = DirectDataReader(self.local_dir, "/" + self.remote_dir.rsplit("/", 1)[1] + "/" + mnt_name,
-                                          "/" + snap_rel)
+                reader = DirectDataReader(self.local_dir, export_base + "/.", _below_state(snap.get("snapshot")),
+                                          cycle_dir=_below_state(snap.get("dir")))
+                stream = CycleStream(snap, self.agent, reader, export_base)
+                t_snap = t_ready = time.monotonic()
             else:
-                from .sftp_reader import SftpReader
-                reader = SftpReader(self.conn.sftp(), ready["mountpoint"])
+                t_snap = time.monotonic()
+                ready = self.agent.expect("ready")
+                t_ready = time.monotonic()
+                mnt_name = ready["mountpoint"].rsplit("/", 1)[1]
+                if self.transport == "sshfs":
+                    self._mount_ready()
+                    reader = DirectDataReader(self.local_dir, export_base + "/" + mnt_name,
+                                              _below_state(snap.get("path")))
+                else:
+                    from .sftp_reader import SftpReader
+                    reader = SftpReader(self.conn.sftp(), ready["mountpoint"])
             t_mount = time.monotonic()
             try:
                 from .cli import replica_options
                 opts = dict(replica_options(a), force=replica_options(a)["force"] and self.cycles == 0)
-                stats = sync(reader, os.fsencode(self.dest), warnings=warnings, progress=progress, **opts)
+                stats = sync(reader, os.fsencode(self.dest), warnings=warnings, progress=progress, stream=stream,
+                             **opts)
+                if stream is not None:
+                    stream.finish()
+                    snap = stream.built or {}
             except (OSError, Error) as e:
                 # a vanished export looks like a missing file or EIO from the reader: tell the real cause
                 lost = _lost_reason(self.conn, self.agent, self.mount)
@@ -317,11 +418,12 @@ class RemoteSession:
                                          hint="the replica stays at its last committed cycle; run again") from None
                 raise
             t_sync = time.monotonic()
+            n = int(snap["cycle"])
             reader.close()
             reader = None
             log.info("remote cycle %d: connect %.2fs, snapshot %.2fs, export %.2fs, mount wait %.2fs, "
-                     "sync %.2fs", n, t_conn - t0, t_snap - t_conn, t_ready - t_snap, t_mount - t_ready,
-                     t_sync - t_mount)
+                     "sync %.2fs%s", n, t_conn - t0, t_snap - t_conn, t_ready - t_snap, t_mount - t_ready,
+                     t_sync - t_mount, f" (streamed; source built in {(stream.built or {}).get('build_s')}s)" if stream else "")
             # the replica committed cycle n: tell the source (a failure here is settled by the next run)
             try:
                 self.agent.send({"cmd": "ack", "cycle": n})
@@ -357,6 +459,11 @@ class RemoteSession:
                 self.conn.close()
             self.conn = self.agent = self.mount = self.mount_thread = None
             self.local_dir = None
+
+
+def _below_state(path: Optional[str]) -> str:
+    """``/rel`` of a source path below ``SRC/.discrep`` (the sshfs mount's root)."""
+    return "/" + ((path or "").split("/.discrep/", 1)[-1] or "nonexistent")
 
 
 def _lost_reason(conn: Connection, export: Optional[_Agent], mount) -> Optional[str]:

@@ -190,6 +190,10 @@ class Applier(FileOps):
         self._dir_times: Dict[bytes, Tuple[int, int]] = {}   # directories whose entries this cycle changed
         self._installs: List[Tuple[int, bytes, bytes]] = []
         self._packs: Dict[int, bytes] = {}
+        self._pack_next: Dict[int, object] = {}      # pack k -> future of its read-ahead
+        self._pack_cur = -1
+        self.packs_known: Callable[[], int] = lambda: 0   # a streamed cycle: packs written so far
+        self.pack_rel = b".discrep/pack/%d"          # where pack k is read (a streamed cycle: elsewhere)
         self.n_packs = 1 + max((e.pack[0] for e in entries if e.op == "file" and e.pack is not None), default=-1)
         # read ahead to the next pack only when every packed file is needed (a first copy)
         self.prefetch_packs = bool(header.get("full")) and \
@@ -197,6 +201,10 @@ class Applier(FileOps):
         self.euid = os.geteuid()
         self.egid = os.getegid()
         self.dir_paths = {e.path for e in entries if e.op == "dir"}
+        # a first copy into an empty DEST: one "fresh" undo record (undo = empty DEST again) stands
+        # for every create, and files are written in place, without a stage and a rename each
+        self.fresh = bool(header.get("full")) and catalog.last_committed() == 0 and \
+            all(os.fsencode(n) == STATE_DIR for n in os.listdir(dest))
 
     def close(self) -> None:
         self.dirs.clear()
@@ -212,7 +220,7 @@ class Applier(FileOps):
     def _was_created(self, rel: bytes) -> bool:
         """``rel`` itself was made new by this cycle (undo removes it).  Exact path only: an older
         object moved into a new directory still needs its own records."""
-        return rel in self.created
+        return rel in self.created or (self.fresh and rel != b"")
 
     def _dirmeta(self, d: bytes) -> None:
         """Before the first change of entries in directory ``d``: remember its times."""
@@ -224,6 +232,9 @@ class Applier(FileOps):
         self.log.add({"op": "dirmeta", "path": enc(d), "mtime_ns": st.st_mtime_ns, "atime_ns": st.st_atime_ns})
 
     def _log_mkdir(self, rel: bytes) -> None:
+        if self.fresh:
+            self.created.add(rel)
+            return
         self._dirmeta(parent(rel))
         self.log.add({"op": "mkdir", "path": enc(rel)})
         self.log.barrier()
@@ -342,6 +353,9 @@ class Applier(FileOps):
         deletes = [e for e in ents if e.op == "delete"]
         ups = [e for e in ents if e.is_upsert]
         full = bool(self.header.get("full"))
+        if self.fresh:               # before anything is written: undo of this cycle = empty DEST
+            self.log.add({"op": "fresh"})
+            self.log.barrier()
         # 1. moves: lift out, deepest base first; then drop in, shallowest new path first
         lifted: List[Tuple[Entry, bytes]] = []
         for e in sorted(moves, key=lambda m: -depth(m.old)):
@@ -376,9 +390,11 @@ class Applier(FileOps):
         for rel in todo:             # one barrier for all new directories
             if parent(rel) not in self.created:
                 self._dirmeta(parent(rel))
-            self.log.add({"op": "mkdir", "path": enc(rel)})
+            if not self.fresh:
+                self.log.add({"op": "mkdir", "path": enc(rel)})
             self.created.add(rel)
-        self.log.barrier()
+        if not self.fresh:
+            self.log.barrier()
         for rel in todo:
             pfd = self.ensure_parent(rel)
             os.mkdir(basename(rel), 0o700, dir_fd=pfd)
@@ -403,7 +419,12 @@ class Applier(FileOps):
             if e.link is not None:
                 self._hardlink(e)
         self.flush_installs()
-        # 5. metadata: links, then directories deepest first, then the top directory
+        self._metadata_phase(ups, dir_ents)
+        self.stats.duration_s = time.monotonic() - t0
+        return self.stats
+
+    def _metadata_phase(self, ups: List[Entry], dir_ents: List[Entry]) -> None:
+        """5. metadata: links, then directories deepest first, then the top directory; syncfs."""
         meta_ents = [e for e in ups if e.op == "symlink"] + sorted(dir_ents, key=lambda d: -depth(d.path))
         for e in meta_ents:
             self._log_meta(e.path)
@@ -426,6 +447,74 @@ class Applier(FileOps):
         self.dirs.fsync_dirty()
         syncfs(self.root_fd)
         self.stats.history_records = self.log.records
+
+    def run_stream(self, stream, prep: Callable[[List[Entry]], None]) -> SyncStats:
+        """A streamed first copy into an empty DEST (``self.fresh``): each manifest segment's
+        directories, packed and empty files and symlinks are applied as soon as it arrives, while
+        the source still builds the rest; files read through the export (large, sparse), hard links
+        and all metadata follow once the cycle is built and exported (``stream.finish()``).
+        ``stream.segments()`` yields (validated entries, packs written so far); ``prep`` maps owners.
+        A bad later segment fails the cycle, and the undo of a first copy empties DEST again."""
+        t0 = time.monotonic()
+        if not self.fresh:
+            raise ManifestError("a streamed cycle needs a first copy into an empty replica")
+        self.log.add({"op": "fresh"})
+        self.log.barrier()
+        self.prefetch_packs = True
+        totals = getattr(stream, "totals", None) or {}
+        nfiles, nbytes = int(totals.get("files", 0)), int(totals.get("bytes", 0))
+        deferred: List[Entry] = []
+        done = done_bytes = 0
+        for ents, npacks in stream.segments():
+            prep(ents)
+            self.n_packs = npacks
+            self.prefetch_pack(self._pack_cur + 1)   # the next pack may have been written meanwhile
+            self.entries.extend(ents)
+            for e in ents:
+                op = e.op
+                if op == "file":
+                    done += 1
+                    if e.link is None and (e.pack is not None or e.size == 0):
+                        self._file(e)
+                        done_bytes += e.size
+                    else:
+                        deferred.append(e)
+                elif op == "dir":
+                    self.dir_paths.add(e.path)
+                    pfd = self.ensure_parent(e.path)
+                    try:
+                        os.mkdir(basename(e.path), 0o700, dir_fd=pfd)
+                    except FileExistsError:
+                        if _lstat(self.dirs, e.path) is None or e.path not in self.created:
+                            raise ManifestError(f"{show(e.path)} appears twice in the manifest") from None
+                    self.created.add(e.path)
+                    self.dirs.dirty.add(parent(e.path))
+                    self.stats.dirs += 1
+                elif op == "symlink":
+                    self._symlink(e)
+                elif op == "delete":          # vanished while the source was captured
+                    self.deleted.append(e.path)
+                else:
+                    raise ManifestError(f"a first copy cannot hold a {op!r} entry ({show(e.path)})")
+            if self.progress:
+                self.progress(done, max(done, nfiles), self.reader.bytes_read, done_bytes, max(done_bytes, nbytes))
+        stream.finish()                          # the cycle is built and its export is up
+        know = getattr(self.reader, "know_files", None)
+        if know is not None:
+            know({e.idx: e.path for e in self.entries if e.op == "file"})
+        for e in deferred:
+            if e.link is None:
+                self._file(e)
+                done_bytes += e.size
+                if self.progress:
+                    self.progress(done, done, self.reader.bytes_read, done_bytes, max(done_bytes, nbytes))
+        self.flush_installs()                    # primaries in place before links to them
+        for e in deferred:
+            if e.link is not None:
+                self._hardlink(e)
+        self.flush_installs()
+        ups = [e for e in self.entries if e.is_upsert]
+        self._metadata_phase(ups, [e for e in ups if e.op == "dir"])
         self.stats.duration_s = time.monotonic() - t0
         return self.stats
 
@@ -531,8 +620,11 @@ class Applier(FileOps):
 
 def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progress=None,
          keep_last: int = 10, keep_within_s: Optional[float] = None, numeric_ids: bool = False,
-         force: bool = False) -> SyncStats:
-    """Apply the cycle exported through ``reader`` to replica directory ``dest``."""
+         force: bool = False, stream=None) -> SyncStats:
+    """Apply the cycle exported through ``reader`` to replica directory ``dest``.
+
+    ``stream``: a cycle still being built (remote.CycleStream): ``header``, ``segments()``,
+    ``finish()``, ``pack_rel``; a first copy into an empty DEST is applied while it streams."""
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
     if not os.path.isdir(dest):
@@ -543,7 +635,7 @@ def sync(reader, dest: bytes, *, warnings: Optional[WarningList] = None, progres
     with replica_lock(dest):
         cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
         try:
-            st = _sync(reader, dest, cat, warnings, progress, t0, numeric_ids, force)
+            st = _sync(reader, dest, cat, warnings, progress, t0, numeric_ids, force, stream)
             if not st.already_committed:
                 apply_retention(dest, cat, keep_last, keep_within_s)
             return st
@@ -588,9 +680,18 @@ def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int, keep_withi
     return prune(dest, committed, keep)
 
 
-def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, force: bool = False) -> SyncStats:
+def _map_owners(entries: List[Entry], numeric_ids: bool, users: Dict[str, Optional[int]],
+                groups: Dict[str, Optional[int]]) -> None:
+    if not numeric_ids:
+        for e in entries:
+            if e.is_upsert:
+                e.map_owner(users, groups)
+
+
+def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, force: bool = False,
+          stream=None) -> SyncStats:
     try:
-        header = json.loads(reader.read_all(b".discrep/cycle"))
+        header = dict(stream.header) if stream is not None else json.loads(reader.read_all(b".discrep/cycle"))
         cycle, base = int(header["cycle"]), int(header["base"])
     except (ValueError, KeyError, TypeError):
         raise ManifestError("the export's .discrep/cycle is not a valid cycle description") from None
@@ -610,27 +711,38 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
             f"the export is cycle {cycle} built on cycle {base}, but {os.fsdecode(dest)} is at cycle {last}",
             hint="run 'discrep replicate' (it rebuilds against the replica), or 'discrep reset SRC' for a "
                  "full comparison")
-    mhead, raw = read_lines(reader.read_all(b".discrep/manifest"))
-    if int(mhead.get("cycle", -1)) != cycle:
-        raise ManifestError("manifest and cycle description disagree")
-    entries = [Entry(r) for r in raw]      # everything validated before anything is touched
-    know = getattr(reader, "know_files", None)
-    if know is not None:
-        know({e.idx: e.path for e in entries if e.op == "file"})
-    if not numeric_ids:
-        users: Dict[str, Optional[int]] = {}
-        groups: Dict[str, Optional[int]] = {}
-        for e in entries:
-            if e.is_upsert:
-                e.map_owner(users, groups)
-        if isinstance(header.get("root"), dict):
-            r = Entry(dict(header["root"], op="dir", path="_"))
-            r.map_owner(users, groups)
-            header["root"] = dict(header["root"], uid=r.uid, gid=r.gid)
+    users: Dict[str, Optional[int]] = {}
+    groups: Dict[str, Optional[int]] = {}
+    streamed = stream is not None and bool(header.get("full")) and last == 0 and \
+        all(os.fsencode(n) == STATE_DIR for n in os.listdir(dest))
+    entries: List[Entry] = []
+    if stream is not None and not streamed:    # not a first copy into an empty DEST: whole manifest first
+        for ents, _packs in stream.segments():
+            entries.extend(ents)
+        stream.finish()
+    elif stream is None:
+        mhead, raw = read_lines(reader.read_all(b".discrep/manifest"))
+        if int(mhead.get("cycle", -1)) != cycle:
+            raise ManifestError("manifest and cycle description disagree")
+        entries = [Entry(r) for r in raw]      # everything validated before anything is touched
+    if not streamed:
+        know = getattr(reader, "know_files", None)
+        if know is not None:
+            know({e.idx: e.path for e in entries if e.op == "file"})
+        _map_owners(entries, numeric_ids, users, groups)
+    if not numeric_ids and isinstance(header.get("root"), dict):
+        r = Entry(dict(header["root"], op="dir", path="_"))
+        r.map_owner(users, groups)
+        header["root"] = dict(header["root"], uid=r.uid, gid=r.gid)
     cat.begin(cycle, base, int(header.get("created_ns", 0)))
     ap = Applier(reader, dest, cat, header, entries, warnings, progress)
     try:
-        stats = ap.run()
+        if streamed:
+            ap.pack_rel = stream.pack_rel
+            ap.packs_known = lambda: stream.packs_known
+            stats = ap.run_stream(stream, lambda ents: _map_owners(ents, numeric_ids, users, groups))
+        else:
+            stats = ap.run()
         ap.symlink_rows()
         stats.bytes_transferred = reader.bytes_read
         stats.duration_s = time.monotonic() - t0

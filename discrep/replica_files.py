@@ -28,6 +28,7 @@ from .history import read_xattrs_fd
 from .paths import basename, enc, parent, show
 from .replica_catalog import FileRow
 
+PACK_AHEAD = 3               # packs read ahead on a first copy
 CDC_MIN_SIZE = 1024 * 1024   # below this, shifted data is simply refetched where it differs
 O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -59,20 +60,29 @@ class FileOps:
         the next one is already being read (a reader-pool thread; I/O releases the GIL)."""
         data = self._packs.get(k)
         if data is None:
-            fut = self._pack_next.pop(k, None) if hasattr(self, "_pack_next") else None
+            fut = self._pack_next.pop(k, None)
             self._packs.clear()
             data = fut.result() if fut is not None else self._read_pack(k)
             self._packs[k] = data
-            if self.prefetch_packs and k + 1 < self.n_packs:
-                self._pack_next = {k + 1: self.reader.pool.submit(self._read_pack, k + 1)}
+            self._pack_cur = k
+            self.prefetch_pack(k + 1)
         return data
 
+    def prefetch_pack(self, k: int) -> None:
+        """Start reading packs ``k`` .. ``k + PACK_AHEAD - 1`` that exist yet (prefetching on):
+        several reads in flight keep the mount busy while files are written."""
+        if not self.prefetch_packs:
+            return
+        for j in range(k, min(k + PACK_AHEAD, max(self.n_packs, self.packs_known()))):
+            if j not in self._pack_next and j not in self._packs:
+                self._pack_next[j] = self.reader.pool.submit(self._read_pack, j)
+
     def _read_pack(self, k: int) -> bytes:
-        return framing.unpack(self.reader.read_all(b".discrep/pack/%d" % k))
+        return framing.unpack(self.reader.read_all(self.pack_rel % k))
 
     def _file(self, e: Entry) -> None:
         # in a directory this cycle made, nothing older can be there (unless moved in: dropped)
-        new_dir = parent(e.path) in self.created and e.path not in self.dropped
+        new_dir = self.fresh or (parent(e.path) in self.created and e.path not in self.dropped)
         st = None if new_dir else _lstat(self.dirs, e.path)
         old = self._trusted_old(e, st)
         old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
@@ -87,8 +97,8 @@ class FileOps:
             k, off = e.pack
             blob = self._pack(k)
             data = blob[off:off + e.size]
-            sig = blockdiff.sign_bytes(data)
-            if len(data) != e.size or sig.whole_digest() != e.h:
+            whole, sig = blockdiff.sign_small(data)
+            if len(data) != e.size or whole != e.h:
                 raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
             self._write_new(e, lambda fd: os.pwrite(fd, data, 0) if data else 0, sig)
             return
@@ -124,8 +134,13 @@ class FileOps:
 
         No fsync per file: the cycle ends with one syncfs of DEST before it commits, and a crash
         before the commit rolls the cycle back."""
-        tmp = self._tmpname("f")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, 0o600, dir_fd=self.stage_fd)
+        if self.fresh:   # a first copy into an empty DEST: written in place (see Applier.fresh)
+            pfd = self.ensure_parent(e.path)
+            tmp, dir_fd = basename(e.path), pfd
+            self.dirs.dirty.add(parent(e.path))
+        else:
+            tmp, dir_fd = self._tmpname("f"), self.stage_fd
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, 0o600, dir_fd=dir_fd)
         try:
             n = fill(fd)
             if n != e.size or e.extents is not None:
@@ -139,11 +154,15 @@ class FileOps:
             ino = os.fstat(fd).st_ino
         except BaseException:
             os.close(fd)
-            os.unlink(tmp, dir_fd=self.stage_fd)
+            os.unlink(tmp, dir_fd=dir_fd)
             raise
         os.close(fd)
-        self.install(tmp, e.path)
-        self.rows.append((e.path, "file", e.size, e.mtime_ns, ino, sig.to_bytes()))
+        if self.fresh:
+            self.created.add(e.path)
+        else:
+            self.install(tmp, e.path)
+        self.rows.append((e.path, "file", e.size, e.mtime_ns, ino,
+                          sig if isinstance(sig, bytes) else sig.to_bytes()))
 
     def _data_rel(self, e: Entry) -> bytes:
         return b".discrep/data/%d" % e.idx

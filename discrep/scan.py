@@ -76,8 +76,11 @@ class ScanResult:
     last_seq: int = 0
 
 
-def scan(root: bytes, catalog: SourceCatalog, journal: Journal) -> ScanResult:
-    """Walk ``root``, journal what differs from ``catalog``; closes the journal gap."""
+def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touched: bool = True) -> ScanResult:
+    """Walk ``root``, journal what differs from ``catalog``; closes the journal gap.
+
+    ``journal_touched=False``: the touched paths are only returned (the caller uses them
+    directly); the scan marker and moves are journaled all the same."""
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} is not a directory")
     gen = journal.gap_generation()
@@ -152,7 +155,8 @@ def scan(root: bytes, catalog: SourceCatalog, journal: Journal) -> ScanResult:
 
     items = [("scan", b"", None, begin_seq)]
     items += [("move", n, b, None) for b, n in res.moves]
-    items += [("touch", p, None, None) for p in res.touched]
+    if journal_touched:
+        items += [("touch", p, None, None) for p in res.touched]
     res.last_seq = journal.append_many(items)
     journal.close_gap(gen)
     log.info("scan: %d entries seen, %d touched, %d moves", res.seen, len(res.touched), len(res.moves))

@@ -25,7 +25,7 @@ import stat as statmod
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import blockdiff
 import xxhash
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SMALL_MAX = 64 * 1024        # files up to this size travel in packs
 PACK_MAX = 8 * 1024 * 1024   # raw bytes per pack
+SEGMENT_ENTRIES = 8192       # a streamed build cuts a manifest segment at least this often
 
 
 def state_dir(root: bytes) -> bytes:
@@ -108,8 +109,14 @@ class BuiltCycle:
 
 
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
-                warnings: Optional[WarningList] = None) -> BuiltCycle:
-    """Build the next cycle of ``root`` (see module doc)."""
+                warnings: Optional[WarningList] = None,
+                on_segment: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuiltCycle:
+    """Build the next cycle of ``root`` (see module doc).
+
+    ``on_segment``: streamed build.  The manifest is also cut into segments
+    ``cycles/<N>/seg-<s>.zst`` (each referring only to packs already written), and
+    ``on_segment`` is called with ``{"seg", "packs", "entries", ...}`` after each one is on disk,
+    so a replica can apply the cycle while it is still being built."""
     warnings = warnings if warnings is not None else WarningList()
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} does not exist or is not a directory",
@@ -118,14 +125,15 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
         sd = os.fsdecode(state_dir(root))
         journal, catalog = Journal(sd), SourceCatalog(sd)
         try:
-            return _build(root, journal, catalog, snapshot_kind, force_scan, warnings, min_cycle)
+            return _build(root, journal, catalog, snapshot_kind, force_scan, warnings, min_cycle, on_segment)
         finally:
             journal.close()
             catalog.close()
 
 
 def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, force_scan: bool,
-           warnings: WarningList, min_cycle: int = 1) -> BuiltCycle:
+           warnings: WarningList, min_cycle: int = 1,
+           on_segment: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuiltCycle:
     t0 = time.monotonic()
     acked = catalog.last_acked()
     base, acked_cut = (acked.cycle, acked.cut_seq) if acked else (0, 0)
@@ -134,13 +142,20 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     kind = snapmod.choose(kind, root)
     use_journal = (not force_scan and base > 0 and journal.gap() is None and watcher_alive(root))
     stats: Dict[bytes, os.stat_result] = {}
+    scanned: List[bytes] = []
     if not use_journal:
-        stats = scan(root, catalog, journal).stats
+        # with nothing acknowledged yet every path is new: the scan's list is used as it is
+        # instead of being journaled and read back (the marker is still journaled)
+        sres = scan(root, catalog, journal, journal_touched=base > 0)
+        stats = sres.stats
+        if base == 0:
+            scanned = sres.touched
     if use_journal:
         wait_for_watcher(root, journal)
     cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
     cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
     touched = set(cs.touched)
+    touched.update(scanned)
     for p in list(cs.expand):           # subtrees that must be looked at whole
         full = join(root, p)
         if os.path.isdir(full) and not os.path.islink(full):
@@ -151,7 +166,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
     for k in ("op", "path"):
         root_meta.pop(k, None)
-    ordered = sorted(touched, key=lambda q: q.split(b"/"))   # parents before children, once
+    # parents before children, once (NUL sorts below every byte of a name: same order as by components)
+    ordered = sorted(touched, key=lambda q: q.replace(b"/", b"\0"))
     snap = snapmod.take(kind, root, n, ordered, warnings, inline_max=SMALL_MAX, stats=stats)
     cdir = cycle_dir(root, n)
     if os.path.lexists(cdir):
@@ -165,6 +181,25 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     pending: List[Tuple] = []
     mw = ManifestWriter(os.fsdecode(join(cdir, b"manifest.zst")), header)
     nfiles = nbytes = 0
+    segs = [0, 0]                       # segments cut, manifest count at the last cut
+
+    def cut_segment() -> None:
+        packer.flush()
+        mw.cut(os.fsdecode(join(cdir, b"seg-%d.zst" % segs[0])))
+        msg: Dict[str, Any] = {"seg": segs[0], "packs": packer.count, "entries": mw.count,
+                               "dir": os.fsdecode(cdir)}
+        if segs[0] == 0:
+            msg.update(header=header, snapshot=os.fsdecode(snap.root),
+                       totals={"files": sum(1 for st in stats.values() if statmod.S_ISREG(st.st_mode)),
+                               "bytes": sum(st.st_size for st in stats.values() if statmod.S_ISREG(st.st_mode))})
+        segs[0] += 1
+        segs[1] = mw.count
+        on_segment(msg)
+
+    def pack_add(data: bytes) -> List[int]:
+        if on_segment is not None and packer.full_for(len(data)):
+            cut_segment()               # every entry of a segment refers to packs already written
+        return packer.add(data)
     try:
         for new, old in sorted(cs.moves.items()):
             if catalog.exists(old) and (new in snap.inline or os.path.lexists(snap.locate(new))):
@@ -178,6 +213,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         links: Dict[Tuple[int, int], bytes] = {}
         idx = 0
         for p in ordered:
+            if on_segment is not None and mw.count - segs[1] >= SEGMENT_ENTRIES:
+                cut_segment()
             if p in snap.skipped:
                 continue
             if p in snap.inline:     # a small file: captured now, straight into its pack
@@ -200,7 +237,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                 nbytes += st.st_size
                 if st.st_size:
                     e["h"] = xxhash.xxh3_128_hexdigest(blockdiff.fine_digests(data))
-                    e["pack"] = packer.add(data)
+                    e["pack"] = pack_add(data)
                 mw.add(e)
                 pending.append(("upsert", p, None, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                                 st.st_mode))
@@ -234,7 +271,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                     elif 0 < st.st_size <= SMALL_MAX:
                         data = _read_small(full, st.st_size)
                         e["h"] = xxhash.xxh3_128_hexdigest(blockdiff.fine_digests(data))
-                        e["pack"] = packer.add(data)
+                        e["pack"] = pack_add(data)
                     if st.st_size > SMALL_MAX and base_snap is not None:
                         _track_changes(e, join(base_snap, _base_path(p, moves_map)), full, st.st_size, base, cdir)
             mw.add(e)
@@ -244,6 +281,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
             pending.append(("upsert", p, None, live.st_ino, live.st_size, live.st_mtime_ns,
                             live.st_ctime_ns, live.st_mode))
         packer.close()
+        if on_segment is not None:
+            cut_segment()               # the last one: "built" follows
     finally:
         mw.close()
     with open(os.fsdecode(join(cdir, b"cycle.json")), "w") as f:
@@ -324,8 +363,16 @@ class _Packer:
         self.buf: List[bytes] = []
         self.size = 0
 
+    def full_for(self, n: int) -> bool:
+        """Adding ``n`` bytes would start a new pack."""
+        return self.size + n > PACK_MAX and bool(self.buf)
+
+    def flush(self) -> None:
+        if self.buf:
+            self._flush()
+
     def add(self, data: bytes) -> List[int]:
-        if self.size + len(data) > PACK_MAX and self.buf:
+        if self.full_for(len(data)):
             self._flush()
         ref = [self.count, self.size]
         self.buf.append(data)

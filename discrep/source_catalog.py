@@ -159,8 +159,14 @@ class SourceCatalog:
         con = self.con
         con.execute("BEGIN IMMEDIATE")
         try:
-            rows = con.execute("SELECT kind, path, old_path, ino, size, mtime_ns, ctime_ns, mode "
-                               "FROM pending WHERE cycle = ? ORDER BY rowid", (n,)).fetchall()
+            if con.execute("SELECT 1 FROM pending WHERE cycle = ? AND kind != 'upsert' LIMIT 1",
+                           (n,)).fetchone() is None:    # only upserts (a first copy): one statement
+                con.execute("INSERT OR REPLACE INTO files SELECT path, ino, size, mtime_ns, ctime_ns, mode "
+                            "FROM pending WHERE cycle = ? ORDER BY rowid", (n,))
+                rows = []
+            else:
+                rows = con.execute("SELECT kind, path, old_path, ino, size, mtime_ns, ctime_ns, mode "
+                                   "FROM pending WHERE cycle = ? ORDER BY rowid", (n,)).fetchall()
             moves = [(bytes(r[2]), bytes(r[1])) for r in rows if r[0] == "move"]
             # moves are set-valued: lift every source subtree out first, then drop them in place
             lifted = []

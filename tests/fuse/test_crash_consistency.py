@@ -245,3 +245,28 @@ def test_moved_into_new_dir_then_rewritten_rolls_back(work_dir: Path):
     assert equal(src, dst)
     run("restore", str(dst), "--cycle", "1", "--to", str(work_dir / "r1"))
     assert equal(before, work_dir / "r1")
+
+
+def test_crash_during_first_copy_empties_dest(work_dir: Path):
+    """A first copy into an empty DEST writes files in place under one "fresh" undo record: a crash
+    at any of its barriers, then recover, leaves DEST empty again (its own mode as before)."""
+    rnd = random.Random(9)
+    src, dst = work_dir / "src", work_dir / "dst"
+    build(src, rnd)
+    dst.mkdir()
+    os.chmod(dst, 0o750)
+    kills = 0
+    for k in range(1, 40):
+        p = run("replicate", "--json", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": str(k)}, check=False)
+        if p.returncode == 0:
+            break
+        assert p.returncode == -signal.SIGKILL, p.stderr
+        kills += 1
+        if k == 2:  # past the "fresh" barrier: files had been written in place
+            assert len(os.listdir(dst)) > 5
+        r = run("recover", "--json", str(dst))
+        assert json.loads(r.stdout.strip().splitlines()[-1])["rolled_back"] is not None
+        assert sorted(os.listdir(dst)) == [".discrep"], f"crash at barrier {k}: DEST not emptied"
+        assert os.stat(dst).st_mode & 0o7777 == 0o750, f"crash at barrier {k}: DEST's mode not restored"
+    assert kills >= 2
+    assert equal(src, dst)

@@ -370,3 +370,15 @@ def test_data_extents_unsupported_fd_is_dense():
 @pytest.mark.unit
 def test_fine_size_constants():
     assert (FINE_SIZE, sigmod.COARSE_FACTOR, FINE_DIGEST, COARSE_DIGEST) == (4096, 256, 8, 16)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("size", [0, 1, FINE_SIZE - 1, FINE_SIZE, FINE_SIZE + 1, 100_000, 1 << 20, (1 << 20) + 1])
+def test_sign_small_is_sign_bytes(size):
+    """The replica's fast path for small files produces exactly sign_bytes' serialization."""
+    data = random.Random(size).randbytes(size)
+    whole, raw = sigmod.sign_small(data)
+    ref = sigmod.sign_bytes(data)
+    assert raw == ref.to_bytes()
+    assert whole == ref.whole_digest() == xxhash.xxh3_128_digest(ref.fine)
+    assert Signature.from_bytes(raw) == ref
