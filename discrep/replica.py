@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import stat as statmod
 import time
 from contextlib import contextmanager
@@ -68,6 +69,7 @@ class SyncStats:
     history_records: int = 0
     history_bytes: int = 0
     duration_s: float = 0.0
+    streamed: bool = False       # applied while the source was still building it (run_stream)
 
 
 def result_fields(stats: SyncStats) -> dict:
@@ -76,7 +78,7 @@ def result_fields(stats: SyncStats) -> dict:
             "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
             "dirs_created": stats.dirs, "symlinks": stats.symlinks,
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
-            "history_bytes": stats.history_bytes}
+            "history_bytes": stats.history_bytes, "streamed": stats.streamed}
 
 
 def state_dir(dest: bytes) -> bytes:
@@ -460,6 +462,7 @@ class Applier(FileOps):
             raise ManifestError("a streamed cycle needs a first copy into an empty replica")
         self.log.add({"op": "fresh"})
         self.log.barrier()
+        self.stats.streamed = True
         self.prefetch_packs = True
         totals = getattr(stream, "totals", None) or {}
         nfiles, nbytes = int(totals.get("files", 0)), int(totals.get("bytes", 0))
@@ -756,7 +759,8 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
             recover_locked(dest, cat)
         except Exception as e2:
             log.error("rollback of cycle %d failed (%s); run 'discrep recover %s'", cycle, e2, os.fsdecode(dest))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or \
+                (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)):
             raise DiskFullError(f"replica filesystem full while applying cycle {cycle}; rolled back to cycle "
                                 f"{last}") from None
         raise
