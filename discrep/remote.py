@@ -300,7 +300,9 @@ def replicate_remote(a, warnings: Optional[WarningList] = None, progress=None) -
     try:
         return session.cycle(warnings if warnings is not None else WarningList(), progress)
     finally:
+        t = time.monotonic()
         session.close()
+        log.info("session closed in %.2fs", time.monotonic() - t)
 
 
 class RemoteSession:
@@ -426,8 +428,10 @@ class RemoteSession:
                      t_sync - t_mount, f" (streamed; source built in {(stream.built or {}).get('build_s')}s)" if stream else "")
             # the replica committed cycle n: tell the source (a failure here is settled by the next run)
             try:
+                t_ack = time.monotonic()
                 self.agent.send({"cmd": "ack", "cycle": n})
                 self.agent.expect("acked", timeout=60)
+                log.info("remote cycle %d: acknowledged in %.2fs", n, time.monotonic() - t_ack)
             except (TransportError, OSError, socket.error, EOFError) as e:
                 warnings.add(f"{cfg.alias}:{self.rpath}", f"cycle {n} is committed on the replica but the source "
                                                          f"was not told ({e}); the next run acknowledges it")

@@ -200,6 +200,8 @@ class Applier(FileOps):
         # read ahead to the next pack only when every packed file is needed (a first copy)
         self.prefetch_packs = bool(header.get("full")) and \
             catalog.con.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
         self.euid = os.geteuid()
         self.egid = os.getegid()
         self.dir_paths = {e.path for e in entries if e.op == "dir"}
@@ -569,12 +571,13 @@ class Applier(FileOps):
         self.rows.append((e.path, "file", e.size, e.mtime_ns, pst.st_ino, prim[5] if prim else None))
 
     # -- metadata ------------------------------------------------------
-    def _apply_meta_fd(self, e: Entry, fd: int, fresh: bool = False) -> None:
+    def _apply_meta_fd(self, e: Entry, fd: int, fresh: bool = False, mode_set: bool = False) -> None:
         """Owner, mode, xattrs, times (last).  ``fresh``: a file this cycle just created (owned by
-        us, no xattrs yet), so unneeded calls are skipped."""
+        us, no xattrs yet), so unneeded calls are skipped; ``mode_set``: it was created with its mode."""
         if self.euid == 0 and not (fresh and e.uid == self.euid and e.gid == self.egid):
-            os.fchown(fd, e.uid, e.gid)
-        os.fchmod(fd, e.mode)
+            os.fchown(fd, e.uid, e.gid)   # (clears set-id bits: the mode comes after)
+        if not mode_set:
+            os.fchmod(fd, e.mode)
         if not fresh or e.xattrs:
             self._xattrs_fd(e, fd)
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))

@@ -136,11 +136,11 @@ class FileOps:
         before the commit rolls the cycle back."""
         if self.fresh:   # a first copy into an empty DEST: written in place (see Applier.fresh)
             pfd = self.ensure_parent(e.path)
-            tmp, dir_fd = basename(e.path), pfd
+            tmp, dir_fd, mode = basename(e.path), pfd, e.mode & 0o777
             self.dirs.dirty.add(parent(e.path))
         else:
-            tmp, dir_fd = self._tmpname("f"), self.stage_fd
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, 0o600, dir_fd=dir_fd)
+            tmp, dir_fd, mode = self._tmpname("f"), self.stage_fd, 0o600
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, mode, dir_fd=dir_fd)
         try:
             n = fill(fd)
             if n != e.size or e.extents is not None:
@@ -150,7 +150,7 @@ class FileOps:
                 sig = blockdiff.sign_fd(fd, e.size)
             elif isinstance(sig, _LazySig):
                 sig = sig.get()
-            self._apply_meta_fd(e, fd, fresh=True)
+            self._apply_meta_fd(e, fd, fresh=True, mode_set=(mode & ~self.umask) == e.mode)
             ino = os.fstat(fd).st_ino
         except BaseException:
             os.close(fd)
