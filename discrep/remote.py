@@ -42,7 +42,7 @@ from .local import prepare_dest
 from .manifest import Entry, read_segment
 from .paths import show
 from .reader import MountReader
-from .replica import result_fields, sync
+from .replica import holds_only_state, result_fields, sync
 from .ssh import Connection, HostConfig, parse_remote, q, resolve
 
 log = logging.getLogger(__name__)
@@ -374,8 +374,7 @@ class RemoteSession:
         a, cfg = self.a, self.cfg
         rcycle = prepare_dest(self.dest, force=bool(getattr(a, "force", False)) and self.cycles == 0)
         # a first copy into an empty DEST is applied while the source still builds it
-        want_stream = self.transport == "sshfs" and rcycle == 0 and \
-            all(n == ".discrep" for n in os.listdir(self.dest))
+        want_stream = self.transport == "sshfs" and rcycle == 0 and holds_only_state(self.dest)
         reader = stream = None
         try:
             if self.agent is None:

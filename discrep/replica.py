@@ -85,6 +85,11 @@ def state_dir(dest: bytes) -> bytes:
     return join(dest, STATE_DIR)
 
 
+def holds_only_state(dest) -> bool:
+    """DEST has nothing in it but discrep's own ``.discrep`` (str or bytes path)."""
+    return all(os.fsencode(n) == STATE_DIR for n in os.listdir(dest))
+
+
 @contextmanager
 def replica_lock(dest: bytes) -> Iterator[None]:
     with locks.holding(join(state_dir(dest), b"lock"), f"another discrep run is writing to {os.fsdecode(dest)}",
@@ -161,7 +166,7 @@ class Applier(FileOps):
     """Applies one cycle's manifest to DEST (see module doc)."""
 
     def __init__(self, reader, dest: bytes, catalog: ReplicaCatalog, header: dict, entries: List[Entry],
-                 warnings: WarningList, progress=None):
+                 warnings: WarningList, progress=None, fresh: bool = False):
         self.reader = reader
         self.dest = dest
         self.cat = catalog
@@ -207,8 +212,7 @@ class Applier(FileOps):
         self.dir_paths = {e.path for e in entries if e.op == "dir"}
         # a first copy into an empty DEST: one "fresh" undo record (undo = empty DEST again) stands
         # for every create, and files are written in place, without a stage and a rename each
-        self.fresh = bool(header.get("full")) and catalog.last_committed() == 0 and \
-            all(os.fsencode(n) == STATE_DIR for n in os.listdir(dest))
+        self.fresh = fresh
 
     def close(self) -> None:
         self.dirs.clear()
@@ -234,6 +238,11 @@ class Applier(FileOps):
         st = os.fstat(self.dirs.get(d))
         self._dir_times[d] = (st.st_atime_ns, st.st_mtime_ns)
         self.log.add({"op": "dirmeta", "path": enc(d), "mtime_ns": st.st_mtime_ns, "atime_ns": st.st_atime_ns})
+
+    def _log_fresh(self) -> None:
+        """Before anything is written by a first copy into an empty DEST: its undo = empty DEST."""
+        self.log.add({"op": "fresh"})
+        self.log.barrier()
 
     def _log_mkdir(self, rel: bytes) -> None:
         if self.fresh:
@@ -357,9 +366,8 @@ class Applier(FileOps):
         deletes = [e for e in ents if e.op == "delete"]
         ups = [e for e in ents if e.is_upsert]
         full = bool(self.header.get("full"))
-        if self.fresh:               # before anything is written: undo of this cycle = empty DEST
-            self.log.add({"op": "fresh"})
-            self.log.barrier()
+        if self.fresh:
+            self._log_fresh()
         # 1. moves: lift out, deepest base first; then drop in, shallowest new path first
         lifted: List[Tuple[Entry, bytes]] = []
         for e in sorted(moves, key=lambda m: -depth(m.old)):
@@ -462,8 +470,7 @@ class Applier(FileOps):
         t0 = time.monotonic()
         if not self.fresh:
             raise ManifestError("a streamed cycle needs a first copy into an empty replica")
-        self.log.add({"op": "fresh"})
-        self.log.barrier()
+        self._log_fresh()
         self.stats.streamed = True
         self.prefetch_packs = True
         totals = getattr(stream, "totals", None) or {}
@@ -719,8 +726,8 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
                  "full comparison")
     users: Dict[str, Optional[int]] = {}
     groups: Dict[str, Optional[int]] = {}
-    streamed = stream is not None and bool(header.get("full")) and last == 0 and \
-        all(os.fsencode(n) == STATE_DIR for n in os.listdir(dest))
+    fresh = bool(header.get("full")) and last == 0 and holds_only_state(dest)
+    streamed = stream is not None and fresh
     entries: List[Entry] = []
     if stream is not None and not streamed:    # not a first copy into an empty DEST: whole manifest first
         for ents, _packs in stream.segments():
@@ -741,7 +748,7 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
         r.map_owner(users, groups)
         header["root"] = dict(header["root"], uid=r.uid, gid=r.gid)
     cat.begin(cycle, base, int(header.get("created_ns", 0)))
-    ap = Applier(reader, dest, cat, header, entries, warnings, progress)
+    ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
     try:
         if streamed:
             ap.pack_rel = stream.pack_rel
