@@ -94,6 +94,24 @@ def no_export_mounts() -> bool:
     return False
 
 
+def crash_at_each_barrier(src: Path, dst: Path, limit: int):
+    """Run ``replicate`` with DISCREP_CRASH_AFTER_BARRIERS=k for k = 1, 2, ... until a run completes;
+    after each kill (checked: SIGKILL, no export mount left) yield k, for the caller to inspect and
+    recover the replica."""
+    for k in range(1, limit):
+        p = run("replicate", "--json", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": str(k)}, check=False)
+        if p.returncode == 0:
+            return
+        assert p.returncode == -signal.SIGKILL, p.stderr
+        assert no_export_mounts(), "the FUSE export outlived the killed replicate"
+        yield k
+
+
+def recover_rolls_back(dst: Path) -> None:
+    r = run("recover", "--json", str(dst))
+    assert json.loads(r.stdout.strip().splitlines()[-1])["rolled_back"] is not None
+
+
 def test_crash_at_every_barrier_then_recover(work_dir: Path):
     rnd = random.Random(6)
     src, dst = work_dir / "src", work_dir / "dst"
@@ -103,15 +121,9 @@ def test_crash_at_every_barrier_then_recover(work_dir: Path):
     churn(src, rnd, 1)
     after = save(src, work_dir / "cycle2")
     kills = 0
-    for k in range(1, 60):
-        p = run("replicate", "--json", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": str(k)}, check=False)
-        if p.returncode == 0:
-            break
-        assert p.returncode == -signal.SIGKILL, p.stderr
+    for k in crash_at_each_barrier(src, dst, 60):
         kills += 1
-        assert no_export_mounts(), "the FUSE export outlived the killed replicate"
-        r = run("recover", "--json", str(dst))
-        assert json.loads(r.stdout.strip().splitlines()[-1])["rolled_back"] is not None
+        recover_rolls_back(dst)
         assert equal(before, dst), f"after a crash at barrier {k} and recover, the replica is not cycle 1"
     assert kills >= 5, "the cycle had too few write-ahead barriers to test"
     assert equal(after, dst) and equal(src, dst)
@@ -236,10 +248,7 @@ def test_moved_into_new_dir_then_rewritten_rolls_back(work_dir: Path):
     with open(src / "new" / "big", "r+b") as f:
         f.seek(1 << 20)
         f.write(b"changed")
-    for k in range(1, 40):
-        p = run("replicate", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": str(k)}, check=False)
-        if p.returncode == 0:
-            break
+    for k in crash_at_each_barrier(src, dst, 40):
         run("recover", str(dst))
         assert equal(before, dst), f"crash at barrier {k}"
     assert equal(src, dst)
@@ -256,16 +265,11 @@ def test_crash_during_first_copy_empties_dest(work_dir: Path):
     dst.mkdir()
     os.chmod(dst, 0o750)
     kills = 0
-    for k in range(1, 40):
-        p = run("replicate", "--json", str(src), str(dst), env={"DISCREP_CRASH_AFTER_BARRIERS": str(k)}, check=False)
-        if p.returncode == 0:
-            break
-        assert p.returncode == -signal.SIGKILL, p.stderr
+    for k in crash_at_each_barrier(src, dst, 40):
         kills += 1
         if k == 2:  # past the "fresh" barrier: files had been written in place
             assert len(os.listdir(dst)) > 5
-        r = run("recover", "--json", str(dst))
-        assert json.loads(r.stdout.strip().splitlines()[-1])["rolled_back"] is not None
+        recover_rolls_back(dst)
         assert sorted(os.listdir(dst)) == [".discrep"], f"crash at barrier {k}: DEST not emptied"
         assert os.stat(dst).st_mode & 0o7777 == 0o750, f"crash at barrier {k}: DEST's mode not restored"
     assert kills >= 2
