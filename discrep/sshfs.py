@@ -108,6 +108,18 @@ class SshfsMount:
                 raise TransportError(f"sshfs did not mount {self.cfg.describe()}:{self.remote_dir} within "
                                      f"{timeout:.0f}s")
             time.sleep(0.005)
+        # sshfs mounts first and checks the remote directory afterwards (exiting if it is missing):
+        # the mount is only usable once a request through it has been answered
+        try:
+            os.listdir(self.local_dir)
+        except OSError:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            err = self.stderr()
+            self.stop()
+            self._raise(err)
         set_read_ahead(self.local_dir)
         return self
 
