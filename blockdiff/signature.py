@@ -62,6 +62,7 @@ _HEADER = struct.Struct("<4sBIIQQQ")
 HEADER_SIZE = _HEADER.size  # 37
 
 _h64 = xxhash.xxh3_64_intdigest
+_Q = struct.Struct("<Q")
 _h128 = xxhash.xxh3_128_digest
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -83,6 +84,8 @@ def _check_geometry(block_size: int, factor: int, exc: type = ValueError) -> Non
 
 def fine_digests(buf: Buffer, block_size: int = FINE_SIZE) -> bytes:
     """Fine digests (8 bytes each) of consecutive ``block_size`` blocks of ``buf``."""
+    if type(buf) is bytes and 0 < len(buf) <= block_size:   # one block: the common small file
+        return _Q.pack(_h64(buf))
     mv = memoryview(buf).cast("B")
     n = len(mv)
     if n == 0:

@@ -9,7 +9,9 @@ replica runs one agent per cycle and talks to it in JSON lines:
               --stream / "stream": true; manifest segment S and packs < K are on disk; seg 0
               also carries the cycle header, the snapshot path and totals; see source.build_cycle)
     agent -> {"event": "built", "cycle": N, "base": B, ...}     (journal cut, snapshot, manifest)
-    agent -> {"event": "ready", "mountpoint": ".../export.XXXX/m<k>"}  (FUSE export mounted)
+    agent -> {"event": "ready", "mountpoint": ".../export.XXXX/m<k>"}  (FUSE export mounted; a
+              streamed cycle is exported only on replica -> {"cmd": "export"}: its replica reads
+              the cycle and snapshot directories directly and may never need the export)
     replica -> {"cmd": "ack", "cycle": N}   agent unmounts, -> {"event": "acked", "cycle": N}
     replica -> {"cmd": "done"}              (the cycle failed) agent unmounts, -> {"event": "ended"}
     replica -> {"cmd": "bye"} or EOF       agent unmounts the export, removes its dir, exits 0
@@ -70,11 +72,23 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             _say({"event": "hello", "state_dir": state, "dir": workdir})
             served = 0
 
+            to_export: list = []                    # (cycle, mountpoint) built, not exported yet
+
+            def start_export() -> None:
+                nonlocal export
+                n, mnt = to_export.pop()
+                try:
+                    export = fuse_export.BackgroundExport(make_view(bsrc, n), mnt).start()
+                except (fuse_export.FuseUnavailable, fuse_export.MountError) as e:
+                    raise FuseUnavailableError(f"cannot mount the export on the source: {e}") from None
+                _say({"event": "ready", "mountpoint": mnt})
+
             def cycle(rcycle: int, stream: bool) -> None:
-                nonlocal export, served
+                nonlocal served
                 served += 1
                 mnt = os.path.join(workdir, f"m{served}")   # a fresh path per cycle: no stale caches
                 os.mkdir(mnt)
+                to_export.clear()
                 settle_source(bsrc, rcycle)
                 t_build = time.monotonic()
                 b = build_cycle(bsrc, snapshot_kind=snapshot_kind, min_cycle=rcycle + 1, warnings=warnings,
@@ -85,14 +99,13 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                 for w in warnings:
                     print(f"discrep: warning: {w}", file=sys.stderr, flush=True)
                 warnings.items.clear()
-                try:
-                    export = fuse_export.BackgroundExport(make_view(bsrc, b.cycle), mnt).start()
-                except (fuse_export.FuseUnavailable, fuse_export.MountError) as e:
-                    raise FuseUnavailableError(f"cannot mount the export on the source: {e}") from None
-                _say({"event": "ready", "mountpoint": mnt})
+                to_export.append((b.cycle, mnt))
+                if not stream:
+                    start_export()
 
             def end_cycle() -> None:
                 nonlocal export
+                to_export.clear()
                 if export is not None:
                     export.stop()
                     export = None
@@ -110,6 +123,13 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                         end_cycle()
                         ack_cycle(bsrc, int(cmd["cycle"]))
                         _say({"event": "acked", "cycle": int(cmd["cycle"])})
+                    elif what == "export":           # a streamed cycle's replica needs the export
+                        if export is None:
+                            if not to_export:
+                                raise SourceError("no built cycle to export")
+                            start_export()
+                        else:
+                            _say({"event": "ready", "mountpoint": export.mountpoint})
                     elif what == "done":             # the cycle failed on the replica: just end it
                         end_cycle()
                         _say({"event": "ended"})

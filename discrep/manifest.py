@@ -100,6 +100,37 @@ def entry_for(rel: bytes, full: bytes, st: os.stat_result,
     return e
 
 
+_json_str = json.encoder.encode_basestring_ascii      # what json.dumps does to a str
+_owners: Dict[Tuple[int, int], str] = {}
+
+
+def _owner_json(uid: int, gid: int) -> str:
+    s = _owners.get((uid, gid))
+    if s is None:
+        s = _owners[(uid, gid)] = ',"uid":%d,"gid":%d,"user":%s,"group":%s' % (
+            uid, gid, json.dumps(_name_of(uid, pwd.getpwuid)), json.dumps(_name_of(gid, grp.getgrgid)))
+    return s
+
+
+def file_line(rel: bytes, st: os.stat_result, xattrs: Dict[str, bytes], idx: int,
+              h: Optional[str] = None, pack: Optional[List[int]] = None) -> str:
+    """The JSON line of a regular file's upsert entry, as ``ManifestWriter.add`` would write
+    ``entry_for(rel, ..., st, xattrs)`` plus ``idx`` and optional ``h``/``pack`` -- formatted
+    directly: the source writes one per small file, and a dict through the encoder costs 5x."""
+    line = '{"path":%s,"mode":%d%s,"mtime_ns":%d,"op":"file","size":%d' % (
+        _json_str(enc(rel)), statmod.S_IMODE(st.st_mode), _owner_json(st.st_uid, st.st_gid),
+        st.st_mtime_ns, st.st_size)
+    if xattrs:
+        line += ',"xattrs":' + json.dumps({k: base64.b64encode(v).decode() for k, v in sorted(xattrs.items())},
+                                          separators=(",", ":"))
+    line += ',"idx":%d' % idx
+    if h is not None:
+        line += ',"h":"%s"' % h
+    if pack is not None:
+        line += ',"pack":[%d,%d]' % (pack[0], pack[1])
+    return line + "}"
+
+
 class ManifestWriter:
     """Stream entries into a zstd-compressed JSON-lines file.
 
@@ -134,6 +165,13 @@ class ManifestWriter:
 
     def add(self, entry: Dict[str, Any]) -> None:
         self._write(entry)
+        self.count += 1
+
+    def add_line(self, line: str) -> None:
+        """An entry already formatted as one JSON object (``file_line``)."""
+        self._buf.append(line)
+        if len(self._buf) >= 2048:
+            self._flush()
         self.count += 1
 
     def cut(self, path: str) -> None:

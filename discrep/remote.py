@@ -34,7 +34,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import errors as errmod
 from .errors import Error, ManifestError, TransportError, WarningList
@@ -65,10 +65,13 @@ class DirectDataReader(MountReader):
         self.snap = os.fsencode(self.root_mnt) + os.fsencode(snapshot_path)
         self.cycle_dir = os.fsencode(self.root_mnt) + os.fsencode(cycle_dir)
         self.paths: Dict[int, bytes] = {}
+        self.want_export: Optional[Callable[[], str]] = None   # a streamed cycle: export on first need
+        self._export_lock = threading.Lock()
 
     def set_export(self, export_dir: str) -> None:
         """The export is mounted (a streamed cycle starts reading before it is)."""
         self.mountpoint = os.fsencode(self.root_mnt + export_dir)
+        self.want_export = None
 
     def know_files(self, paths: Dict[int, bytes]) -> None:
         self.paths = paths
@@ -90,17 +93,25 @@ class DirectDataReader(MountReader):
                     return os.open(self.snap + b"/" + p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 except OSError:
                     pass  # not in the snapshot dir (e.g. captured into a pack): the export's alias
+        if self.want_export is not None:     # a streamed cycle's export is mounted only when needed
+            with self._export_lock:
+                if self.want_export is not None:
+                    self.set_export(self.want_export())
         return super()._open(rel)
 
 
 class CycleStream:
     """The replica's view of a cycle the source agent streams (agent.py, ``seg`` events): the
     header, then validated entry batches as segments are announced, then ``finish()`` (the cycle
-    is built and its export mounted).  Used by replica.sync; reads go through ``reader``.
+    is built).  Used by replica.sync; reads go through ``reader``.  Segments, packs and file data
+    are read straight from the source's cycle and snapshot directories; the FUSE export is
+    mounted only if a read needs it (``export()``, through ``reader.want_export``): a first
+    copy of small files never starts it.
 
     Thread-safety: one helper thread reads the agent's announcements as they come (so
     ``packs_known`` runs ahead of the segment being applied, for pack read-ahead) until
-    ``built``; everything else runs in the caller's thread."""
+    ``built``; ``export()`` may run in a reader thread once that helper has ended (the reader
+    serializes it); everything else runs in the caller's thread."""
 
     pack_rel = CYCLE_DIR + b"pack-%d"
 
@@ -120,6 +131,7 @@ class CycleStream:
         self.ready: Optional[Dict[str, Any]] = None
         self._t = threading.Thread(target=self._listen, daemon=True, name="discrep-stream")
         self._t.start()
+        reader.want_export = self.export
 
     def _listen(self) -> None:
         try:
@@ -133,7 +145,8 @@ class CycleStream:
         except BaseException as e:   # handed to the applying thread
             self._q.put(e)
 
-    def segments(self) -> Iterator[Tuple[List[Entry], int]]:
+    def announced(self) -> Iterator[Tuple[int, int]]:
+        """(segment number, packs written so far) as segments are announced, until ``built``."""
         while not self._done:
             msg = self._q.get()
             if isinstance(msg, BaseException):
@@ -145,19 +158,36 @@ class CycleStream:
                 return
             if int(msg.get("seg", -1)) != self._n:
                 raise TransportError(f"the source agent announced segment {msg.get('seg')} where {self._n} was due")
-            ents = [Entry(r) for r in read_segment(self._reader.read_all(CYCLE_DIR + b"seg-%d.zst" % self._n),
-                                                   self._n)]
             self._n += 1
-            yield ents, int(msg["packs"])
+            yield self._n - 1, int(msg["packs"])
+
+    def raw(self, n: int) -> Iterator[Dict[str, Any]]:
+        """Segment ``n``'s raw entry dicts (not validated yet)."""
+        return read_segment(self._reader.read_all(CYCLE_DIR + b"seg-%d.zst" % n), n)
+
+    def entries(self, n: int) -> List[Entry]:
+        """Segment ``n``'s validated entries."""
+        return [Entry(r) for r in self.raw(n)]
+
+    def segments(self) -> Iterator[Tuple[List[Entry], int]]:
+        for n, packs in self.announced():
+            yield self.entries(n), packs
 
     def finish(self) -> None:
-        """Every segment consumed (the rest is read and dropped), then the export is waited for."""
-        for _ in self.segments():
+        """Every segment consumed (the rest is read and dropped) and ``built`` received."""
+        for _ in self.announced():
             pass
         self._t.join()
+
+    def export(self) -> str:
+        """Have the agent mount the built cycle's export; its directory for the reader."""
+        self.finish()
         if self.ready is None:
+            t = time.monotonic()
+            self._agent.send({"cmd": "export"})
             self.ready = self._agent.expect("ready")
-            self._reader.set_export(self._export_base + "/" + self.ready["mountpoint"].rsplit("/", 1)[1])
+            log.info("the source exported the streamed cycle in %.2fs", time.monotonic() - t)
+        return self._export_base + "/" + self.ready["mountpoint"].rsplit("/", 1)[1]
 
 
 def _choose_transport(want: str) -> str:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 
-from . import locks
+from . import fresh_worker, locks
 from .errors import (CycleMismatchError, DestinationError, DiskFullError, ManifestError, UnsafePathError, WarningList)
 from .history import KEEP, UndoLog, encode_meta, read_xattrs_fd, rollback
 from .manifest import Entry, read_lines
@@ -70,6 +70,7 @@ class SyncStats:
     history_bytes: int = 0
     duration_s: float = 0.0
     streamed: bool = False       # applied while the source was still building it (run_stream)
+    worker_segments: int = 0     # of those, manifest segments a second process applied (fresh_worker)
 
 
 def result_fields(stats: SyncStats) -> dict:
@@ -78,7 +79,8 @@ def result_fields(stats: SyncStats) -> dict:
             "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
             "dirs_created": stats.dirs, "symlinks": stats.symlinks,
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
-            "history_bytes": stats.history_bytes, "streamed": stats.streamed}
+            "history_bytes": stats.history_bytes, "streamed": stats.streamed,
+            "worker_segments": stats.worker_segments}
 
 
 def state_dir(dest: bytes) -> bytes:
@@ -114,6 +116,7 @@ class _Dirs:
         self.cache: Dict[bytes, int] = {}
         self.dirty: Set[bytes] = set()
         self.on_mkdir: Optional[Callable[[bytes], None]] = None  # called (and logged) before a mkdir
+        self.shared = False       # a second process makes directories in DEST too (fresh_worker)
 
     def get(self, rel: bytes, create: bool = False) -> int:
         fd = self.cache.get(rel)
@@ -128,7 +131,11 @@ class _Dirs:
                         raise
                     if self.on_mkdir is not None:
                         self.on_mkdir(rel)
-                    os.mkdir(name, 0o700, dir_fd=pfd)
+                    try:
+                        os.mkdir(name, 0o700, dir_fd=pfd)
+                    except FileExistsError:
+                        if not self.shared:
+                            raise
                     self.dirty.add(parent(rel))
                     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | O_FILE, dir_fd=pfd)
                 except OSError as e:
@@ -213,6 +220,9 @@ class Applier(FileOps):
         # a first copy into an empty DEST: one "fresh" undo record (undo = empty DEST again) stands
         # for every create, and files are written in place, without a stage and a rename each
         self.fresh = fresh
+        self.numeric_ids = False
+        self.use_worker = True                       # a streamed first copy may use a second process
+        self._foreign_packs: Set[int] = set()        # packs the worker reads (never read ahead here)
 
     def close(self) -> None:
         self.dirs.clear()
@@ -476,41 +486,41 @@ class Applier(FileOps):
         totals = getattr(stream, "totals", None) or {}
         nfiles, nbytes = int(totals.get("files", 0)), int(totals.get("bytes", 0))
         deferred: List[Entry] = []
-        done = done_bytes = 0
-        for ents, npacks in stream.segments():
-            prep(ents)
-            self.n_packs = npacks
-            self.prefetch_pack(self._pack_cur + 1)   # the next pack may have been written meanwhile
-            self.entries.extend(ents)
-            for e in ents:
-                op = e.op
-                if op == "file":
-                    done += 1
-                    if e.link is None and (e.pack is not None or e.size == 0):
-                        self._file(e)
-                        done_bytes += e.size
-                    else:
-                        deferred.append(e)
-                elif op == "dir":
-                    self.dir_paths.add(e.path)
-                    pfd = self.ensure_parent(e.path)
-                    try:
-                        os.mkdir(basename(e.path), 0o700, dir_fd=pfd)
-                    except FileExistsError:
-                        if _lstat(self.dirs, e.path) is None or e.path not in self.created:
-                            raise ManifestError(f"{show(e.path)} appears twice in the manifest") from None
-                    self.created.add(e.path)
-                    self.dirs.dirty.add(parent(e.path))
-                    self.stats.dirs += 1
-                elif op == "symlink":
-                    self._symlink(e)
-                elif op == "delete":          # vanished while the source was captured
-                    self.deleted.append(e.path)
-                else:
-                    raise ManifestError(f"a first copy cannot hold a {op!r} entry ({show(e.path)})")
-            if self.progress:
-                self.progress(done, max(done, nfiles), self.reader.bytes_read, done_bytes, max(done_bytes, nbytes))
-        stream.finish()                          # the cycle is built and its export is up
+        counts = [0, 0]                          # files done, bytes done (for progress)
+        self._packed = fresh_worker.PackedWriter(self.dirs, self.numeric_ids)
+        worker = self._start_worker(stream)
+        if worker is not None:
+            self.dirs.shared = True
+            self.packs_known = lambda: 0         # read ahead only packs of segments applied here
+        lo = 0                                   # packs before the segment being handed out
+        try:
+            for n, npacks in stream.announced():
+                self.n_packs = npacks
+                if worker is not None:
+                    for res in worker.results(block=False):
+                        self._worker_done(res, deferred, prep, counts)
+                    if len(worker.outstanding) < fresh_worker.MAX_QUEUED and npacks > lo:
+                        worker.submit(n, lo, npacks)   # the worker reads these packs itself
+                        for k in range(lo, npacks):
+                            self._foreign_packs.add(k)
+                            self._pack_next.pop(k, None)
+                        lo = npacks
+                        continue
+                lo = npacks
+                self.prefetch_pack(self._pack_cur + 1)   # the next pack may have been written meanwhile
+                self._stream_apply(stream.raw(n), deferred, counts, prep)
+                self._progress_stream(counts, nfiles, nbytes)
+            if worker is not None:
+                for res in worker.results(block=True):
+                    self._worker_done(res, deferred, prep, counts)
+                worker.close()
+                worker = None
+        finally:
+            if worker is not None:   # failed: nothing of the worker may still write
+                worker.kill()
+        done, done_bytes = counts
+        self._progress_stream(counts, nfiles, nbytes)
+        stream.finish()                          # the cycle is built (its export comes if a read needs it)
         know = getattr(self.reader, "know_files", None)
         if know is not None:
             know({e.idx: e.path for e in self.entries if e.op == "file"})
@@ -529,6 +539,87 @@ class Applier(FileOps):
         self._metadata_phase(ups, [e for e in ups if e.op == "dir"])
         self.stats.duration_s = time.monotonic() - t0
         return self.stats
+
+    def _start_worker(self, stream) -> "Optional[fresh_worker.FreshWorker]":
+        """A second applying process when the segments and packs can be read directly (sshfs)."""
+        cdir = getattr(self.reader, "cycle_dir", None)
+        if not self.use_worker or not cdir:
+            return None
+        try:
+            return fresh_worker.FreshWorker(self.dest, cdir, self.numeric_ids)
+        except OSError as e:
+            log.info("no second applying process (%s); applying in one", e)
+            return None
+
+    def _stream_apply(self, raws, deferred: List[Entry], counts: List[int], prep,
+                      made_dirs: bool = False) -> None:
+        """Apply one segment's raw entries (``made_dirs``: the worker made its directories already):
+        the common packed file through ``fresh_worker.PackedWriter``, the rest as Entries."""
+        write = self._packed.write
+        for r in raws:
+            row = write(r, self._pack)
+            if row is not None:
+                self.rows.append(row)
+                self.created.add(row[0])
+                self.stats.files_changed += 1
+                self.stats.bytes_written += row[2]
+                counts[0] += 1
+                counts[1] += row[2]
+                continue
+            e = Entry(r)
+            prep([e])
+            self.entries.append(e)
+            op = e.op
+            if op == "file":
+                counts[0] += 1
+                if e.link is None and e.pack is not None:
+                    self._fresh_packed(e)
+                    counts[1] += e.size
+                elif e.link is None and e.size == 0:
+                    self._file(e)
+                else:
+                    deferred.append(e)
+            elif op == "dir":
+                if e.path in self.dir_paths:
+                    raise ManifestError(f"{show(e.path)} appears twice in the manifest")
+                self.dir_paths.add(e.path)
+                pfd = self.ensure_parent(e.path)
+                if not made_dirs:
+                    try:
+                        os.mkdir(basename(e.path), 0o700, dir_fd=pfd)
+                    except FileExistsError:   # made as the parent of a file the worker wrote
+                        st = _lstat(self.dirs, e.path)
+                        if st is None or not statmod.S_ISDIR(st.st_mode):
+                            raise ManifestError(f"{show(e.path)} appears twice in the manifest") from None
+                self.created.add(e.path)
+                self.dirs.dirty.add(parent(e.path))
+                self.stats.dirs += 1
+            elif op == "symlink":
+                self._symlink(e)
+            elif op == "delete":          # vanished while the source was captured
+                self.deleted.append(e.path)
+            else:
+                raise ManifestError(f"a first copy cannot hold a {op!r} entry ({show(e.path)})")
+
+    def _worker_done(self, res: Tuple, deferred: List[Entry], prep, counts: List[int]) -> None:
+        _done, _n, rows, others, nfiles, nbytes, nread, dirty, warns = res
+        self.stats.worker_segments += 1
+        self.rows.extend(rows)
+        self.stats.files_changed += nfiles
+        self.stats.bytes_written += nbytes
+        counts[0] += nfiles
+        counts[1] += nbytes
+        self.reader.bytes_read += nread
+        self.dirs.dirty.update(dirty)
+        self.created.update(r[0] for r in rows)
+        for rel, msg in warns:
+            self.warnings.add(show(rel), msg)
+        self._stream_apply(others, deferred, counts, prep, made_dirs=True)
+
+    def _progress_stream(self, counts: List[int], nfiles: int, nbytes: int) -> None:
+        if self.progress:
+            done, done_bytes = counts
+            self.progress(done, max(done, nfiles), self.reader.bytes_read, done_bytes, max(done_bytes, nbytes))
 
     def _remove_extraneous(self, keep: Set[bytes]) -> None:
         """Full cycle: anything in DEST that the snapshot does not have goes to the trash."""
@@ -753,6 +844,7 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
         if streamed:
             ap.pack_rel = stream.pack_rel
             ap.packs_known = lambda: stream.packs_known
+            ap.numeric_ids = numeric_ids
             stats = ap.run_stream(stream, lambda ents: _map_owners(ents, numeric_ids, users, groups))
         else:
             stats = ap.run()

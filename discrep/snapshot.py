@@ -199,15 +199,20 @@ def _capture_file(src: bytes, dst: bytes, rel: bytes, warnings: WarningList) -> 
     return None
 
 
-def read_verified(path: bytes, rel: bytes, warnings: WarningList, max_size: int
+def read_verified(path: bytes, rel: bytes, warnings: WarningList, max_size: int,
+                  before: Optional[os.stat_result] = None
                   ) -> Optional[Tuple[bytes, os.stat_result, Dict[str, bytes]]]:
     """Read a small live file as one point-in-time copy: (bytes, stat, xattrs), verified by
     stat before and after (inode, size, mtime, ctime); retried; None (with a warning) if it keeps
-    changing, FileNotFoundError if it is gone or no longer a small regular file."""
+    changing, FileNotFoundError if it is gone or no longer a small regular file.
+
+    ``before``: an lstat of ``path`` taken earlier (the scan's), used as the first try's "before"
+    (one fstat less per file); the inode is then compared too, so a file replaced since counts
+    as a change and is read again."""
     for attempt in range(RETRIES):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            st1 = os.fstat(fd)
+            st1 = before if attempt == 0 and before is not None else os.fstat(fd)
             if not statmod.S_ISREG(st1.st_mode) or st1.st_size > max_size:
                 raise FileNotFoundError(path)
             data = os.pread(fd, st1.st_size + 1, 0)
@@ -220,9 +225,9 @@ def read_verified(path: bytes, rel: bytes, warnings: WarningList, max_size: int
             st2 = os.fstat(fd)
         finally:
             os.close(fd)
-        if len(data) == st1.st_size and (st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns) == \
-                (st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns):
-            return data, st1, xattrs
+        if len(data) == st1.st_size and (st1.st_ino, st1.st_dev, st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns) \
+                == (st2.st_ino, st2.st_dev, st2.st_size, st2.st_mtime_ns, st2.st_ctime_ns):
+            return data, st2, xattrs
     warnings.add(show(rel), f"kept changing while it was read ({RETRIES} tries); left for the next cycle")
     return None
 

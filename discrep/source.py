@@ -36,7 +36,7 @@ from . import snapshot as snapmod
 from .changes import coalesce
 from .errors import SourceError, WarningList
 from .journal import Journal
-from .manifest import ManifestWriter, entry_for
+from .manifest import ManifestWriter, entry_for, file_line
 from .paths import STATE_DIR, enc, join, show
 from .scan import scan, walk
 from .source_catalog import CycleRec, SourceCatalog
@@ -162,7 +162,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
             touched.update(p + b"/" + rel for rel, _st in walk(full))
     for new in cs.moves:                # a moved directory's metadata is rewritten too
         touched.add(new)
-    _add_link_siblings(root, catalog, touched, stats)
+    if catalog.con.execute("SELECT 1 FROM files LIMIT 1").fetchone() is not None:
+        _add_link_siblings(root, catalog, touched, stats)   # (nothing replicated yet: no siblings)
     root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
     for k in ("op", "path"):
         root_meta.pop(k, None)
@@ -212,35 +213,37 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         moves_map = dict(cs.moves)
         links: Dict[Tuple[int, int], bytes] = {}
         idx = 0
+        skipped, inline, root_slash = snap.skipped, snap.inline, root.rstrip(b"/") + b"/"
+        read_verified, fine_digests, xxh3_128_hex = snapmod.read_verified, blockdiff.fine_digests, \
+            xxhash.xxh3_128_hexdigest
         for p in ordered:
             if on_segment is not None and mw.count - segs[1] >= SEGMENT_ENTRIES:
                 cut_segment()
-            if p in snap.skipped:
+            if p in skipped:
                 continue
-            if p in snap.inline:     # a small file: captured now, straight into its pack
+            if p in inline:     # a small file: captured now, straight into its pack (the hot loop)
+                full = root_slash + p
                 try:
-                    got = snapmod.read_verified(join(root, p), p, warnings, SMALL_MAX)
+                    got = read_verified(full, p, warnings, SMALL_MAX, stats.get(p))
                 except OSError as err:
                     got = None
-                    if err.errno == errno.ENOENT and not os.path.lexists(join(root, p)):
+                    if err.errno == errno.ENOENT and not os.path.lexists(full):
                         mw.add({"op": "delete", "path": enc(p)})
                         pending.append(("gone", p, None, None, None, None, None, None))
                         continue
                 if got is None:
-                    snap.skipped.add(p)
+                    skipped.add(p)
                     continue
                 data, st, xattrs = got
-                e = entry_for(p, join(root, p), st, xattrs)
-                e["idx"] = idx
-                idx += 1
+                size = st.st_size
                 nfiles += 1
-                nbytes += st.st_size
-                if st.st_size:
-                    e["h"] = xxhash.xxh3_128_hexdigest(blockdiff.fine_digests(data))
-                    e["pack"] = pack_add(data)
-                mw.add(e)
-                pending.append(("upsert", p, None, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                st.st_mode))
+                nbytes += size
+                if size:
+                    mw.add_line(file_line(p, st, xattrs, idx, xxh3_128_hex(fine_digests(data)), pack_add(data)))
+                else:
+                    mw.add_line(file_line(p, st, xattrs, idx))
+                idx += 1
+                pending.append(("upsert", p, None, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
                 continue
             full = snap.locate(p)
             try:

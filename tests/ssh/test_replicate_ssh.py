@@ -299,6 +299,7 @@ def test_streamed_first_copy_many_segments_and_full_disk(sshd: Sshd, work_dir: P
         filler.unlink()
         res = _ok(replicate(sshd, str(src), str(dst)))
         assert res["streamed"] is True and res["transport"] == "sshfs"
+        assert res["worker_segments"] > 0, "a second process applies part of a long first copy"
         assert helpers.tree_equal(src, dst) == []
         _no_leftovers(sshd)
         # the next cycle is an ordinary one (not streamed) and still exact

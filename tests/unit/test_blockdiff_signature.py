@@ -84,6 +84,8 @@ def test_sign_bytes_matches_reference(size, factor):
 def test_fine_and_coarse_helpers():
     data = os.urandom(10 * 1000)
     assert fine_digests(data, 1000) == _ref_fine(data, 1000)
+    for n in (1, 999, 1000, 1001):   # the one-block fast path and its edges, bytes and not
+        assert fine_digests(data[:n], 1000) == _ref_fine(data[:n], 1000) == fine_digests(bytearray(data[:n]), 1000)
     assert fine_digests(b"") == b""
     f = fine_digests(data, 1000)
     assert coarse_digests(f, 4) == _ref_coarse(f, 4)
