@@ -488,14 +488,16 @@ class Applier(FileOps):
         deferred: List[Entry] = []
         counts = [0, 0]                          # files done, bytes done (for progress)
         self._packed = fresh_worker.PackedWriter(self.dirs, self.numeric_ids)
-        worker = self._start_worker(stream)
-        if worker is not None:
-            self.dirs.shared = True
-            self.packs_known = lambda: 0         # read ahead only packs of segments applied here
+        worker = None
         lo = 0                                   # packs before the segment being handed out
         try:
             for n, npacks in stream.announced():
                 self.n_packs = npacks
+                if n == 1:                       # more than one segment: worth a second process
+                    worker = self._start_worker(stream)
+                    if worker is not None:
+                        self.dirs.shared = True
+                        self.packs_known = lambda: 0   # read ahead only packs of segments applied here
                 if worker is not None:
                     for res in worker.results(block=False):
                         self._worker_done(res, deferred, prep, counts)
