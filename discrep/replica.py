@@ -41,12 +41,13 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 
-from . import fresh_worker, locks
+from . import locks
 from .errors import (CycleMismatchError, DestinationError, DiskFullError, ManifestError, UnsafePathError, WarningList)
 from .history import KEEP, UndoLog, encode_meta, read_xattrs_fd, rollback
 from .manifest import Entry, read_lines
 from .paths import STATE_DIR, basename, depth, enc, join, parent, show
 from .replica_files import O_FILE, FileOps, _lstat
+from .replica_stream import StreamOps
 from .replica_catalog import ReplicaCatalog
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class _NotDir(Exception):
         self.rel = rel
 
 
-class Applier(FileOps):
+class Applier(StreamOps, FileOps):
     """Applies one cycle's manifest to DEST (see module doc)."""
 
     def __init__(self, reader, dest: bytes, catalog: ReplicaCatalog, header: dict, entries: List[Entry],
@@ -469,159 +470,6 @@ class Applier(FileOps):
         self.dirs.fsync_dirty()
         syncfs(self.root_fd)
         self.stats.history_records = self.log.records
-
-    def run_stream(self, stream, prep: Callable[[List[Entry]], None]) -> SyncStats:
-        """A streamed first copy into an empty DEST (``self.fresh``): each manifest segment's
-        directories, packed and empty files and symlinks are applied as soon as it arrives, while
-        the source still builds the rest; files read through the export (large, sparse), hard links
-        and all metadata follow once the cycle is built and exported (``stream.finish()``).
-        ``stream.segments()`` yields (validated entries, packs written so far); ``prep`` maps owners.
-        A bad later segment fails the cycle, and the undo of a first copy empties DEST again."""
-        t0 = time.monotonic()
-        if not self.fresh:
-            raise ManifestError("a streamed cycle needs a first copy into an empty replica")
-        self._log_fresh()
-        self.stats.streamed = True
-        self.prefetch_packs = True
-        totals = getattr(stream, "totals", None) or {}
-        nfiles, nbytes = int(totals.get("files", 0)), int(totals.get("bytes", 0))
-        deferred: List[Entry] = []
-        counts = [0, 0]                          # files done, bytes done (for progress)
-        self._packed = fresh_worker.PackedWriter(self.dirs, self.numeric_ids)
-        worker = None
-        lo = 0                                   # packs before the segment being handed out
-        try:
-            for n, npacks in stream.announced():
-                self.n_packs = npacks
-                if n == 1:                       # more than one segment: worth a second process
-                    worker = self._start_worker(stream)
-                    if worker is not None:
-                        self.dirs.shared = True
-                        self.packs_known = lambda: 0   # read ahead only packs of segments applied here
-                if worker is not None:
-                    for res in worker.results(block=False):
-                        self._worker_done(res, deferred, prep, counts)
-                    if len(worker.outstanding) < fresh_worker.MAX_QUEUED and npacks > lo:
-                        worker.submit(n, lo, npacks)   # the worker reads these packs itself
-                        for k in range(lo, npacks):
-                            self._foreign_packs.add(k)
-                            self._pack_next.pop(k, None)
-                        lo = npacks
-                        continue
-                lo = npacks
-                self.prefetch_pack(self._pack_cur + 1)   # the next pack may have been written meanwhile
-                self._stream_apply(stream.raw(n), deferred, counts, prep)
-                self._progress_stream(counts, nfiles, nbytes)
-            if worker is not None:
-                for res in worker.results(block=True):
-                    self._worker_done(res, deferred, prep, counts)
-                worker.close()
-                worker = None
-        finally:
-            if worker is not None:   # failed: nothing of the worker may still write
-                worker.kill()
-        done, done_bytes = counts
-        self._progress_stream(counts, nfiles, nbytes)
-        stream.finish()                          # the cycle is built (its export comes if a read needs it)
-        know = getattr(self.reader, "know_files", None)
-        if know is not None:
-            know({e.idx: e.path for e in self.entries if e.op == "file"})
-        for e in deferred:
-            if e.link is None:
-                self._file(e)
-                done_bytes += e.size
-                if self.progress:
-                    self.progress(done, done, self.reader.bytes_read, done_bytes, max(done_bytes, nbytes))
-        self.flush_installs()                    # primaries in place before links to them
-        for e in deferred:
-            if e.link is not None:
-                self._hardlink(e)
-        self.flush_installs()
-        ups = [e for e in self.entries if e.is_upsert]
-        self._metadata_phase(ups, [e for e in ups if e.op == "dir"])
-        self.stats.duration_s = time.monotonic() - t0
-        return self.stats
-
-    def _start_worker(self, stream) -> "Optional[fresh_worker.FreshWorker]":
-        """A second applying process when the segments and packs can be read directly (sshfs)."""
-        cdir = getattr(self.reader, "cycle_dir", None)
-        if not self.use_worker or not cdir:
-            return None
-        try:
-            return fresh_worker.FreshWorker(self.dest, cdir, self.numeric_ids)
-        except OSError as e:
-            log.info("no second applying process (%s); applying in one", e)
-            return None
-
-    def _stream_apply(self, raws, deferred: List[Entry], counts: List[int], prep,
-                      made_dirs: bool = False) -> None:
-        """Apply one segment's raw entries (``made_dirs``: the worker made its directories already):
-        the common packed file through ``fresh_worker.PackedWriter``, the rest as Entries."""
-        write = self._packed.write
-        for r in raws:
-            row = write(r, self._pack)
-            if row is not None:
-                self.rows.append(row)
-                self.created.add(row[0])
-                self.stats.files_changed += 1
-                self.stats.bytes_written += row[2]
-                counts[0] += 1
-                counts[1] += row[2]
-                continue
-            e = Entry(r)
-            prep([e])
-            self.entries.append(e)
-            op = e.op
-            if op == "file":
-                counts[0] += 1
-                if e.link is None and e.pack is not None:
-                    self._fresh_packed(e)
-                    counts[1] += e.size
-                elif e.link is None and e.size == 0:
-                    self._file(e)
-                else:
-                    deferred.append(e)
-            elif op == "dir":
-                if e.path in self.dir_paths:
-                    raise ManifestError(f"{show(e.path)} appears twice in the manifest")
-                self.dir_paths.add(e.path)
-                pfd = self.ensure_parent(e.path)
-                if not made_dirs:
-                    try:
-                        os.mkdir(basename(e.path), 0o700, dir_fd=pfd)
-                    except FileExistsError:   # made as the parent of a file the worker wrote
-                        st = _lstat(self.dirs, e.path)
-                        if st is None or not statmod.S_ISDIR(st.st_mode):
-                            raise ManifestError(f"{show(e.path)} appears twice in the manifest") from None
-                self.created.add(e.path)
-                self.dirs.dirty.add(parent(e.path))
-                self.stats.dirs += 1
-            elif op == "symlink":
-                self._symlink(e)
-            elif op == "delete":          # vanished while the source was captured
-                self.deleted.append(e.path)
-            else:
-                raise ManifestError(f"a first copy cannot hold a {op!r} entry ({show(e.path)})")
-
-    def _worker_done(self, res: Tuple, deferred: List[Entry], prep, counts: List[int]) -> None:
-        _done, _n, rows, others, nfiles, nbytes, nread, dirty, warns = res
-        self.stats.worker_segments += 1
-        self.rows.extend(rows)
-        self.stats.files_changed += nfiles
-        self.stats.bytes_written += nbytes
-        counts[0] += nfiles
-        counts[1] += nbytes
-        self.reader.bytes_read += nread
-        self.dirs.dirty.update(dirty)
-        self.created.update(r[0] for r in rows)
-        for rel, msg in warns:
-            self.warnings.add(show(rel), msg)
-        self._stream_apply(others, deferred, counts, prep, made_dirs=True)
-
-    def _progress_stream(self, counts: List[int], nfiles: int, nbytes: int) -> None:
-        if self.progress:
-            done, done_bytes = counts
-            self.progress(done, max(done, nfiles), self.reader.bytes_read, done_bytes, max(done_bytes, nbytes))
 
     def _remove_extraneous(self, keep: Set[bytes]) -> None:
         """Full cycle: anything in DEST that the snapshot does not have goes to the trash."""
