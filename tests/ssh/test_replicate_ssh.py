@@ -34,8 +34,9 @@ def _remote_exports(sshd: Sshd) -> list:
 
 
 def _no_leftovers(sshd: Sshd) -> None:
-    """No sshfs mount, no export mount, no temp dir left (the remote side cleans up on EOF)."""
-    deadline = time.monotonic() + 10
+    """No sshfs mount, no export mount, no temp dir left (the remote side cleans up on EOF; after a
+    dropped connection a busy export unmount can take the agent's 10 s join timeout, then a kill)."""
+    deadline = time.monotonic() + 30
     while True:
         left = mounts_under(sshd.local_tmp) + mounts_under(sshd.remote_tmp) + _remote_exports(sshd)
         left += [str(p) for p in sshd.local_tmp.iterdir()] + [str(p) for p in sshd.remote_tmp.iterdir()]
