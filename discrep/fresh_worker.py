@@ -5,8 +5,8 @@ times, sign), and one Python process uses one core.  While a streamed cycle arri
 ``replica.Applier.run_stream`` hands some manifest segments to this worker (a child
 process, ``python -m discrep.fresh_worker``), which reads the segment and the packs it
 names straight from the source's cycle directory (the sshfs mount), creates its
-directories and writes its packed files in place -- exactly what the Applier's
-``_fresh_packed`` does -- and returns the catalog rows.  Every other entry of the segment
+directories and writes its packed files in place -- with the same ``PackedWriter`` the
+Applier uses for its own segments -- and returns the catalog rows.  Every other entry of the segment
 (symlinks, empty, large, sparse and hard-linked files, deletes; directories too, after it
 made them) goes back to the parent, which applies or records it as for its own segments.
 Only a first copy into an empty DEST uses it: its undo is "empty DEST again", so the worker
@@ -15,7 +15,7 @@ writes no undo records, and nothing older can be in the way.
 Protocol (``multiprocessing.connection`` over a socketpair, pickled tuples):
 
     parent -> (n, lo, hi)            apply segment n; its packs are lo .. hi-1
-    worker -> ("done", n, rows, others, files, bytes_written, bytes_read, dirty_dirs, warnings)
+    worker -> ("done", n, rows, others, bytes_read, dirty_dirs, warnings)
     worker -> ("error", n, class name, errno, message)     then it exits
     parent -> None (or EOF)          exit
 
@@ -41,16 +41,17 @@ import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import grp
 import pwd
 
 import blockdiff
 
-from .errors import ManifestError
-from .manifest import _local_id
-from .paths import check_rel, dec, show
+from .errors import ManifestError, UnsafePathError
+from .history import set_xattrs_fd
+from .manifest import Entry, _local_id
+from .paths import basename, check_rel, dec, parent, show
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +128,29 @@ def _rebuild(kind: str, err: Optional[int], msg: str) -> BaseException:
 _SHAPE = frozenset(("path", "mode", "uid", "gid", "user", "group", "mtime_ns", "op", "size", "idx", "h", "pack"))
 
 
-class PackedWriter:
-    """Writes the common packed file of a first copy (no xattrs, no link, not empty) straight from
-    its raw manifest entry: the checks of ``manifest.Entry`` inline, owners mapped through a
-    cache, then create, write, owner, mode, times.  Used by the worker and by the Applier."""
+def mkdir_in(pfd: int, rel: bytes) -> None:
+    """Make directory ``rel`` (in parent fd ``pfd``) for a first copy; already there as a
+    directory is fine (the other process made it as a parent of a file it wrote)."""
+    name = basename(rel)
+    try:
+        os.mkdir(name, 0o700, dir_fd=pfd)
+    except FileExistsError:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        if not statmod.S_ISDIR(st.st_mode):
+            raise ManifestError(f"{show(rel)} appears twice in the manifest") from None
 
-    def __init__(self, dirs, numeric_ids: bool):
-        self.dirs = dirs
+
+class PackedWriter:
+    """Writes a packed file of a first copy into an empty DEST, in place: checks its bytes against
+    the manifest's digest, creates it with its mode, sets owner, xattrs and times.  ``write`` takes
+    the common raw entry (no xattrs, no link, not empty) with the checks of ``manifest.Entry``
+    inline and owners mapped through a cache -- the hot loop of a first copy; ``write_entry`` takes
+    any validated packed Entry.  Used by the worker and by the Applier (``parent_fd(rel)``: the
+    fd of rel's parent directory, made if missing)."""
+
+    def __init__(self, parent_fd: Callable[[bytes], int], dirty: Set[bytes], numeric_ids: bool):
+        self.parent_fd = parent_fd
+        self.dirty = dirty
         self.numeric_ids = numeric_ids
         self.umask = os.umask(0o077)
         os.umask(self.umask)
@@ -166,17 +183,28 @@ class PackedWriter:
                 and type(pk) is list and len(pk) == 2 and type(pk[0]) is int and type(pk[1]) is int
                 and pk[0] >= 0 and pk[1] >= 0 and type(h) is str and len(h) == 32 and type(r["idx"]) is int):
             return None         # the general path says what is wrong
-        rel = check_rel(dec(path))
-        k, off = pk
-        blob = blob_of(k)
-        data = blob[off:off + size]
-        whole, sig = blockdiff.sign_small(data)
-        if len(data) != size or whole.hex() != h:
-            raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(rel)}")
+        try:
+            want = bytes.fromhex(h)
+        except ValueError:
+            return None
         uid, gid = self._owner(r["user"], r["group"], uid, gid)
-        i = rel.rfind(b"/")
-        par, name = (rel[:i], rel[i + 1:]) if i >= 0 else (b"", rel)
-        pfd = self.dirs.get(par, create=True)
+        return self._put(check_rel(dec(path)), pk[0], pk[1], size, want, mode, uid, gid, mt, blob_of)
+
+    def write_entry(self, e: Entry, blob_of, warns: List[Tuple[bytes, str]]) -> Tuple:
+        """``write`` for a validated packed Entry whose owners are mapped already; xattrs that
+        cannot be set go to ``warns`` as (path, message)."""
+        k, off = e.pack
+        return self._put(e.path, k, off, e.size, e.h, e.mode, e.uid, e.gid, e.mtime_ns, blob_of, e.xattrs, warns)
+
+    def _put(self, rel: bytes, k: int, off: int, size: int, want: Optional[bytes], mode: int, uid: int,
+             gid: int, mt: int, blob_of, xattrs: Optional[Dict[str, bytes]] = None,
+             warns: Optional[List[Tuple[bytes, str]]] = None) -> Tuple:
+        data = blob_of(k)[off:off + size]
+        whole, sig = blockdiff.sign_small(data)
+        if len(data) != size or whole != want:
+            raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(rel)}")
+        pfd = self.parent_fd(rel)
+        par, name = parent(rel), basename(rel)
         fmode = mode & 0o777
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, fmode, dir_fd=pfd)
         try:
@@ -186,6 +214,9 @@ class PackedWriter:
                 os.fchown(fd, uid, gid)     # (clears set-id bits: the mode comes after)
             if (fmode & ~self.umask) != mode:
                 os.fchmod(fd, mode)
+            if xattrs:
+                for xn, why in set_xattrs_fd(fd, xattrs):
+                    warns.append((rel, f"xattr {xn} not set: {why}"))
             os.utime(fd, ns=(mt, mt))
             ino = os.fstat(fd).st_ino
         except BaseException:
@@ -193,7 +224,7 @@ class PackedWriter:
             os.unlink(name, dir_fd=pfd)
             raise
         os.close(fd)
-        self.dirs.dirty.add(par)
+        self.dirty.add(par)
         return (rel, "file", size, mt, ino, sig)
 
 
@@ -206,16 +237,20 @@ class _Apply:
         self.dirs = _Dirs(self.root_fd)
         self.dirs.shared = True
         self.cycle_dir = cycle_dir
-        self.numeric_ids = numeric_ids
-        self.users: Dict[str, Optional[int]] = {}
-        self.groups: Dict[str, Optional[int]] = {}
-        self.umask = os.umask(0o077)
-        os.umask(self.umask)
-        self.euid, self.egid = os.geteuid(), os.getegid()
-        self.writer = PackedWriter(self.dirs, numeric_ids)
+        self.writer = PackedWriter(self.parent_fd, self.dirs.dirty, numeric_ids)
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="discrep-worker-read")
         self.packs: Dict[int, Future] = {}
         self.bytes_read = 0
+
+    def parent_fd(self, rel: bytes) -> int:
+        """fd of rel's parent, made if missing; a non-directory in the way is refused (in an empty
+        DEST only this cycle's own entries can be there: the manifest names a path twice)."""
+        from .replica import _NotDir
+        try:
+            return self.dirs.get(parent(rel), create=True)
+        except _NotDir as nd:
+            raise UnsafePathError(f"refusing to write {show(rel)}: {show(nd.rel)} on the replica is not a "
+                                  f"directory") from None
 
     def _read(self, name: bytes) -> bytes:
         fd = os.open(self.cycle_dir + b"/" + name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -240,8 +275,7 @@ class _Apply:
                 self.packs[k] = self.pool.submit(lambda k=k: framing.unpack(self._read(b"pack-%d" % k)))
 
     def segment(self, n: int, lo: int, hi: int) -> Tuple:
-        from .manifest import Entry, read_segment
-        from .paths import parent
+        from .manifest import read_segment
         self.want_packs(lo, hi)
         self.bytes_read = 0
         raw = read_segment(self._read(b"seg-%d.zst" % n), n)
@@ -251,7 +285,7 @@ class _Apply:
         dirty.clear()
         warns: List[Tuple[bytes, str]] = []
         blobs: Dict[int, bytes] = {}
-        nfiles = nbytes = 0
+
         def blob_of(k: int) -> bytes:
             blob = blobs.get(k)
             if blob is None:
@@ -264,68 +298,23 @@ class _Apply:
             row = write(r, blob_of)
             if row is not None:
                 rows.append(row)
-                nfiles += 1
-                nbytes += row[2]
                 continue
             op = r.get("op")
             if op == "dir":
                 e = Entry(r)
-                pfd = self.dirs.get(parent(e.path), create=True)
-                name = e.path.rsplit(b"/", 1)[-1]
-                try:
-                    os.mkdir(name, 0o700, dir_fd=pfd)
-                except FileExistsError:
-                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                    if not statmod.S_ISDIR(st.st_mode):
-                        raise ManifestError(f"{show(e.path)} appears twice in the manifest") from None
+                mkdir_in(self.parent_fd(e.path), e.path)
                 dirty.add(parent(e.path))
                 others.append(r)
-                continue
-            if op != "file" or r.get("pack") is None or r.get("link") is not None or not r.get("size"):
+            elif op != "file" or r.get("pack") is None or r.get("link") is not None or not r.get("size"):
                 others.append(r)
-                continue
-            e = Entry(r)
-            if not self.numeric_ids:
-                e.map_owner(self.users, self.groups)
-            k, off = e.pack
-            blob = blob_of(k)
-            size = e.size
-            data = blob[off:off + size]
-            whole, sig = blockdiff.sign_small(data)
-            if len(data) != size or whole != e.h:
-                raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
-            rel = e.path
-            par = parent(rel)
-            pfd = self.dirs.get(par, create=True)
-            name = rel[len(par) + 1:] if par else rel
-            mode = e.mode & 0o777
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, mode, dir_fd=pfd)
-            try:
-                if os.pwrite(fd, data, 0) != size:
-                    raise OSError(errno.EIO, f"short write to {show(rel)}")
-                if self.euid == 0 and not (e.uid == self.euid and e.gid == self.egid):
-                    os.fchown(fd, e.uid, e.gid)
-                if (mode & ~self.umask) != e.mode:
-                    os.fchmod(fd, e.mode)
-                for xn, xv in e.xattrs.items():
-                    try:
-                        os.setxattr(fd, xn, xv)
-                    except OSError as err:
-                        warns.append((rel, f"xattr {xn} not set: {err.strerror}"))
-                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-                ino = os.fstat(fd).st_ino
-            except BaseException:
-                os.close(fd)
-                os.unlink(name, dir_fd=pfd)
-                raise
-            os.close(fd)
-            dirty.add(par)
-            nfiles += 1
-            nbytes += size
-            rows.append((rel, "file", size, e.mtime_ns, ino, sig))
+            else:
+                e = Entry(r)
+                if not self.writer.numeric_ids:
+                    e.map_owner(self.writer.users, self.writer.groups)
+                rows.append(self.writer.write_entry(e, blob_of, warns))
         for k in range(lo, hi):          # packs no entry named (none, normally)
             self.packs.pop(k, None)
-        return rows, others, nfiles, nbytes, self.bytes_read, set(dirty), warns
+        return rows, others, self.bytes_read, set(dirty), warns
 
 
 def _die_with_parent() -> None:

@@ -175,6 +175,31 @@ def read_xattrs_fd(fd: int) -> Dict[str, bytes]:
     return out
 
 
+def set_xattrs_fd(fd: int, want: Dict[str, bytes]) -> List[Tuple[str, str]]:
+    """Make ``fd``'s xattrs exactly ``want`` (other ``system.*`` names than the POSIX ACLs are left
+    alone); returns (name, reason) for each one that could not be set."""
+    try:
+        have = set(os.listxattr(fd))
+    except OSError:
+        have = set()
+    for name in have - set(want):
+        if name.startswith("system.") and name not in ("system.posix_acl_access", "system.posix_acl_default"):
+            continue
+        try:
+            os.removexattr(fd, name)
+        except OSError:
+            pass
+    failed = []
+    for name, val in want.items():
+        try:
+            if name in have and os.getxattr(fd, name) == val:
+                continue
+            os.setxattr(fd, name, val)
+        except OSError as err:
+            failed.append((name, err.strerror or str(err)))
+    return failed
+
+
 class _Target:
     """Where undo records are applied: DEST itself (recover) or a restored copy (restore)."""
 

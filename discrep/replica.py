@@ -43,7 +43,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from . import locks
 from .errors import (CycleMismatchError, DestinationError, DiskFullError, ManifestError, UnsafePathError, WarningList)
-from .history import KEEP, UndoLog, encode_meta, read_xattrs_fd, rollback
+from .history import KEEP, UndoLog, encode_meta, read_xattrs_fd, rollback, set_xattrs_fd
 from .manifest import Entry, read_lines
 from .paths import STATE_DIR, basename, depth, enc, join, parent, show
 from .replica_files import O_FILE, FileOps, _lstat
@@ -531,24 +531,8 @@ class Applier(StreamOps, FileOps):
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
     def _xattrs_fd(self, e: Entry, fd: int) -> None:
-        try:
-            have = set(os.listxattr(fd))
-        except OSError:
-            have = set()
-        for name in have - set(e.xattrs):
-            if name.startswith("system.") and name not in ("system.posix_acl_access", "system.posix_acl_default"):
-                continue
-            try:
-                os.removexattr(fd, name)
-            except OSError:
-                pass
-        for name, val in e.xattrs.items():
-            try:
-                if name in have and os.getxattr(fd, name) == val:
-                    continue
-                os.setxattr(fd, name, val)
-            except OSError as err:
-                self.warnings.add(show(e.path), f"xattr {name} not set: {err.strerror}")
+        for name, why in set_xattrs_fd(fd, e.xattrs):
+            self.warnings.add(show(e.path), f"xattr {name} not set: {why}")
 
     def _meta(self, e: Entry) -> None:
         pfd = self.dirs.get(parent(e.path))

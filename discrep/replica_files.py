@@ -107,42 +107,6 @@ class FileOps:
             return
         self._patch(e, old_sig, st)
 
-    def _fresh_packed(self, e: Entry) -> None:
-        """``_file`` + ``_write_new`` for a packed file of a first copy into an empty DEST (the
-        hot loop of a streamed first copy: nothing old to compare, written in place)."""
-        k, off = e.pack
-        blob = self._packs.get(k)
-        if blob is None:
-            blob = self._pack(k)
-        size = e.size
-        data = blob[off:off + size]
-        whole, sig = blockdiff.sign_small(data)
-        if len(data) != size or whole != e.h:
-            raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
-        rel = e.path
-        par = parent(rel)
-        pfd = self.ensure_parent(rel)
-        name = rel[len(par) + 1:] if par else rel
-        mode = e.mode & 0o777
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, mode, dir_fd=pfd)
-        try:
-            if os.pwrite(fd, data, 0) != size:
-                os.ftruncate(fd, size)       # (a short write: not on a regular file, but be exact)
-                raise OSError(f"short write to {show(rel)}")
-            self._apply_meta_fd(e, fd, fresh=True, mode_set=(mode & ~self.umask) == e.mode)
-            ino = os.fstat(fd).st_ino
-        except BaseException:
-            os.close(fd)
-            os.unlink(name, dir_fd=pfd)
-            raise
-        os.close(fd)
-        self.dirs.dirty.add(par)
-        self.created.add(rel)
-        st = self.stats
-        st.files_changed += 1
-        st.bytes_written += size
-        self.rows.append((rel, "file", size, e.mtime_ns, ino, sig))
-
     def _unchanged(self, e: Entry, sig) -> None:
         self.stats.files_unchanged += 1
         fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=self.dirs.get(parent(e.path)))

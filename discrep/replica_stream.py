@@ -11,16 +11,13 @@ Thread-safety: runs in the applying thread; the worker is another process.
 from __future__ import annotations
 
 import logging
-import os
-import stat as statmod
 import time
 from typing import Callable, List, Optional, Tuple
 
 from . import fresh_worker
 from .errors import ManifestError
 from .manifest import Entry
-from .paths import basename, parent, show
-from .replica_files import _lstat
+from .paths import parent, show
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,7 @@ class StreamOps:
         nfiles, nbytes = int(totals.get("files", 0)), int(totals.get("bytes", 0))
         deferred: List[Entry] = []
         counts = [0, 0]                          # files done, bytes done (for progress)
-        self._packed = fresh_worker.PackedWriter(self.dirs, self.numeric_ids)
+        self._packed = fresh_worker.PackedWriter(self.ensure_parent, self.dirs.dirty, self.numeric_ids)
         worker = None
         lo = 0                                   # packs before the segment being handed out
         try:
@@ -117,26 +114,23 @@ class StreamOps:
         """Apply one segment's raw entries (``made_dirs``: the worker made its directories already):
         the common packed file through ``fresh_worker.PackedWriter``, the rest as Entries."""
         write = self._packed.write
+        rows: List[Tuple] = []
+        warns: List[Tuple[bytes, str]] = []
         for r in raws:
             row = write(r, self._pack)
             if row is not None:
-                self.rows.append(row)
-                self.created.add(row[0])
-                self.stats.files_changed += 1
-                self.stats.bytes_written += row[2]
-                counts[0] += 1
-                counts[1] += row[2]
+                rows.append(row)
                 continue
             e = Entry(r)
             prep([e])
             self.entries.append(e)
             op = e.op
             if op == "file":
-                counts[0] += 1
                 if e.link is None and e.pack is not None:
-                    self._fresh_packed(e)
-                    counts[1] += e.size
-                elif e.link is None and e.size == 0:
+                    rows.append(self._packed.write_entry(e, self._pack, warns))
+                    continue
+                counts[0] += 1
+                if e.link is None and e.size == 0:
                     self._file(e)
                 else:
                     deferred.append(e)
@@ -146,12 +140,7 @@ class StreamOps:
                 self.dir_paths.add(e.path)
                 pfd = self.ensure_parent(e.path)
                 if not made_dirs:
-                    try:
-                        os.mkdir(basename(e.path), 0o700, dir_fd=pfd)
-                    except FileExistsError:   # made as the parent of a file the worker wrote
-                        st = _lstat(self.dirs, e.path)
-                        if st is None or not statmod.S_ISDIR(st.st_mode):
-                            raise ManifestError(f"{show(e.path)} appears twice in the manifest") from None
+                    fresh_worker.mkdir_in(pfd, e.path)
                 self.created.add(e.path)
                 self.dirs.dirty.add(parent(e.path))
                 self.stats.dirs += 1
@@ -161,20 +150,26 @@ class StreamOps:
                 self.deleted.append(e.path)
             else:
                 raise ManifestError(f"a first copy cannot hold a {op!r} entry ({show(e.path)})")
+        self._written(rows, warns, counts)
 
-    def _worker_done(self, res: Tuple, deferred: List[Entry], prep, counts: List[int]) -> None:
-        _done, _n, rows, others, nfiles, nbytes, nread, dirty, warns = res
-        self.stats.worker_segments += 1
+    def _written(self, rows: List[Tuple], warns: List[Tuple[bytes, str]], counts: List[int]) -> None:
+        """Account for packed files written in place (here or by the worker): catalog rows, stats."""
         self.rows.extend(rows)
-        self.stats.files_changed += nfiles
-        self.stats.bytes_written += nbytes
-        counts[0] += nfiles
-        counts[1] += nbytes
-        self.reader.bytes_read += nread
-        self.dirs.dirty.update(dirty)
         self.created.update(r[0] for r in rows)
+        nbytes = sum(r[2] for r in rows)
+        self.stats.files_changed += len(rows)
+        self.stats.bytes_written += nbytes
+        counts[0] += len(rows)
+        counts[1] += nbytes
         for rel, msg in warns:
             self.warnings.add(show(rel), msg)
+
+    def _worker_done(self, res: Tuple, deferred: List[Entry], prep, counts: List[int]) -> None:
+        _done, _n, rows, others, nread, dirty, warns = res
+        self.stats.worker_segments += 1
+        self.reader.bytes_read += nread
+        self.dirs.dirty.update(dirty)
+        self._written(rows, warns, counts)
         self._stream_apply(others, deferred, counts, prep, made_dirs=True)
 
     def _progress_stream(self, counts: List[int], nfiles: int, nbytes: int) -> None:

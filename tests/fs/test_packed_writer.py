@@ -12,6 +12,8 @@ import pytest
 
 from discrep.errors import ManifestError, UnsafePathError
 from discrep.fresh_worker import PackedWriter
+from discrep.manifest import Entry
+from discrep.paths import parent
 from discrep.replica import _Dirs
 
 pytestmark = pytest.mark.fs
@@ -35,7 +37,7 @@ def writer(tmp_path: Path):
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     dirs = _Dirs(fd)
     try:
-        yield PackedWriter(dirs, numeric_ids=True), dest
+        yield PackedWriter(lambda rel: dirs.get(parent(rel), create=True), dirs.dirty, numeric_ids=True), dest
     finally:
         dirs.clear()
         os.close(fd)
@@ -88,3 +90,14 @@ def test_an_existing_file_is_never_overwritten(writer):
     with pytest.raises(FileExistsError):
         w.write(_entry(), {0: BLOB}.__getitem__)
     assert (dest / "d" / "f").read_bytes() == b"mine"
+
+
+def test_write_entry_sets_xattrs_like_the_fast_path_sets_the_rest(writer):
+    w, dest = writer
+    e = Entry(_entry(xattrs={"user.note": "aGk="}))      # base64 of b"hi"
+    warns = []
+    row = w.write_entry(e, {0: BLOB}.__getitem__, warns)
+    f = dest / "d" / "f"
+    assert f.read_bytes() == BLOB[100:2100] and row[4] == f.lstat().st_ino
+    assert os.getxattr(f, "user.note") == b"hi" and warns == []
+    assert b"d" in w.dirty
