@@ -12,6 +12,11 @@ replica runs one agent per cycle and talks to it in JSON lines:
     agent -> {"event": "ready", "mountpoint": ".../export.XXXX/m<k>"}  (FUSE export mounted; a
               streamed cycle is exported only on replica -> {"cmd": "export"}: its replica reads
               the cycle and snapshot directories directly and may never need the export)
+    replica -> {"cmd": "verify"}            (a streamed cycle, once its replica read every file:
+              its large files were read live) agent checks they did not change ->
+              {"event": "verified", "redo": [entry, ...], "gone": [path, ...]}: files that changed,
+              copied now to the cycle directory as ``redo-<idx>`` (read them again), and files
+              dropped from the cycle (gone, or still changing: left for the next cycle)
     replica -> {"cmd": "ack", "cycle": N}   agent unmounts, -> {"event": "acked", "cycle": N}
     replica -> {"cmd": "done"}              (the cycle failed) agent unmounts, -> {"event": "ended"}
     replica -> {"cmd": "bye"} or EOF       agent unmounts the export, removes its dir, exits 0
@@ -52,7 +57,8 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
 
     from .export import make_view
     from .local import settle_source
-    from .source import ack_cycle, build_cycle
+    from .paths import enc
+    from .source import BuiltCycle, ack_cycle, build_cycle, settle_deferred
 
     def hang_up(signum, frame):
         raise KeyboardInterrupt
@@ -73,9 +79,25 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             served = 0
 
             to_export: list = []                    # (cycle, mountpoint) built, not exported yet
+            built: Optional[BuiltCycle] = None      # the cycle being served
+            settled: Optional[tuple] = None         # its deferred files, checked (redo, gone)
+
+            def say_warnings() -> None:
+                for w in warnings:
+                    print(f"discrep: warning: {w}", file=sys.stderr, flush=True)
+                warnings.items.clear()
+
+            def settle(materialize: bool = False) -> tuple:
+                nonlocal settled
+                if settled is None:
+                    settled = settle_deferred(bsrc, built, warnings, materialize) if built else ([], [])
+                    say_warnings()
+                return settled
 
             def start_export() -> None:
                 nonlocal export
+                if built is not None and built.deferred:   # the export serves real files only
+                    settle(materialize=True)
                 n, mnt = to_export.pop()
                 try:
                     export = fuse_export.BackgroundExport(make_view(bsrc, n), mnt).start()
@@ -84,8 +106,9 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                 _say({"event": "ready", "mountpoint": mnt})
 
             def cycle(rcycle: int, stream: bool) -> None:
-                nonlocal served
+                nonlocal served, built, settled
                 served += 1
+                built = settled = None
                 mnt = os.path.join(workdir, f"m{served}")   # a fresh path per cycle: no stale caches
                 os.mkdir(mnt)
                 to_export.clear()
@@ -96,9 +119,8 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                 _say({"event": "built", "cycle": b.cycle, "base": b.base, "entries": b.entries,
                       "snapshot": b.provider, "change_source": b.change_source, "path": os.fsdecode(b.snapshot),
                       "build_s": round(time.monotonic() - t_build, 3)})
-                for w in warnings:
-                    print(f"discrep: warning: {w}", file=sys.stderr, flush=True)
-                warnings.items.clear()
+                say_warnings()
+                built = b
                 to_export.append((b.cycle, mnt))
                 if not stream:
                     start_export()
@@ -130,6 +152,9 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                             start_export()
                         else:
                             _say({"event": "ready", "mountpoint": export.mountpoint})
+                    elif what == "verify":           # a streamed cycle's files were read: did any change?
+                        redo, gone = settle()
+                        _say({"event": "verified", "redo": redo, "gone": [enc(p) for p in gone]})
                     elif what == "done":             # the cycle failed on the replica: just end it
                         end_cycle()
                         _say({"event": "ended"})

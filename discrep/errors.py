@@ -98,6 +98,13 @@ class HostKeyError(TransportError):
     exit_code = 12
 
 
+class LiveReadError(TransportError):
+    """A file the source let the replica read live could not be read whole (it changed or went
+    away meanwhile); the source's check after the reads (agent ``verify``) says what became of it."""
+
+    exit_code = 11
+
+
 class LockedError(Error):
     """Another discrep run holds the lock on this DEST or SRC."""
 

@@ -17,7 +17,8 @@ Entry kinds (``op``):
   when its bytes travel inside ``.discrep/pack/<k>``, ``extents`` ([[off,len]...])
   for sparse files, ``link`` (path of the hard-link group member that carries the
   data), ``cbt`` (base cycle: ``.discrep/cbt/<idx>`` lists the only blocks that
-  may differ from the base cycle's copy, see cbt.py).
+  may differ from the base cycle's copy, see cbt.py), ``live`` (true: a streamed first
+  copy reads this file live; the source checks afterwards that it did not change).
 
 Everything read from a manifest is untrusted: ``validate`` refuses absolute
 paths, ``..``, NUL, the reserved ``.discrep`` name, and malformed fields.
@@ -266,7 +267,7 @@ class Entry:
     """A validated manifest entry with byte paths."""
 
     __slots__ = ("op", "path", "old", "mode", "uid", "gid", "mtime_ns", "xattrs", "target",
-                 "size", "idx", "h", "pack", "extents", "link", "cbt", "user", "group")
+                 "size", "idx", "h", "pack", "extents", "link", "cbt", "user", "group", "live")
 
     def __init__(self, raw: Dict[str, Any]):
         op = raw.get("op")
@@ -277,6 +278,7 @@ class Entry:
         self.old = self.target = self.h = self.pack = self.extents = self.link = None
         self.xattrs: Dict[str, bytes] = {}
         self.size = self.idx = self.cbt = None
+        self.live = False
         self.user = self.group = None
         if op == "move":
             self.old = check_rel(dec(raw.get("old")))
@@ -345,6 +347,10 @@ class Entry:
                 self.link = check_rel(dec(raw["link"]))
             if raw.get("cbt") is not None:
                 self.cbt = _int(raw, "cbt")
+            if raw.get("live") is not None:
+                if type(raw["live"]) is not bool:
+                    raise ManifestError("live must be true or false")
+                self.live = raw["live"]
 
     def map_owner(self, users: Dict[str, Optional[int]], groups: Dict[str, Optional[int]]) -> None:
         """rsync's default: owner and group by name where the name exists here, else by number."""

@@ -48,8 +48,9 @@ class MountReader:
         self._fds: Dict[bytes, int] = {}
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="discrep-read")
 
-    def know_files(self, paths: Dict[int, bytes]) -> None:
-        """The cycle's validated file paths by manifest idx (a reader may read some data directly)."""
+    def know_files(self, paths: Dict[int, bytes], live: Iterable[int] = ()) -> None:
+        """The cycle's validated file paths by manifest idx (a reader may read some data directly);
+        ``live``: the idx of files the source lets us read live (see remote.DirectDataReader)."""
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -34,10 +34,10 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from . import errors as errmod
-from .errors import Error, ManifestError, TransportError, WarningList
+from .errors import Error, LiveReadError, ManifestError, TransportError, WarningList
 from .local import prepare_dest
 from .manifest import Entry, read_segment
 from .paths import show
@@ -48,6 +48,7 @@ from .ssh import Connection, HostConfig, parse_remote, q, resolve
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0   # seconds for the remote export to come up
+VERIFY_TIMEOUT = 3600.0  # seconds for the source to check (and maybe copy) files it let us read live
 CYCLE_DIR = b".discrep/cycledir/"   # reader name of the cycle's own directory (streamed cycles)
 
 
@@ -65,6 +66,7 @@ class DirectDataReader(MountReader):
         self.snap = os.fsencode(self.root_mnt) + os.fsencode(snapshot_path)
         self.cycle_dir = os.fsencode(self.root_mnt) + os.fsencode(cycle_dir)
         self.paths: Dict[int, bytes] = {}
+        self.live: Set[int] = set()        # files the source lets us read live (snapshot symlinks)
         self.want_export: Optional[Callable[[], str]] = None   # a streamed cycle: export on first need
         self._export_lock = threading.Lock()
 
@@ -73,8 +75,9 @@ class DirectDataReader(MountReader):
         self.mountpoint = os.fsencode(self.root_mnt + export_dir)
         self.want_export = None
 
-    def know_files(self, paths: Dict[int, bytes]) -> None:
+    def know_files(self, paths: Dict[int, bytes], live: Iterable[int] = ()) -> None:
         self.paths = paths
+        self.live = set(live)
 
     def _open(self, rel: bytes) -> int:
         if rel.startswith(CYCLE_DIR):   # a streamed cycle's segments and packs, written before announced
@@ -91,8 +94,10 @@ class DirectDataReader(MountReader):
             if p is not None:
                 try:
                     return os.open(self.snap + b"/" + p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                except OSError:
-                    pass  # not in the snapshot dir (e.g. captured into a pack): the export's alias
+                except OSError as e:
+                    if int(name) in self.live:   # the export has no better copy: the source settles it
+                        raise LiveReadError(f"cannot open {show(p)} on the source: {e.strerror}") from None
+                    # not in the snapshot dir (e.g. captured into a pack): the export's alias
         if self.want_export is not None:     # a streamed cycle's export is mounted only when needed
             with self._export_lock:
                 if self.want_export is not None:
@@ -178,6 +183,22 @@ class CycleStream:
         for _ in self.announced():
             pass
         self._t.join()
+
+    def verify(self) -> Tuple[List[Entry], List[bytes]]:
+        """Every file was read: have the source check the large ones it let us read live (see
+        agent.py ``verify``).  Returns (entries to read again from ``redo_rel``, paths to drop)."""
+        self.finish()
+        self._agent.send({"cmd": "verify"})
+        msg = self._agent.expect("verified", timeout=VERIFY_TIMEOUT)
+        redo, gone = msg.get("redo") or [], msg.get("gone") or []
+        if not isinstance(redo, list) or not isinstance(gone, list):
+            raise TransportError("the source agent answered 'verify' with something else than lists")
+        return [Entry(r) for r in redo], [Entry({"op": "delete", "path": p}).path for p in gone]
+
+    @staticmethod
+    def redo_rel(idx: int) -> bytes:
+        """Where the source put its copy of file ``idx`` that changed while it was read."""
+        return CYCLE_DIR + b"redo-%d" % idx
 
     def export(self) -> str:
         """Have the agent mount the built cycle's export; its directory for the reader."""

@@ -207,6 +207,7 @@ class Applier(StreamOps, FileOps):
         self._packs: Dict[int, bytes] = {}
         self._pack_next: Dict[int, object] = {}      # pack k -> future of its read-ahead
         self._pack_cur = -1
+        self._data_override: Dict[int, bytes] = {}   # file idx -> where to read it instead of .discrep/data/
         self.packs_known: Callable[[], int] = lambda: 0   # a streamed cycle: packs written so far
         self.pack_rel = b".discrep/pack/%d"          # where pack k is read (a streamed cycle: elsewhere)
         self.n_packs = 1 + max((e.pack[0] for e in entries if e.op == "file" and e.pack is not None), default=-1)

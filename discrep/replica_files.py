@@ -165,7 +165,7 @@ class FileOps:
                           sig if isinstance(sig, bytes) else sig.to_bytes()))
 
     def _data_rel(self, e: Entry) -> bytes:
-        return b".discrep/data/%d" % e.idx
+        return self._data_override.get(e.idx) or b".discrep/data/%d" % e.idx
 
     def _fetch_whole(self, e: Entry) -> None:
         ranges = e.extents if e.extents is not None else ([(0, e.size)] if e.size else [])

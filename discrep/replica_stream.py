@@ -11,13 +11,14 @@ Thread-safety: runs in the applying thread; the worker is another process.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from . import fresh_worker
-from .errors import ManifestError
+from .errors import ManifestError, TransportError
 from .manifest import Entry
-from .paths import parent, show
+from .paths import basename, parent, show
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,34 @@ class StreamOps:
         stream.finish()                          # the cycle is built (its export comes if a read needs it)
         know = getattr(self.reader, "know_files", None)
         if know is not None:
-            know({e.idx: e.path for e in self.entries if e.op == "file"})
+            know({e.idx: e.path for e in self.entries if e.op == "file"},
+                 [e.idx for e in deferred if e.live])
+        failed: Dict[bytes, BaseException] = {}  # live files we could not read whole: the source settles them
         for e in deferred:
             if e.link is None:
-                self._file(e)
+                try:
+                    self._file(e)
+                except (ManifestError, TransportError) as err:
+                    if not e.live:
+                        raise
+                    log.info("%s could not be read live (%s); asking the source", show(e.path), err)
+                    failed[e.path] = err
+                    self.stats.files_changed -= 1
+                    continue
                 done_bytes += e.size
                 if self.progress:
                     self.progress(done, done, self.reader.bytes_read, done_bytes, max(done_bytes, nbytes))
+        verify = getattr(stream, "verify", None)
+        if verify is not None:                   # large files were read live: did any change meanwhile?
+            redo, gone = verify()
+            settled = {e.path for e in redo} | set(gone)
+            for p, err in failed.items():
+                if p not in settled:             # unchanged, yet unreadable: a real error
+                    raise err
+            if redo or gone:
+                self._read_again(redo, gone, deferred, stream.redo_rel, prep, set(failed))
+        elif failed:
+            raise next(iter(failed.values()))
         self.flush_installs()                    # primaries in place before links to them
         for e in deferred:
             if e.link is not None:
@@ -97,6 +119,39 @@ class StreamOps:
         self._metadata_phase(ups, [e for e in ups if e.op == "dir"])
         self.stats.duration_s = time.monotonic() - t0
         return self.stats
+
+    def _read_again(self, redo: List[Entry], gone: List[bytes], deferred: List[Entry],
+                    redo_rel: Callable[[int], bytes], prep, failed: Set[bytes]) -> None:
+        """The source found files that changed while we read them live: ``redo`` (fresh entries, the
+        same idx) are read again from the copy it made; ``gone`` ones are dropped from this cycle
+        (the source looks at them again next cycle).  ``failed``: paths we could not read at all
+        (nothing of them was written)."""
+        mine = {e.path: e for e in deferred if e.live and e.link is None and e.pack is None}
+        again: Dict[bytes, Entry] = {}
+        for e in redo:
+            old = mine.get(e.path)
+            if old is None or e.op != "file" or e.idx != old.idx or e.pack is not None or e.link is not None:
+                raise ManifestError(f"the source asked to read {show(e.path)} again, which it did not let us "
+                                    "read live")
+            again[e.path] = e
+        for p in gone:
+            if p not in mine:
+                raise ManifestError(f"the source dropped {show(p)}, which it did not let us read live")
+        gone_set = set(gone)
+        undo = set(again) | gone_set
+        for p in undo - failed:   # what we wrote of them is not a point-in-time copy: away with it
+            os.unlink(basename(p), dir_fd=self.dirs.get(parent(p)))
+            self.stats.files_changed -= 1      # (a file read again is counted again by _file)
+        self.rows = [r for r in self.rows if r[0] not in undo]
+        self.entries = [again.get(e.path, e) for e in self.entries if e.path not in gone_set or e.op != "file"]
+        for p in gone:
+            self.created.discard(p)
+            self.warnings.add(show(p), "changed or vanished while it was read; left for the next cycle")
+        for e in again.values():
+            log.info("%s changed while it was read: reading the source's copy of it", show(e.path))
+            prep([e])
+            self._data_override[e.idx] = redo_rel(e.idx)
+            self._file(e)
 
     def _start_worker(self, stream) -> "Optional[fresh_worker.FreshWorker]":
         """A second applying process when the segments and packs can be read directly (sshfs)."""

@@ -8,7 +8,11 @@ cycle exports.  Snapshots live under ``ROOT/.discrep/snapshots/<cycle>``.
 * ``reflink`` -- FICLONE clones of the changed files (XFS reflink=1, btrfs): no data
   copied, point-in-time per file.
 * ``copy``   -- a sparse-preserving copy of the changed files, verified: stat before
-  and after, retried when the file moved meanwhile.
+  and after, retried when the file moved meanwhile.  A streamed first copy may *defer*
+  large files instead (``defer_over``): the snapshot holds a symlink to the live file,
+  the replica reads it while the rest is built, and ``settle_deferred`` checks afterwards
+  that it did not change (stat before = stat after, as for a copy); a file that did is
+  copied then (verified) and read again, or left for the next cycle.
 
 For ``reflink`` and ``copy`` the snapshot holds only the captured paths (plus
 their parent directories); for ``btrfs`` it holds the whole tree.  A file that
@@ -45,6 +49,7 @@ class Snapshot:
     live_stats: Dict[bytes, os.stat_result] = field(default_factory=dict)
     skipped: Set[bytes] = field(default_factory=set)  # touched paths not captured (retry next cycle)
     inline: Set[bytes] = field(default_factory=set)   # small files captured later, straight into packs
+    deferred: Dict[bytes, os.stat_result] = field(default_factory=dict)  # read live, verified after (stat before)
 
     def locate(self, rel: bytes) -> bytes:
         return join(self.root, rel)
@@ -73,13 +78,18 @@ def choose(kind: str, root: bytes) -> str:
 
 
 def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: WarningList,
-         inline_max: int = 0, stats: Optional[Dict[bytes, os.stat_result]] = None) -> Snapshot:
+         inline_max: int = 0, stats: Optional[Dict[bytes, os.stat_result]] = None,
+         defer_over: Optional[int] = None) -> Snapshot:
     """Capture ``paths`` of ``root`` as snapshot ``cycle`` (a list is taken as already sorted,
     parents before children; any other iterable is sorted here).
 
     With ``inline_max``, regular single-link files up to that size are not copied: they are
     captured when the manifest is written, straight into a pack, with the same stat-before-
     and-after check (``read_verified``): the pack is their point-in-time copy.
+
+    With ``defer_over`` (``copy`` only), regular single-link, non-sparse files larger than that
+    are not copied: the snapshot holds a symlink to the live file and ``deferred`` its stat
+    (the "before"); whoever reads them must call ``settle_deferred`` after reading.
     """
     sdir = snapshots_dir(root)
     os.makedirs(sdir, exist_ok=True)
@@ -101,12 +111,13 @@ def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: W
         return snap
     os.mkdir(dst, 0o700)
     snap = Snapshot(kind, dst, False)
-    _capture(root, snap, plist, warnings, reflink=(kind == "reflink"), inline_max=inline_max, stats=stats or {})
+    _capture(root, snap, plist, warnings, reflink=(kind == "reflink"), inline_max=inline_max, stats=stats or {},
+             defer_over=defer_over if kind == "copy" else None)
     return snap
 
 
 def _capture(root: bytes, snap: Snapshot, plist: List[bytes], warnings: WarningList, *, reflink: bool,
-             inline_max: int, stats: Dict[bytes, os.stat_result]) -> None:
+             inline_max: int, stats: Dict[bytes, os.stat_result], defer_over: Optional[int] = None) -> None:
     linked: Dict[Tuple[int, int], bytes] = {}
     dirs: List[Tuple[bytes, os.stat_result]] = []
     made: Set[bytes] = {b""}
@@ -148,6 +159,11 @@ def _capture(root: bytes, snap: Snapshot, plist: List[bytes], warnings: WarningL
                 if st.st_nlink > 1 and key in linked:
                     os.link(linked[key], dst)
                     snap.live_stats[rel] = st
+                    continue
+                if defer_over is not None and st.st_nlink == 1 and st.st_size > defer_over \
+                        and st.st_blocks * 512 >= st.st_size:
+                    os.symlink(src, dst)     # read live; settle_deferred verifies it afterwards
+                    snap.deferred[rel] = snap.live_stats[rel] = st
                     continue
                 got = _capture_file(src, dst, rel, warnings)
                 if got is None:
@@ -230,6 +246,56 @@ def read_verified(path: bytes, rel: bytes, warnings: WarningList, max_size: int,
             return data, st2, xattrs
     warnings.add(show(rel), f"kept changing while it was read ({RETRIES} tries); left for the next cycle")
     return None
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """No write, truncate, chmod, xattr change or replacement between two stats of one path."""
+    return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == \
+        (b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+def settle_deferred(live: bytes, before: os.stat_result, copy_to: bytes, rel: bytes, warnings: WarningList
+                    ) -> Tuple[str, Optional[os.stat_result]]:
+    """After a deferred file was read live: ``("same", None)`` if it did not change since
+    ``before``; else a verified copy of it now goes to ``copy_to`` and the result is
+    ``("copied", stat)``; ``("gone", None)`` if it is no longer a regular file or keeps changing
+    (with a warning: left for the next cycle)."""
+    try:
+        st = os.lstat(live)
+    except FileNotFoundError:
+        return "gone", None
+    if same_file(before, st):
+        return "same", None
+    log.info("%s changed while it was read; copying it", show(rel))
+    return _copy_now(live, copy_to, rel, warnings)
+
+
+def materialize_deferred(live: bytes, before: os.stat_result, copy_to: bytes, snap_path: bytes, rel: bytes,
+                         warnings: WarningList) -> Tuple[str, Optional[os.stat_result]]:
+    """``settle_deferred`` for a deferred file whose snapshot symlink must become a real file (the
+    export is about to serve the snapshot): the file is copied now (verified) and put in place of the
+    symlink; the result says whether it still is the file ``before`` described."""
+    how, st = _copy_now(live, copy_to, rel, warnings)
+    os.unlink(snap_path)
+    if how == "gone":
+        return how, st
+    os.link(copy_to, snap_path)
+    if same_file(before, st):
+        os.unlink(copy_to)
+        return "same", None
+    return how, st
+
+
+def _copy_now(live: bytes, copy_to: bytes, rel: bytes, warnings: WarningList
+              ) -> Tuple[str, Optional[os.stat_result]]:
+    try:
+        got = _capture_file(live, copy_to, rel, warnings)
+    except FileNotFoundError:
+        return "gone", None
+    except OSError as e:
+        warnings.add(show(rel), f"cannot be read: {e.strerror or e}; left for the next cycle")
+        return "gone", None
+    return ("copied", got) if got is not None else ("gone", None)
 
 
 def release(kind: str, path: bytes) -> None:

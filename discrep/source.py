@@ -106,6 +106,7 @@ class BuiltCycle:
     bytes_total: int
     warnings: WarningList = field(default_factory=WarningList)
     reused: bool = False
+    deferred: Dict[bytes, Tuple[int, os.stat_result]] = field(default_factory=dict)  # path -> (idx, before)
 
 
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
@@ -169,7 +170,10 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         root_meta.pop(k, None)
     # parents before children, once (NUL sorts below every byte of a name: same order as by components)
     ordered = sorted(touched, key=lambda q: q.replace(b"/", b"\0"))
-    snap = snapmod.take(kind, root, n, ordered, warnings, inline_max=SMALL_MAX, stats=stats)
+    # a streamed cycle's replica reads large files while the rest is built: not copied first, but
+    # read live and verified afterwards (settle_deferred), as a copy would have been
+    snap = snapmod.take(kind, root, n, ordered, warnings, inline_max=SMALL_MAX, stats=stats,
+                        defer_over=SMALL_MAX if on_segment is not None else None)
     cdir = cycle_dir(root, n)
     if os.path.lexists(cdir):
         shutil.rmtree(cdir)
@@ -214,6 +218,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         links: Dict[Tuple[int, int], bytes] = {}
         idx = 0
         skipped, inline, root_slash = snap.skipped, snap.inline, root.rstrip(b"/") + b"/"
+        deferred, deferred_idx = snap.deferred, {}
         read_verified, fine_digests, xxh3_128_hex = snapmod.read_verified, blockdiff.fine_digests, \
             xxhash.xxh3_128_hexdigest
         for p in ordered:
@@ -244,6 +249,20 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                     mw.add_line(file_line(p, st, xattrs, idx))
                 idx += 1
                 pending.append(("upsert", p, None, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
+                continue
+            before = deferred.get(p)
+            if before is not None:      # a symlink to the live file: described by its stat before
+                full, st = root_slash + p, before
+                e = entry_for(p, full, st)
+                e["idx"] = idx
+                e["live"] = True
+                deferred_idx[p] = (idx, before)
+                idx += 1
+                nfiles += 1
+                nbytes += st.st_size
+                mw.add(e)
+                pending.append(("upsert", p, None, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                st.st_mode))
                 continue
             full = snap.locate(p)
             try:
@@ -297,7 +316,63 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         journal.append_many(("touch", p, None, None) for p in snap.skipped)
     log.info("cycle %d built: %d entries, %d files, %.2fs", n, mw.count, nfiles, time.monotonic() - t0)
     return BuiltCycle(n, base, cut, kind, snap.root, header["change_source"], mw.count, nfiles,
-                      nbytes, warnings)
+                      nbytes, warnings, deferred=deferred_idx)
+
+
+def settle_deferred(root: bytes, b: BuiltCycle, warnings: WarningList, materialize: bool = False
+                    ) -> Tuple[List[Dict[str, Any]], List[bytes]]:
+    """The replica has read the deferred (live) files of streamed cycle ``b``: check that none
+    changed since it was described.  Returns (entries to read again, paths to drop): a file that
+    changed was copied (verified) to ``cycle/redo-<idx>`` and gets a fresh entry (same idx); one
+    that is gone or keeps changing is dropped from the cycle (its pending catalog row too) and
+    journaled for the next.  ``materialize``: the export is about to serve the snapshot, so each
+    deferred symlink becomes a real (verified) copy.  Settles each file once."""
+    redo: List[Dict[str, Any]] = []
+    gone: List[bytes] = []
+    if not b.deferred:
+        return redo, gone
+    cdir = cycle_dir(root, b.cycle)
+    fresh: List[Tuple] = []
+    for p, (idx, before) in sorted(b.deferred.items()):
+        live, copy_to = join(root, p), join(cdir, b"redo-%d" % idx)
+        if materialize:
+            how, st = snapmod.materialize_deferred(live, before, copy_to, join(b.snapshot, p), p, warnings)
+        else:
+            how, st = snapmod.settle_deferred(live, before, copy_to, p, warnings)
+        if how == "copied":
+            e = entry_for(p, copy_to, st)
+            e["idx"] = idx
+            redo.append(e)
+            fresh.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, b.cycle, p))
+        elif how == "gone":
+            gone.append(p)
+    b.deferred.clear()
+    if fresh or gone:
+        sd = os.fsdecode(state_dir(root))
+        with source_lock(root):
+            _settle_rows(sd, b.cycle, fresh, gone)
+    return redo, gone
+
+
+def _settle_rows(sd: str, n: int, fresh: List[Tuple], gone: List[bytes]) -> None:
+    """Cycle ``n``'s pending rows after settling: fresh stats, dropped paths out (and journaled)."""
+    catalog, journal = SourceCatalog(sd), Journal(sd)
+    try:
+        con = catalog.con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.executemany("UPDATE pending SET ino=?, size=?, mtime_ns=?, ctime_ns=?, mode=? "
+                            "WHERE cycle=? AND path=? AND kind='upsert'", fresh)
+            con.executemany("DELETE FROM pending WHERE cycle=? AND path=? AND kind='upsert'",
+                            [(n, p) for p in gone])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        journal.append_many(("touch", p, None, None) for p in gone)   # at-least-once: next cycle
+    finally:
+        catalog.close()
+        journal.close()
 
 
 def _base_path(p: bytes, moves: Dict[bytes, bytes]) -> bytes:

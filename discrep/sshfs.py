@@ -8,6 +8,8 @@ paramiko side (``-F``), the connection's user and host alias, and:
 * ``BatchMode=yes`` (never a password prompt), ``ServerAliveInterval`` so a dead
   peer is noticed, no ``reconnect`` (a dropped connection must fail the cycle),
 * ``ro``, ``kernel_cache`` (the export is an immutable snapshot),
+* ``follow_symlinks``: a streamed first copy's snapshot holds large files as symlinks
+  to the live files (read live, verified afterwards: snapshot.settle_deferred),
 * the mount's bdi ``read_ahead_kb`` raised to 1024 (sshfs 541 -> 1000 MB/s).
 
 ``stop()`` unmounts with ``fusermount3 -u``, then ``-uz`` (lazy) if busy or
@@ -81,7 +83,8 @@ class SshfsMount:
         opts = ["ro", "kernel_cache", "Ciphers=^aes128-gcm@openssh.com",
                 "Compression=no", "BatchMode=yes", f"ServerAliveInterval={cfg.server_alive_interval or 15}",
                 "ServerAliveCountMax=3", f"ConnectTimeout={int(cfg.connect_timeout)}",
-                "entry_timeout=60", "attr_timeout=60", "dcache_timeout=60"]
+                "entry_timeout=60", "attr_timeout=60", "dcache_timeout=60",
+                "follow_symlinks"]
         if not cfg.config_file:
             # no configuration file: tell ssh what paramiko was told
             opts += [f"Port={cfg.port}", f"User={cfg.user}"] if cfg.user else [f"Port={cfg.port}"]

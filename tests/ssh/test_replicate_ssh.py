@@ -310,3 +310,49 @@ def test_streamed_first_copy_many_segments_and_full_disk(sshd: Sshd, work_dir: P
         assert helpers.tree_equal(src, dst) == []
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_streamed_first_copy_file_changed_while_read(sshd: Sshd, work_dir: Path) -> None:
+    """A streamed first copy reads large files live (no copy first) and has the source check them
+    afterwards: a file written while it was read is read again from a verified copy, one deleted
+    meanwhile is dropped with a warning (exit 1) and left for the next cycle.  Without that check
+    the replica would hold the old bytes of big.bin and a gone.bin the source no longer has."""
+    _need_fuse()
+    import threading
+    src, dst = work_dir / "src", work_dir / "dst"
+    helpers.make_sample_tree(src)
+    size = 96 << 20
+    (src / "big.bin").write_bytes(b"A" * size)
+    (src / "zz_gone.bin").write_bytes(b"G" * (64 << 20))
+    fired = threading.Event()
+
+    def meddle() -> None:   # as soon as the replica starts writing big.bin, change the source
+        deadline = time.monotonic() + 120
+        while not (dst / "big.bin").exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+        with open(src / "big.bin", "r+b") as f:
+            f.write(b"B" * 4096)
+        os.unlink(src / "zz_gone.bin")
+        fired.set()
+    t = threading.Thread(target=meddle, daemon=True)
+    t.start()
+    r = replicate(sshd, str(src), str(dst))
+    t.join(5)
+    assert fired.is_set(), f"the replica never wrote big.bin: {r.stderr}"
+    assert r.returncode == 1, f"exit {r.returncode}: {r.stderr}"
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["streamed"] is True
+    assert "zz_gone.bin" in r.stderr and "left for the next cycle" in r.stderr
+    with open(dst / "big.bin", "rb") as f:
+        assert f.read(4096) == b"B" * 4096, "the replica kept bytes read before the file changed"
+    assert not (dst / "zz_gone.bin").exists()
+    # only the top directory differs (its mtime moved with the delete after it was described)
+    assert helpers.tree_equal(src / "dir_a", dst / "dir_a") == []
+    assert (dst / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+    assert os.stat(dst / "big.bin").st_mtime_ns == os.stat(src / "big.bin").st_mtime_ns
+    res = _ok(replicate(sshd, str(src), str(dst)))
+    assert res["cycle"] == 2 and res["files_changed"] == 0, res
+    assert helpers.tree_equal(src, dst) == []
+    _no_leftovers(sshd)

@@ -1,0 +1,110 @@
+"""Large files of a streamed first copy are read live and checked afterwards (source side).
+
+A streamed build (``on_segment``) with the copy provider does not copy large files: the
+snapshot holds a symlink to the live file and the manifest describes it by its stat before.
+``source.settle_deferred`` then checks each: unchanged -> nothing; changed -> a verified copy
+in the cycle directory and a fresh entry, the pending catalog row updated; gone -> dropped
+from the cycle (pending row removed) and journaled for the next one.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from discrep import source as srcmod
+from discrep.errors import WarningList
+from discrep.manifest import Entry
+
+pytestmark = pytest.mark.fs
+
+BIG = 300 * 1024          # over source.SMALL_MAX: read live in a streamed first copy
+
+
+def _tree(root: Path) -> None:
+    root.mkdir()
+    (root / "a").mkdir()
+    (root / "a" / "big1").write_bytes(b"1" * BIG)
+    (root / "a" / "big2").write_bytes(b"2" * BIG)
+    (root / "a" / "big3").write_bytes(b"3" * BIG)
+    (root / "small").write_bytes(b"s" * 100)
+
+
+def _build(root: Path) -> srcmod.BuiltCycle:
+    segs: list = []
+    b = srcmod.build_cycle(os.fsencode(root), snapshot_kind="copy", on_segment=segs.append)
+    assert segs, "a streamed build announces segments"
+    return b
+
+
+def _pending(root: Path, cycle: int) -> dict:
+    con = sqlite3.connect(root / ".discrep" / "catalog.db")
+    try:
+        rows = con.execute("SELECT path, size, mtime_ns FROM pending WHERE cycle = ? AND kind = 'upsert'",
+                           (cycle,)).fetchall()
+    finally:
+        con.close()
+    return {bytes(p): (s, m) for p, s, m in rows}
+
+
+def _journal_paths(root: Path) -> list:
+    con = sqlite3.connect(root / ".discrep" / "journal.db")
+    try:
+        return [bytes(p) for (p,) in con.execute("SELECT path FROM entries WHERE op = 'touch'")]
+    finally:
+        con.close()
+
+
+def test_large_files_are_symlinks_to_live_files_until_settled(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    _tree(root)
+    b = _build(root)
+    snap = Path(os.fsdecode(b.snapshot))
+    assert set(b.deferred) == {b"a/big1", b"a/big2", b"a/big3"}
+    for name in ("big1", "big2", "big3"):
+        assert os.readlink(snap / "a" / name) == str(root / "a" / name)
+    assert not (snap / "small").exists(), "small files travel in packs"
+    redo, gone = srcmod.settle_deferred(os.fsencode(root), b, WarningList())
+    assert (redo, gone) == ([], [])
+
+
+def test_changed_and_vanished_files_are_copied_or_dropped(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    _tree(root)
+    b = _build(root)
+    before = _pending(root, b.cycle)
+    idx1 = b.deferred[b"a/big1"][0]
+    (root / "a" / "big1").write_bytes(b"X" * (BIG + 7))     # changed while "read"
+    os.unlink(root / "a" / "big2")                          # gone
+    warnings = WarningList()
+    redo, gone = srcmod.settle_deferred(os.fsencode(root), b, warnings)
+    assert gone == [b"a/big2"]
+    assert len(redo) == 1
+    e = Entry(redo[0])
+    assert (e.path, e.idx, e.size) == (b"a/big1", idx1, BIG + 7)
+    st = os.stat(root / "a" / "big1")
+    assert e.mtime_ns == st.st_mtime_ns
+    copy = root / ".discrep" / "cycles" / str(b.cycle) / f"redo-{idx1}"
+    assert copy.read_bytes() == b"X" * (BIG + 7)
+    after = _pending(root, b.cycle)
+    assert after[b"a/big1"] == (BIG + 7, st.st_mtime_ns) != before[b"a/big1"]
+    assert b"a/big2" in before and b"a/big2" not in after
+    assert after[b"a/big3"] == before[b"a/big3"]
+    assert b"a/big2" in _journal_paths(root), "a dropped file is looked at again next cycle"
+    # settled once: a second call finds nothing more to do
+    assert srcmod.settle_deferred(os.fsencode(root), b, warnings) == ([], [])
+
+
+def test_materialize_turns_symlinks_into_verified_copies(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    _tree(root)
+    b = _build(root)
+    snap = Path(os.fsdecode(b.snapshot))
+    (root / "a" / "big3").write_bytes(b"Z" * 10)
+    redo, gone = srcmod.settle_deferred(os.fsencode(root), b, WarningList(), materialize=True)
+    assert [Entry(r).path for r in redo] == [b"a/big3"] and gone == []
+    for name, want in (("big1", b"1" * BIG), ("big2", b"2" * BIG), ("big3", b"Z" * 10)):
+        p = snap / "a" / name
+        assert not p.is_symlink() and p.read_bytes() == want
