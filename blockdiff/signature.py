@@ -63,6 +63,7 @@ HEADER_SIZE = _HEADER.size  # 37
 
 _h64 = xxhash.xxh3_64_intdigest
 _Q = struct.Struct("<Q")
+_QQ = struct.Struct("<QQ")
 _h128 = xxhash.xxh3_128_digest
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -84,8 +85,11 @@ def _check_geometry(block_size: int, factor: int, exc: type = ValueError) -> Non
 
 def fine_digests(buf: Buffer, block_size: int = FINE_SIZE) -> bytes:
     """Fine digests (8 bytes each) of consecutive ``block_size`` blocks of ``buf``."""
-    if type(buf) is bytes and 0 < len(buf) <= block_size:   # one block: the common small file
-        return _Q.pack(_h64(buf))
+    if type(buf) is bytes and 0 < len(buf) <= 2 * block_size:   # one or two blocks: the common small file
+        if len(buf) <= block_size:
+            return _Q.pack(_h64(buf))
+        mv = memoryview(buf)
+        return _QQ.pack(_h64(mv[:block_size]), _h64(mv[block_size:]))
     mv = memoryview(buf).cast("B")
     n = len(mv)
     if n == 0:

@@ -7,7 +7,8 @@ replica runs one agent per cycle and talks to it in JSON lines:
     (with --replica-cycle R, or on replica -> {"cmd": "cycle", "replica_cycle": R}:)
     agent -> {"event": "seg", "seg": S, "packs": K, "dir": ...}  (only for a streamed cycle:
               --stream / "stream": true; manifest segment S and packs < K are on disk; seg 0
-              also carries the cycle header, the snapshot path and totals; see source.build_cycle)
+              also carries the cycle header, the snapshot path and totals -- unless --no-totals /
+              "totals": false: then a first copy streams as it walks the tree; see source.build_cycle)
     agent -> {"event": "built", "cycle": N, "base": B, ...}     (journal cut, snapshot, manifest)
     agent -> {"event": "ready", "mountpoint": ".../export.XXXX/m<k>"}  (FUSE export mounted; a
               streamed cycle is exported only on replica -> {"cmd": "export"}: its replica reads
@@ -52,7 +53,7 @@ def _say(obj: Dict[str, Any]) -> None:
 
 
 def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList,
-              stream: bool = False) -> int:
+              stream: bool = False, totals: bool = True) -> int:
     import fuse_export
 
     from .export import make_view
@@ -105,7 +106,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                     raise FuseUnavailableError(f"cannot mount the export on the source: {e}") from None
                 _say({"event": "ready", "mountpoint": mnt})
 
-            def cycle(rcycle: int, stream: bool) -> None:
+            def cycle(rcycle: int, stream: bool, totals: bool = True) -> None:
                 nonlocal served, built, settled
                 served += 1
                 built = settled = None
@@ -115,7 +116,8 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                 settle_source(bsrc, rcycle)
                 t_build = time.monotonic()
                 b = build_cycle(bsrc, snapshot_kind=snapshot_kind, min_cycle=rcycle + 1, warnings=warnings,
-                                on_segment=(lambda m: _say(dict(m, event="seg"))) if stream else None)
+                                on_segment=(lambda m: _say(dict(m, event="seg"))) if stream else None,
+                                totals=totals)
                 _say({"event": "built", "cycle": b.cycle, "base": b.base, "entries": b.entries,
                       "snapshot": b.provider, "change_source": b.change_source, "path": os.fsdecode(b.snapshot),
                       "build_s": round(time.monotonic() - t_build, 3)})
@@ -133,7 +135,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                     export = None
 
             if replica_cycle is not None:
-                cycle(replica_cycle, stream)
+                cycle(replica_cycle, stream, totals)
             for line in sys.stdin:
                 try:
                     cmd = json.loads(line)
@@ -160,7 +162,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
                         _say({"event": "ended"})
                     elif what == "cycle":            # continuous mode: the next cycle, same session
                         end_cycle()
-                        cycle(int(cmd["replica_cycle"]), bool(cmd.get("stream")))
+                        cycle(int(cmd["replica_cycle"]), bool(cmd.get("stream")), bool(cmd.get("totals", True)))
                     elif what == "bye":
                         break
                 except Error as e:

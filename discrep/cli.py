@@ -272,7 +272,7 @@ def cmd_prune(a, warnings: WarningList) -> Dict[str, Any]:
 
 def cmd_agent(a, warnings: WarningList) -> Dict[str, Any]:
     from .agent import run_agent
-    rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream)
+    rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals)
     raise SystemExit(rc)
 
 
@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--replica-cycle", type=int, help="serve this first cycle at once")
     sp.add_argument("--snapshot", default="auto", choices=["auto", "btrfs", "reflink", "copy"])
     sp.add_argument("--stream", action="store_true", help="announce manifest segments while building")
+    sp.add_argument("--no-totals", dest="totals", action="store_false",
+                    help="a streamed first copy starts at once instead of counting the tree first")
 
     sp = add("reset", cmd_reset, "forget what the source replicated: the next cycle compares everything")
     sp.add_argument("src", metavar="SRC")

@@ -265,10 +265,11 @@ def _forward_warnings(err: bytes, warnings: WarningList, host: str) -> None:
 class _Agent:
     """The source's ``discrep agent`` on one exec channel (JSON lines, see agent.py)."""
 
-    def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool = False):
+    def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool = False,
+                 totals: bool = True):
         self.conn = conn
         self.ch = conn.start(f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} "
-                             f"{'--stream ' if stream else ''}{q(src)}")
+                             f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}{q(src)}")
         self.out = self.ch.makefile("rb")
         self._stderr: list = []
         self._t = threading.Thread(target=self._read_err, daemon=True, name="discrep-agent-stderr")
@@ -394,13 +395,13 @@ class RemoteSession:
         self.mount_thread = threading.Thread(target=do_mount, daemon=True, name="discrep-sshfs-mount")
         self.mount_thread.start()
 
-    def _open(self, rcycle: int, stream: bool = False) -> None:
+    def _open(self, rcycle: int, stream: bool = False, totals: bool = True) -> None:
         """Connect; sshfs connects while the agent starts and builds the first cycle."""
         self.conn = Connection(self.cfg)
         self.conn.connect()
         if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
-        self.agent = _Agent(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream)
+        self.agent = _Agent(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals)
         hello = self.agent.expect("hello")
         self.state_dir, self.remote_dir = hello["state_dir"], hello["dir"]
         if self.mount_thread is not None and not self.mount_thread.is_alive() and self.mount_err:
@@ -426,12 +427,14 @@ class RemoteSession:
         rcycle = prepare_dest(self.dest, force=bool(getattr(a, "force", False)) and self.cycles == 0)
         # a first copy into an empty DEST is applied while the source still builds it
         want_stream = self.transport == "sshfs" and rcycle == 0 and holds_only_state(self.dest)
+        # progress shows fixed totals, which cost the source a walk before it streams: only if shown
+        totals = progress is not None
         reader = stream = None
         try:
             if self.agent is None:
-                self._open(rcycle, want_stream)
+                self._open(rcycle, want_stream, totals)
             else:
-                self.agent.send({"cmd": "cycle", "replica_cycle": rcycle, "stream": want_stream})
+                self.agent.send({"cmd": "cycle", "replica_cycle": rcycle, "stream": want_stream, "totals": totals})
             t_conn = time.monotonic()
             snap = self.agent.expect(("seg", "built") if want_stream else "built")
             export_base = "/" + self.remote_dir.rsplit("/", 1)[1]

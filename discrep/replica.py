@@ -692,6 +692,7 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
             cat.set_meta("source_id", str(sid))
     except BaseException as exc:
         ap.close()
+        cat.unstage()
         try:  # leave the replica at its last committed cycle, now rather than at the next run
             recover_locked(dest, cat)
         except Exception as e2:

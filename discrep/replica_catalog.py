@@ -84,12 +84,18 @@ class ReplicaCatalog:
     def commit(self, cycle: int, *, full: bool, moves: Iterable[Tuple[bytes, bytes]],
                deletes: Iterable[bytes], rows: Iterable[Tuple[bytes, str, int, int, int, Optional[bytes]]],
                stats: dict) -> None:
-        """Apply the cycle's catalog changes and mark it committed, in one transaction."""
+        """Apply the cycle's catalog changes and mark it committed, in one transaction (the one
+        ``stage`` opened, if rows were staged)."""
         con = self.con
-        con.execute("BEGIN IMMEDIATE")
+        staged = con.in_transaction
+        if staged and not full:
+            raise ValueError("rows are staged only for a full cycle")
+        if not staged:
+            con.execute("BEGIN IMMEDIATE")
         try:
             if full:
-                con.execute("DELETE FROM files")
+                if not staged:
+                    con.execute("DELETE FROM files")
             else:
                 moves = list(moves)
                 lifted = [con.execute("SELECT * FROM files WHERE path = ? OR (path >= ? AND path < ?)",
@@ -109,6 +115,21 @@ class ReplicaCatalog:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+    def stage(self, rows: Iterable[Tuple[bytes, str, int, int, int, Optional[bytes]]]) -> None:
+        """Rows of a full cycle being applied, written ahead of ``commit`` inside the transaction
+        that ``commit`` ends (nothing is visible or kept unless it commits; ``unstage`` drops them).
+        A long first copy stages as it goes, so its commit does not insert every row at the end."""
+        con = self.con
+        if not con.in_transaction:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("DELETE FROM files")
+        con.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)", rows)
+
+    def unstage(self) -> None:
+        """Drop staged rows (the cycle failed)."""
+        if self.con.in_transaction:
+            self.con.execute("ROLLBACK")
 
     def abandon(self, cycle: int) -> None:
         self.con.execute("DELETE FROM cycles WHERE cycle = ? AND state = 'applying'", (cycle,))

@@ -208,8 +208,9 @@ class StreamOps:
         self._written(rows, warns, counts)
 
     def _written(self, rows: List[Tuple], warns: List[Tuple[bytes, str]], counts: List[int]) -> None:
-        """Account for packed files written in place (here or by the worker): catalog rows, stats."""
-        self.rows.extend(rows)
+        """Account for packed files written in place (here or by the worker): catalog rows (staged in
+        the catalog at once: the commit then has little left to insert), stats."""
+        self.cat.stage(rows)
         self.created.update(r[0] for r in rows)
         nbytes = sum(r[2] for r in rows)
         self.stats.files_changed += len(rows)

@@ -58,6 +58,39 @@ def walk(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = 
                 stack.append(crel)
 
 
+def walk_sorted(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = None
+                ) -> Iterator[Tuple[bytes, os.stat_result]]:
+    """Like ``walk``, in manifest order: each directory's entries by name, a directory's subtree
+    right after it (the order of ``sorted(paths, key=lambda p: p.replace(b"/", b"\\0"))``)."""
+    def listing(rel: bytes) -> Iterator[os.DirEntry]:
+        try:
+            with os.scandir(root + b"/" + rel if rel else root) as it:
+                return iter(sorted(it, key=lambda e: e.name))
+        except OSError as e:
+            if on_error is None:
+                raise
+            on_error(rel, e)
+            return iter(())
+    stack = [(b"", listing(b""))]
+    while stack:
+        rel, it = stack[-1]
+        e = next(it, None)
+        if e is None:
+            stack.pop()
+            continue
+        name = e.name
+        if not rel and name == STATE_DIR:
+            continue
+        crel = rel + b"/" + name if rel else name
+        try:
+            st = e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        yield crel, st
+        if statmod.S_ISDIR(st.st_mode):
+            stack.append((crel, listing(crel)))
+
+
 def same_object(row: Row, st: os.stat_result) -> bool:
     return row.ino == st.st_ino and statmod.S_IFMT(row.mode) == statmod.S_IFMT(st.st_mode)
 

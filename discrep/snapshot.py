@@ -91,13 +91,9 @@ def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: W
     are not copied: the snapshot holds a symlink to the live file and ``deferred`` its stat
     (the "before"); whoever reads them must call ``settle_deferred`` after reading.
     """
-    sdir = snapshots_dir(root)
-    os.makedirs(sdir, exist_ok=True)
-    dst = join(sdir, str(cycle).encode())
-    if os.path.lexists(dst):
-        release(kind, dst)
     plist = paths if isinstance(paths, list) else sorted(set(paths), key=lambda p: p.split(b"/"))
     if kind == "btrfs":
+        dst = _fresh_dir(root, cycle, kind)
         snap = Snapshot("btrfs", dst, True)
         for p in plist:  # live stats before the snapshot: what the catalog records
             try:
@@ -109,44 +105,67 @@ def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: W
         except Exception as e:
             raise SnapshotError(f"btrfs snapshot of {os.fsdecode(root)} failed: {e}") from e
         return snap
-    os.mkdir(dst, 0o700)
-    snap = Snapshot(kind, dst, False)
-    _capture(root, snap, plist, warnings, reflink=(kind == "reflink"), inline_max=inline_max, stats=stats or {},
-             defer_over=defer_over if kind == "copy" else None)
+    stats = stats or {}
+    snap, cap = start(kind, root, cycle, warnings, inline_max, defer_over)
+    for rel in plist:
+        cap.add(rel, stats.get(rel))
+    cap.finish()
     return snap
 
 
-def _capture(root: bytes, snap: Snapshot, plist: List[bytes], warnings: WarningList, *, reflink: bool,
-             inline_max: int, stats: Dict[bytes, os.stat_result], defer_over: Optional[int] = None) -> None:
-    linked: Dict[Tuple[int, int], bytes] = {}
-    dirs: List[Tuple[bytes, os.stat_result]] = []
-    made: Set[bytes] = {b""}
-    for rel in plist:
-        src = join(root, rel)
+def _fresh_dir(root: bytes, cycle: int, kind: str) -> bytes:
+    """Path of snapshot ``cycle``, with whatever an earlier attempt left there released."""
+    sdir = snapshots_dir(root)
+    os.makedirs(sdir, exist_ok=True)
+    dst = join(sdir, str(cycle).encode())
+    if os.path.lexists(dst):
+        release(kind, dst)
+    return dst
+
+
+class Capturer:
+    """Captures paths into a ``reflink`` / ``copy`` snapshot one at a time, in manifest order
+    (parents before children); ``finish()`` then sets the directories' metadata.  ``take`` runs
+    it over a list; a streamed first copy feeds it from its walk (``start``)."""
+
+    def __init__(self, root: bytes, snap: Snapshot, warnings: WarningList, *, reflink: bool, inline_max: int,
+                 defer_over: Optional[int] = None):
+        self.root, self.snap, self.warnings = root, snap, warnings
+        self.reflink, self.inline_max, self.defer_over = reflink, inline_max, defer_over
+        self.linked: Dict[Tuple[int, int], bytes] = {}
+        self.dirs: List[Tuple[bytes, os.stat_result]] = []
+        self.made: Set[bytes] = {b""}
+
+    def add(self, rel: bytes, st: Optional[os.stat_result] = None) -> None:
+        """Capture ``rel`` (``st``: its lstat taken earlier, the "before"), or note why not."""
+        snap, warnings = self.snap, self.warnings
+        if st is not None and st.st_size <= self.inline_max and st.st_nlink == 1 and statmod.S_ISREG(st.st_mode):
+            snap.inline.add(rel)   # verified when it is read into its pack (the common case, first)
+            return
+        src = join(self.root, rel)
         dst = snap.locate(rel)
-        st = stats.get(rel)
         if st is None:
             try:
                 st = os.lstat(src)
             except FileNotFoundError:
-                continue  # deleted: the manifest says so
+                return  # deleted: the manifest says so
             except OSError as e:
                 warnings.add(show(rel), f"cannot stat: {e.strerror}")
                 snap.skipped.add(rel)
-                continue
-        if statmod.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= inline_max:
+                return
+        if statmod.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= self.inline_max:
             snap.inline.add(rel)   # verified when it is read into its pack
-            continue
-        if parent(rel) not in made:
+            return
+        if parent(rel) not in self.made:
             _ensure_parent(snap, rel)
-            made.add(parent(rel))
+            self.made.add(parent(rel))
         mode = st.st_mode
         try:
             if statmod.S_ISDIR(mode):
                 if not os.path.isdir(dst):
                     os.mkdir(dst, 0o700)
-                made.add(rel)
-                dirs.append((rel, st))
+                self.made.add(rel)
+                self.dirs.append((rel, st))
                 snap.live_stats[rel] = st
             elif statmod.S_ISLNK(mode):
                 target = os.readlink(src)
@@ -156,35 +175,49 @@ def _capture(root: bytes, snap: Snapshot, plist: List[bytes], warnings: WarningL
                 snap.live_stats[rel] = st
             elif statmod.S_ISREG(mode):
                 key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in linked:
-                    os.link(linked[key], dst)
+                if st.st_nlink > 1 and key in self.linked:
+                    os.link(self.linked[key], dst)
                     snap.live_stats[rel] = st
-                    continue
-                if defer_over is not None and st.st_nlink == 1 and st.st_size > defer_over \
+                    return
+                if self.defer_over is not None and st.st_nlink == 1 and st.st_size > self.defer_over \
                         and st.st_blocks * 512 >= st.st_size:
                     os.symlink(src, dst)     # read live; settle_deferred verifies it afterwards
                     snap.deferred[rel] = snap.live_stats[rel] = st
-                    continue
+                    return
                 got = _capture_file(src, dst, rel, warnings)
                 if got is None:
                     snap.skipped.add(rel)
-                    continue
+                    return
                 snap.live_stats[rel] = got
                 if st.st_nlink > 1:
-                    linked[key] = dst
+                    self.linked[key] = dst
             else:
                 warnings.add(show(rel), "skipped: FIFOs, sockets and device files are not replicated")
                 snap.skipped.add(rel)
         except FileNotFoundError:
-            continue  # vanished while captured: a delete, seen as such
+            return  # vanished while captured: a delete, seen as such
         except OSError as e:
             warnings.add(show(rel), f"not captured: {e.strerror or e}")
             snap.skipped.add(rel)
-    for rel, _st in reversed(dirs):  # children done: now directory metadata (mtime) sticks
-        try:
-            platform.copy_metadata(join(root, rel), snap.locate(rel))
-        except FileNotFoundError:
-            pass
+
+    def finish(self) -> None:
+        for rel, _st in reversed(self.dirs):  # children done: now directory metadata (mtime) sticks
+            try:
+                platform.copy_metadata(join(self.root, rel), self.snap.locate(rel))
+            except FileNotFoundError:
+                pass
+
+
+def start(kind: str, root: bytes, cycle: int, warnings: WarningList, inline_max: int = 0,
+          defer_over: Optional[int] = None) -> Tuple[Snapshot, Capturer]:
+    """An empty ``reflink`` / ``copy`` snapshot and the Capturer that fills it path by path."""
+    if kind not in ("reflink", "copy"):
+        raise UsageError(f"a {kind} snapshot is not taken path by path")
+    dst = _fresh_dir(root, cycle, kind)
+    os.mkdir(dst, 0o700)
+    snap = Snapshot(kind, dst, False)
+    return snap, Capturer(root, snap, warnings, reflink=(kind == "reflink"), inline_max=inline_max,
+                          defer_over=defer_over if kind == "copy" else None)
 
 
 def _ensure_parent(snap: Snapshot, rel: bytes) -> None:

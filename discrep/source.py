@@ -25,7 +25,7 @@ import stat as statmod
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import blockdiff
 import xxhash
@@ -38,7 +38,7 @@ from .errors import SourceError, WarningList
 from .journal import Journal
 from .manifest import ManifestWriter, entry_for, file_line
 from .paths import STATE_DIR, enc, join, show
-from .scan import scan, walk
+from .scan import scan, walk, walk_sorted
 from .source_catalog import CycleRec, SourceCatalog
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,15 @@ class BuiltCycle:
 
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
                 warnings: Optional[WarningList] = None,
-                on_segment: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuiltCycle:
+                on_segment: Optional[Callable[[Dict[str, Any]], None]] = None, totals: bool = True) -> BuiltCycle:
     """Build the next cycle of ``root`` (see module doc).
 
     ``on_segment``: streamed build.  The manifest is also cut into segments
     ``cycles/<N>/seg-<s>.zst`` (each referring only to packs already written), and
     ``on_segment`` is called with ``{"seg", "packs", "entries", ...}`` after each one is on disk,
-    so a replica can apply the cycle while it is still being built."""
+    so a replica can apply the cycle while it is still being built.  Segment 0 carries the
+    totals (files, bytes) of the cycle -- unless ``totals`` is false: then a first cycle is
+    built as the tree is walked (the first segment comes at once, no walk before it)."""
     warnings = warnings if warnings is not None else WarningList()
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} does not exist or is not a directory",
@@ -126,7 +128,7 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
         sd = os.fsdecode(state_dir(root))
         journal, catalog = Journal(sd), SourceCatalog(sd)
         try:
-            return _build(root, journal, catalog, snapshot_kind, force_scan, warnings, min_cycle, on_segment)
+            return _build(root, journal, catalog, snapshot_kind, force_scan, warnings, min_cycle, on_segment, totals)
         finally:
             journal.close()
             catalog.close()
@@ -134,7 +136,7 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
 
 def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, force_scan: bool,
            warnings: WarningList, min_cycle: int = 1,
-           on_segment: Optional[Callable[[Dict[str, Any]], None]] = None) -> BuiltCycle:
+           on_segment: Optional[Callable[[Dict[str, Any]], None]] = None, totals: bool = True) -> BuiltCycle:
     t0 = time.monotonic()
     acked = catalog.last_acked()
     base, acked_cut = (acked.cycle, acked.cut_seq) if acked else (0, 0)
@@ -143,37 +145,27 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     kind = snapmod.choose(kind, root)
     use_journal = (not force_scan and base > 0 and journal.gap() is None and watcher_alive(root))
     stats: Dict[bytes, os.stat_result] = {}
-    scanned: List[bytes] = []
-    if not use_journal:
-        # with nothing acknowledged yet every path is new: the scan's list is used as it is
-        # instead of being journaled and read back (the marker is still journaled)
-        sres = scan(root, catalog, journal, journal_touched=base > 0)
-        stats = sres.stats
-        if base == 0:
-            scanned = sres.touched
-    if use_journal:
-        wait_for_watcher(root, journal)
-    cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
-    cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
-    touched = set(cs.touched)
-    touched.update(scanned)
-    for p in list(cs.expand):           # subtrees that must be looked at whole
-        full = join(root, p)
-        if os.path.isdir(full) and not os.path.islink(full):
-            touched.update(p + b"/" + rel for rel, _st in walk(full))
-    for new in cs.moves:                # a moved directory's metadata is rewritten too
-        touched.add(new)
-    if catalog.con.execute("SELECT 1 FROM files LIMIT 1").fetchone() is not None:
-        _add_link_siblings(root, catalog, touched, stats)   # (nothing replicated yet: no siblings)
-    root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
+    # a first streamed cycle nobody shows totals for: walk, capture and stream in one pass
+    walking = (on_segment is not None and not totals and base == 0 and not use_journal
+               and kind in ("copy", "reflink"))
+    walk_errors: List[str] = []
+    if walking:
+        gen = journal.gap_generation()
+        journal.append_many([("scan", b"", None, journal.last_seq())])
+        cut = journal.last_seq()        # before anything is captured; later changes: next cycle
+        moves: Dict[bytes, bytes] = {}
+        root_meta = entry_for(b"", root, os.lstat(root))
+        snap, cap = snapmod.start(kind, root, n, warnings, inline_max=SMALL_MAX, defer_over=SMALL_MAX)
+        ordered: Iterable[bytes] = _walk_capturing(root, cap, stats, walk_errors)
+    else:
+        cut, moves, root_meta, ordered = _changed_paths(root, journal, catalog, base, acked_cut, use_journal,
+                                                        stats)
+        # a streamed cycle's replica reads large files while the rest is built: not copied first, but
+        # read live and verified afterwards (settle_deferred), as a copy would have been
+        snap = snapmod.take(kind, root, n, ordered, warnings, inline_max=SMALL_MAX, stats=stats,
+                            defer_over=SMALL_MAX if on_segment is not None else None)
     for k in ("op", "path"):
         root_meta.pop(k, None)
-    # parents before children, once (NUL sorts below every byte of a name: same order as by components)
-    ordered = sorted(touched, key=lambda q: q.replace(b"/", b"\0"))
-    # a streamed cycle's replica reads large files while the rest is built: not copied first, but
-    # read live and verified afterwards (settle_deferred), as a copy would have been
-    snap = snapmod.take(kind, root, n, ordered, warnings, inline_max=SMALL_MAX, stats=stats,
-                        defer_over=SMALL_MAX if on_segment is not None else None)
     cdir = cycle_dir(root, n)
     if os.path.lexists(cdir):
         shutil.rmtree(cdir)
@@ -194,9 +186,10 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         msg: Dict[str, Any] = {"seg": segs[0], "packs": packer.count, "entries": mw.count,
                                "dir": os.fsdecode(cdir)}
         if segs[0] == 0:
-            msg.update(header=header, snapshot=os.fsdecode(snap.root),
-                       totals={"files": sum(1 for st in stats.values() if statmod.S_ISREG(st.st_mode)),
-                               "bytes": sum(st.st_size for st in stats.values() if statmod.S_ISREG(st.st_mode))})
+            msg.update(header=header, snapshot=os.fsdecode(snap.root))
+            if not walking:
+                msg["totals"] = {"files": sum(1 for st in stats.values() if statmod.S_ISREG(st.st_mode)),
+                                 "bytes": sum(st.st_size for st in stats.values() if statmod.S_ISREG(st.st_mode))}
         segs[0] += 1
         segs[1] = mw.count
         on_segment(msg)
@@ -206,7 +199,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
             cut_segment()               # every entry of a segment refers to packs already written
         return packer.add(data)
     try:
-        for new, old in sorted(cs.moves.items()):
+        for new, old in sorted(moves.items()):
             if catalog.exists(old) and (new in snap.inline or os.path.lexists(snap.locate(new))):
                 mw.add({"op": "move", "path": enc(new), "old": enc(old)})
                 pending.append(("move", new, old, None, None, None, None, None))
@@ -214,7 +207,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
         base_rec = catalog.cycle(base) if base else None
         base_snap = base_rec.snapshot if (base_rec and base_rec.provider in ("btrfs", "reflink")
                                           and os.path.isdir(base_rec.snapshot)) else None
-        moves_map = dict(cs.moves)
+        moves_map = moves
         links: Dict[Tuple[int, int], bytes] = {}
         idx = 0
         skipped, inline, root_slash = snap.skipped, snap.inline, root.rstrip(b"/") + b"/"
@@ -266,7 +259,11 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                 continue
             full = snap.locate(p)
             try:
-                st = os.lstat(full)
+                st0 = stats.get(p) if walking else None
+                if st0 is not None and statmod.S_ISDIR(st0.st_mode):
+                    full, st = root_slash + p, st0   # (its snapshot copy gets its metadata at the end)
+                else:
+                    st = os.lstat(full)
             except FileNotFoundError:
                 if not snap.full and os.path.lexists(join(root, p)):
                     continue  # exists live but was not captured (raced): next cycle
@@ -285,7 +282,8 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                 if st.st_nlink > 1 and key in links:
                     e["link"] = enc(links[key])
                 else:
-                    if st.st_nlink > 1:
+                    # (walking, the other links are captured after this one: the live count says)
+                    if st.st_nlink > 1 or (walking and stats[p].st_nlink > 1):
                         links[key] = p
                     nbytes += st.st_size
                     if st.st_blocks * 512 < st.st_size:
@@ -302,6 +300,12 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                 live = st
             pending.append(("upsert", p, None, live.st_ino, live.st_size, live.st_mtime_ns,
                             live.st_ctime_ns, live.st_mode))
+        if walking:
+            cap.finish()
+            if walk_errors:
+                raise SourceError("cannot read parts of the source: " + "; ".join(walk_errors[:5]),
+                                  hint="fix the permissions or run as a user that can read the whole tree")
+            journal.close_gap(gen)
         packer.close()
         if on_segment is not None:
             cut_segment()               # the last one: "built" follows
@@ -317,6 +321,50 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
     log.info("cycle %d built: %d entries, %d files, %.2fs", n, mw.count, nfiles, time.monotonic() - t0)
     return BuiltCycle(n, base, cut, kind, snap.root, header["change_source"], mw.count, nfiles,
                       nbytes, warnings, deferred=deferred_idx)
+
+
+def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: int, acked_cut: int,
+                   use_journal: bool, stats: Dict[bytes, os.stat_result]
+                   ) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
+    """What the cycle looks at: (journal cut, moves new -> base, the top directory's entry, the
+    touched paths in manifest order); ``stats`` gets the scan's lstat of what it saw."""
+    scanned: List[bytes] = []
+    if not use_journal:
+        # with nothing acknowledged yet every path is new: the scan's list is used as it is
+        # instead of being journaled and read back (the marker is still journaled)
+        sres = scan(root, catalog, journal, journal_touched=base > 0)
+        stats.update(sres.stats)
+        if base == 0:
+            scanned = sres.touched
+    if use_journal:
+        wait_for_watcher(root, journal)
+    cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
+    cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
+    touched = set(cs.touched)
+    touched.update(scanned)
+    for p in list(cs.expand):           # subtrees that must be looked at whole
+        full = join(root, p)
+        if os.path.isdir(full) and not os.path.islink(full):
+            touched.update(p + b"/" + rel for rel, _st in walk(full))
+    for new in cs.moves:                # a moved directory's metadata is rewritten too
+        touched.add(new)
+    if catalog.con.execute("SELECT 1 FROM files LIMIT 1").fetchone() is not None:
+        _add_link_siblings(root, catalog, touched, stats)   # (nothing replicated yet: no siblings)
+    root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
+    # parents before children, once (NUL sorts below every byte of a name: same order as by components)
+    return cut, dict(cs.moves), root_meta, sorted(touched, key=lambda q: q.replace(b"/", b"\0"))
+
+
+def _walk_capturing(root: bytes, cap: "snapmod.Capturer", stats: Dict[bytes, os.stat_result],
+                    errors: List[str]) -> Iterator[bytes]:
+    """Every path below ``root`` in manifest order, each captured into the snapshot (and its lstat
+    put in ``stats``) just before it is yielded; unreadable directories go to ``errors``."""
+    def on_error(rel: bytes, e: OSError) -> None:
+        errors.append(f"{show(rel) or '.'}: {e.strerror}")
+    for rel, st in walk_sorted(root, on_error=on_error):
+        stats[rel] = st
+        cap.add(rel, st)
+        yield rel
 
 
 def settle_deferred(root: bytes, b: BuiltCycle, warnings: WarningList, materialize: bool = False

@@ -108,3 +108,32 @@ def test_materialize_turns_symlinks_into_verified_copies(tmp_path: Path) -> None
     for name, want in (("big1", b"1" * BIG), ("big2", b"2" * BIG), ("big3", b"Z" * 10)):
         p = snap / "a" / name
         assert not p.is_symlink() and p.read_bytes() == want
+
+
+def _manifest(root: Path, totals: bool) -> tuple:
+    import shutil
+    from discrep.manifest import read_lines
+    shutil.rmtree(root / ".discrep", ignore_errors=True)
+    segs: list = []
+    b = srcmod.build_cycle(os.fsencode(root), on_segment=segs.append, totals=totals)
+    cdir = Path(os.fsdecode(srcmod.cycle_dir(os.fsencode(root), b.cycle)))
+    _hdr, ents = read_lines((cdir / "manifest.zst").read_bytes())
+    return list(ents), segs
+
+
+def test_walking_build_writes_the_same_manifest(tmp_path: Path) -> None:
+    """Without totals a first streamed cycle is walked, captured and written in one pass (its first
+    segment comes before the tree is walked whole); the manifest must be the one the counted build
+    writes: same order, hard links, packs, sparse extents, symlinks, xattrs, odd names."""
+    import helpers
+    root = tmp_path / "src"
+    helpers.make_sample_tree(root)
+    for i in range(3):
+        (root / "dir_a" / f"bigger{i}").write_bytes(bytes([i]) * BIG)
+    counted, segs_c = _manifest(root, True)
+    walked, segs_w = _manifest(root, False)
+    assert "totals" in segs_c[0] and "totals" not in segs_w[0]
+    assert [e["path"] for e in walked] == [e["path"] for e in counted]
+    assert walked == counted
+    assert any("link" in e for e in walked) and any(e.get("live") for e in walked)
+    assert any("extents" in e for e in walked) and any(e.get("op") == "symlink" for e in walked)

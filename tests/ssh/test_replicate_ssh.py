@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from conftest import ALIAS, REMOTE_DISCREP, Sshd, client_env, mounts_under, replicate
+from conftest import ALIAS, REMOTE_DISCREP, Sshd, client_env, discrep_cmd, mounts_under, replicate
 
 pytestmark = pytest.mark.ssh
 
@@ -356,3 +356,51 @@ def test_streamed_first_copy_file_changed_while_read(sshd: Sshd, work_dir: Path)
     assert res["cycle"] == 2 and res["files_changed"] == 0, res
     assert helpers.tree_equal(src, dst) == []
     _no_leftovers(sshd)
+
+
+def test_progress_on_a_terminal_shows_fixed_totals(sshd: Sshd, work_dir: Path) -> None:
+    """On a terminal a streamed first copy shows progress against totals the source counted before
+    it streamed (files and bytes of the whole tree), ending at N/N; without a terminal it prints
+    none (and the source streams while it walks)."""
+    _need_fuse()
+    import pty
+    import select
+    src, dst = work_dir / "src", work_dir / "dst"
+    helpers.make_sample_tree(src)
+    for i in range(300):              # ~18 MB in packs: several segments, so reports before the end
+        (src / f"f{i}").write_bytes(bytes([i % 251]) * 60000)
+    nfiles = sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen(discrep_cmd("replicate", "-F", str(sshd.client_config), "--remote-discrep",
+                                         REMOTE_DISCREP, f"{ALIAS}:{src}", str(dst)),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=client_env(sshd))
+        os.close(slave)
+        slave = -1
+        out = b""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:   # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif p.poll() is not None:
+                break
+        assert p.wait(60) == 0, out.decode(errors="replace")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    text = out.decode(errors="replace")
+    seen = [(int(d), int(t)) for d, t in re.findall(r"files (\d+)/(\d+) ", text)]
+    assert (nfiles, nfiles) in seen, text
+    assert {t for _d, t in seen} == {nfiles}, f"the total is fixed from the first report on: {seen}"
+    assert any(d < nfiles for d, _t in seen), f"no report before the end: {seen}"
+    assert helpers.tree_equal(src, dst) == []
+    r = replicate(sshd, str(src), str(work_dir / "dst2"))   # not a terminal: no progress lines
+    assert r.returncode == 0 and "files " not in r.stderr, r.stderr
