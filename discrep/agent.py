@@ -59,7 +59,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
     from .export import make_view
     from .local import settle_source
     from .paths import enc
-    from .source import BuiltCycle, ack_cycle, build_cycle, settle_deferred
+    from .source import BuiltCycle, ack_cycle, build_cycle, close_deferred, settle_deferred
 
     def hang_up(signum, frame):
         raise KeyboardInterrupt
@@ -108,6 +108,8 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
 
             def cycle(rcycle: int, stream: bool, totals: bool = True) -> None:
                 nonlocal served, built, settled
+                if built is not None:
+                    close_deferred(built)
                 served += 1
                 built = settled = None
                 mnt = os.path.join(workdir, f"m{served}")   # a fresh path per cycle: no stale caches
@@ -130,6 +132,8 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             def end_cycle() -> None:
                 nonlocal export
                 to_export.clear()
+                if built is not None:
+                    close_deferred(built)           # (settled ones are closed already)
                 if export is not None:
                     export.stop()
                     export = None

@@ -9,7 +9,9 @@ cycle exports.  Snapshots live under ``ROOT/.discrep/snapshots/<cycle>``.
   copied, point-in-time per file.
 * ``copy``   -- a sparse-preserving copy of the changed files, verified: stat before
   and after, retried when the file moved meanwhile.  A streamed first copy may *defer*
-  large files instead (``defer_over``): the snapshot holds a symlink to the live file,
+  large files instead (``defer_over``): the capturing process opens the file (no symlink
+  followed, the inode the scan saw) and the snapshot holds a symlink to that open file
+  (``/proc/<pid>/fd/<n>``, so a path swapped for a symlink meanwhile is never followed);
   the replica reads it while the rest is built, and ``settle_deferred`` checks afterwards
   that it did not change (stat before = stat after, as for a copy); a file that did is
   copied then (verified) and read again, or left for the next cycle.
@@ -49,7 +51,8 @@ class Snapshot:
     live_stats: Dict[bytes, os.stat_result] = field(default_factory=dict)
     skipped: Set[bytes] = field(default_factory=set)  # touched paths not captured (retry next cycle)
     inline: Set[bytes] = field(default_factory=set)   # small files captured later, straight into packs
-    deferred: Dict[bytes, os.stat_result] = field(default_factory=dict)  # read live, verified after (stat before)
+    # read live, verified after: (stat before, an fd of that very inode, which the snapshot's symlink names)
+    deferred: Dict[bytes, Tuple[os.stat_result, int]] = field(default_factory=dict)
 
     def locate(self, rel: bytes) -> bytes:
         return join(self.root, rel)
@@ -132,6 +135,7 @@ class Capturer:
                  defer_over: Optional[int] = None):
         self.root, self.snap, self.warnings = root, snap, warnings
         self.reflink, self.inline_max, self.defer_over = reflink, inline_max, defer_over
+        self.defer_max = _fd_budget() if defer_over is not None else 0
         self.linked: Dict[Tuple[int, int], bytes] = {}
         self.dirs: List[Tuple[bytes, os.stat_result]] = []
         self.made: Set[bytes] = {b""}
@@ -180,10 +184,17 @@ class Capturer:
                     snap.live_stats[rel] = st
                     return
                 if self.defer_over is not None and st.st_nlink == 1 and st.st_size > self.defer_over \
-                        and st.st_blocks * 512 >= st.st_size:
-                    os.symlink(src, dst)     # read live; settle_deferred verifies it afterwards
-                    snap.deferred[rel] = snap.live_stats[rel] = st
-                    return
+                        and st.st_blocks * 512 >= st.st_size and len(snap.deferred) < self.defer_max:
+                    fd = _open_same(src, st)
+                    if fd is not None:    # read live; settle_deferred verifies it afterwards
+                        try:
+                            os.symlink(b"/proc/%d/fd/%d" % (os.getpid(), fd), dst)
+                        except BaseException:
+                            os.close(fd)
+                            raise
+                        snap.deferred[rel] = (st, fd)
+                        snap.live_stats[rel] = st
+                        return
                 got = _capture_file(src, dst, rel, warnings)
                 if got is None:
                     snap.skipped.add(rel)
@@ -281,33 +292,62 @@ def read_verified(path: bytes, rel: bytes, warnings: WarningList, max_size: int,
     return None
 
 
+def _fd_budget() -> int:
+    """How many deferred files may be held open (the soft fd limit raised toward the hard one,
+    less a reserve); beyond that, files are copied as usual."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return max(0, min(soft, 1 << 16) - 256)
+
+
+def _open_same(path: bytes, st: os.stat_result) -> Optional[int]:
+    """An fd of ``path`` if it still is the regular file ``st`` describes (no symlink followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st2 = os.fstat(fd)
+    if not statmod.S_ISREG(st2.st_mode) or (st2.st_ino, st2.st_dev) != (st.st_ino, st.st_dev):
+        os.close(fd)
+        return None
+    return fd
+
+
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     """No write, truncate, chmod, xattr change or replacement between two stats of one path."""
     return (a.st_ino, a.st_dev, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == \
         (b.st_ino, b.st_dev, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
 
 
-def settle_deferred(live: bytes, before: os.stat_result, copy_to: bytes, rel: bytes, warnings: WarningList
-                    ) -> Tuple[str, Optional[os.stat_result]]:
-    """After a deferred file was read live: ``("same", None)`` if it did not change since
-    ``before``; else a verified copy of it now goes to ``copy_to`` and the result is
-    ``("copied", stat)``; ``("gone", None)`` if it is no longer a regular file or keeps changing
-    (with a warning: left for the next cycle)."""
+def settle_deferred(live: bytes, before: os.stat_result, fd: int, copy_to: bytes, rel: bytes,
+                    warnings: WarningList) -> Tuple[str, Optional[os.stat_result]]:
+    """After a deferred file was read through its fd: ``("same", None)`` if that inode did not
+    change since ``before``; else a verified copy of the live path now goes to ``copy_to`` and the
+    result is ``("copied", stat)``; ``("gone", None)`` if it is no longer a regular file or keeps
+    changing (with a warning: left for the next cycle).  Closes ``fd``."""
     try:
-        st = os.lstat(live)
-    except FileNotFoundError:
-        return "gone", None
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     if same_file(before, st):
         return "same", None
     log.info("%s changed while it was read; copying it", show(rel))
     return _copy_now(live, copy_to, rel, warnings)
 
 
-def materialize_deferred(live: bytes, before: os.stat_result, copy_to: bytes, snap_path: bytes, rel: bytes,
-                         warnings: WarningList) -> Tuple[str, Optional[os.stat_result]]:
+def materialize_deferred(live: bytes, before: os.stat_result, fd: int, copy_to: bytes, snap_path: bytes,
+                         rel: bytes, warnings: WarningList) -> Tuple[str, Optional[os.stat_result]]:
     """``settle_deferred`` for a deferred file whose snapshot symlink must become a real file (the
     export is about to serve the snapshot): the file is copied now (verified) and put in place of the
-    symlink; the result says whether it still is the file ``before`` described."""
+    symlink; the result says whether it still is the file ``before`` described.  Closes ``fd``."""
+    os.close(fd)
     how, st = _copy_now(live, copy_to, rel, warnings)
     os.unlink(snap_path)
     if how == "gone":

@@ -106,7 +106,7 @@ class BuiltCycle:
     bytes_total: int
     warnings: WarningList = field(default_factory=WarningList)
     reused: bool = False
-    deferred: Dict[bytes, Tuple[int, os.stat_result]] = field(default_factory=dict)  # path -> (idx, before)
+    deferred: Dict[bytes, Tuple[int, os.stat_result, int]] = field(default_factory=dict)  # path -> (idx, before, fd)
 
 
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
@@ -243,13 +243,14 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                 idx += 1
                 pending.append(("upsert", p, None, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
                 continue
-            before = deferred.get(p)
-            if before is not None:      # a symlink to the live file: described by its stat before
+            held = deferred.get(p)
+            if held is not None:        # a symlink to the open live file: described by its stat before
+                before, fd = held
                 full, st = root_slash + p, before
                 e = entry_for(p, full, st)
                 e["idx"] = idx
                 e["live"] = True
-                deferred_idx[p] = (idx, before)
+                deferred_idx[p] = (idx, before, fd)
                 idx += 1
                 nfiles += 1
                 nbytes += st.st_size
@@ -381,12 +382,19 @@ def settle_deferred(root: bytes, b: BuiltCycle, warnings: WarningList, materiali
         return redo, gone
     cdir = cycle_dir(root, b.cycle)
     fresh: List[Tuple] = []
-    for p, (idx, before) in sorted(b.deferred.items()):
+    items = sorted(b.deferred.items())
+    b.deferred.clear()
+    for n, (p, (idx, before, fd)) in enumerate(items):
         live, copy_to = join(root, p), join(cdir, b"redo-%d" % idx)
-        if materialize:
-            how, st = snapmod.materialize_deferred(live, before, copy_to, join(b.snapshot, p), p, warnings)
-        else:
-            how, st = snapmod.settle_deferred(live, before, copy_to, p, warnings)
+        try:
+            if materialize:
+                how, st = snapmod.materialize_deferred(live, before, fd, copy_to, join(b.snapshot, p), p, warnings)
+            else:
+                how, st = snapmod.settle_deferred(live, before, fd, copy_to, p, warnings)
+        except BaseException:
+            for _p, (_i, _b, left) in items[n + 1:]:
+                os.close(left)
+            raise
         if how == "copied":
             e = entry_for(p, copy_to, st)
             e["idx"] = idx
@@ -394,12 +402,18 @@ def settle_deferred(root: bytes, b: BuiltCycle, warnings: WarningList, materiali
             fresh.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, b.cycle, p))
         elif how == "gone":
             gone.append(p)
-    b.deferred.clear()
     if fresh or gone:
         sd = os.fsdecode(state_dir(root))
         with source_lock(root):
             _settle_rows(sd, b.cycle, fresh, gone)
     return redo, gone
+
+
+def close_deferred(b: BuiltCycle) -> None:
+    """The cycle ends unsettled (failed): let go of the files held open for its replica."""
+    for _idx, _before, fd in b.deferred.values():
+        os.close(fd)
+    b.deferred.clear()
 
 
 def _settle_rows(sd: str, n: int, fresh: List[Tuple], gone: List[bytes]) -> None:

@@ -63,8 +63,10 @@ def test_large_files_are_symlinks_to_live_files_until_settled(tmp_path: Path) ->
     b = _build(root)
     snap = Path(os.fsdecode(b.snapshot))
     assert set(b.deferred) == {b"a/big1", b"a/big2", b"a/big3"}
-    for name in ("big1", "big2", "big3"):
-        assert os.readlink(snap / "a" / name) == str(root / "a" / name)
+    for name in ("big1", "big2", "big3"):   # a symlink to the file held open, not to its path
+        target = os.readlink(snap / "a" / name)
+        assert target.startswith(f"/proc/{os.getpid()}/fd/")
+        assert os.readlink(target) == str(root / "a" / name)
     assert not (snap / "small").exists(), "small files travel in packs"
     redo, gone = srcmod.settle_deferred(os.fsencode(root), b, WarningList())
     assert (redo, gone) == ([], [])
@@ -95,6 +97,23 @@ def test_changed_and_vanished_files_are_copied_or_dropped(tmp_path: Path) -> Non
     assert b"a/big2" in _journal_paths(root), "a dropped file is looked at again next cycle"
     # settled once: a second call finds nothing more to do
     assert srcmod.settle_deferred(os.fsencode(root), b, warnings) == ([], [])
+
+
+def test_a_path_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    """Between the scan and the read, a user swaps a large file for a symlink to a file they may
+    not read: the replica still reads the file the scan saw, never the symlink's target, and the
+    settle drops it (it is gone) for the next cycle to look at."""
+    root = tmp_path / "src"
+    _tree(root)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"SECRET" * 100000)
+    b = _build(root)
+    snap = Path(os.fsdecode(b.snapshot))
+    os.unlink(root / "a" / "big1")
+    os.symlink(secret, root / "a" / "big1")
+    assert (snap / "a" / "big1").read_bytes() == b"1" * BIG
+    redo, gone = srcmod.settle_deferred(os.fsencode(root), b, WarningList())
+    assert redo == [] and gone == [b"a/big1"]
 
 
 def test_materialize_turns_symlinks_into_verified_copies(tmp_path: Path) -> None:
