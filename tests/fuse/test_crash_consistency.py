@@ -34,6 +34,19 @@ def _need_fuse():
     helpers.require_fuse()
 
 
+@pytest.fixture(autouse=True)
+def _own_tmpdir(monkeypatch):
+    """A killed discrep cannot remove its export mountpoint: keep those under a dir of the test."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="discrep-crash-tmp-")
+    monkeypatch.setenv("TMPDIR", d)
+    try:
+        yield d
+    finally:
+        helpers.unmount_under(d)
+        helpers.remove_tree(d)
+
+
 def run(*args, env=None, check=True):
     p = subprocess.run(DISCREP + list(args), capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, **(env or {})))
