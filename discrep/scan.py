@@ -31,36 +31,8 @@ log = logging.getLogger(__name__)
 
 def walk(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = None
          ) -> Iterator[Tuple[bytes, os.stat_result]]:
-    """Yield (relative path, lstat) for every entry below ``root`` (root itself excluded)."""
-    stack: List[bytes] = [b""]
-    while stack:
-        rel = stack.pop()
-        full = root if not rel else root + b"/" + rel
-        try:
-            with os.scandir(full) as it:
-                ents = sorted(it, key=lambda e: e.name, reverse=True)
-        except OSError as e:
-            if on_error:
-                on_error(rel, e)
-                continue
-            raise
-        for e in ents:
-            name = os.fsencode(e.name)
-            if not rel and name == STATE_DIR:
-                continue
-            crel = name if not rel else rel + b"/" + name
-            try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield crel, st
-            if statmod.S_ISDIR(st.st_mode):
-                stack.append(crel)
-
-
-def walk_sorted(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = None
-                ) -> Iterator[Tuple[bytes, os.stat_result]]:
-    """Like ``walk``, in manifest order: each directory's entries by name, a directory's subtree
+    """Yield (relative path, lstat) for every entry below ``root`` (root itself excluded, and
+    ``ROOT/.discrep``), in manifest order: each directory's entries by name, a directory's subtree
     right after it (the order of ``sorted(paths, key=lambda p: p.replace(b"/", b"\\0"))``)."""
     def listing(rel: bytes) -> Iterator[os.DirEntry]:
         try:

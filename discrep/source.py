@@ -38,7 +38,7 @@ from .errors import SourceError, WarningList
 from .journal import Journal
 from .manifest import ManifestWriter, entry_for, file_line
 from .paths import STATE_DIR, enc, join, show
-from .scan import scan, walk, walk_sorted
+from .scan import scan, walk
 from .source_catalog import CycleRec, SourceCatalog
 
 log = logging.getLogger(__name__)
@@ -244,25 +244,13 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                 pending.append(("upsert", p, None, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
                 continue
             held = deferred.get(p)
-            if held is not None:        # a symlink to the open live file: described by its stat before
-                before, fd = held
-                full, st = root_slash + p, before
-                e = entry_for(p, full, st)
-                e["idx"] = idx
-                e["live"] = True
-                deferred_idx[p] = (idx, before, fd)
-                idx += 1
-                nfiles += 1
-                nbytes += st.st_size
-                mw.add(e)
-                pending.append(("upsert", p, None, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                st.st_mode))
-                continue
             full = snap.locate(p)
             try:
-                st0 = stats.get(p) if walking else None
-                if st0 is not None and statmod.S_ISDIR(st0.st_mode):
-                    full, st = root_slash + p, st0   # (its snapshot copy gets its metadata at the end)
+                st0 = held[0] if held is not None else stats.get(p) if walking else None
+                if st0 is not None and (held is not None or statmod.S_ISDIR(st0.st_mode)):
+                    # a symlink to the open live file (described by its stat before), or a walked
+                    # directory (its snapshot copy gets its metadata at the end): the live path
+                    full, st = root_slash + p, st0
                 else:
                     st = os.lstat(full)
             except FileNotFoundError:
@@ -279,6 +267,9 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                 nfiles += 1
                 e["idx"] = idx
                 idx += 1
+                if held is not None:    # read live by the replica; settle_deferred checks it after
+                    e["live"] = True
+                    deferred_idx[p] = (e["idx"], held[0], held[1])
                 key = (st.st_dev, st.st_ino)
                 if st.st_nlink > 1 and key in links:
                     e["link"] = enc(links[key])
@@ -293,7 +284,7 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
                         data = _read_small(full, st.st_size)
                         e["h"] = xxhash.xxh3_128_hexdigest(blockdiff.fine_digests(data))
                         e["pack"] = pack_add(data)
-                    if st.st_size > SMALL_MAX and base_snap is not None:
+                    if st.st_size > SMALL_MAX and base_snap is not None and held is None:
                         _track_changes(e, join(base_snap, _base_path(p, moves_map)), full, st.st_size, base, cdir)
             mw.add(e)
             live = snap.live_stats.get(p)
@@ -362,7 +353,7 @@ def _walk_capturing(root: bytes, cap: "snapmod.Capturer", stats: Dict[bytes, os.
     put in ``stats``) just before it is yielded; unreadable directories go to ``errors``."""
     def on_error(rel: bytes, e: OSError) -> None:
         errors.append(f"{show(rel) or '.'}: {e.strerror}")
-    for rel, st in walk_sorted(root, on_error=on_error):
+    for rel, st in walk(root, on_error=on_error):
         stats[rel] = st
         cap.add(rel, st)
         yield rel
