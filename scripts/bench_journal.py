@@ -30,8 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 DISCREP = os.path.join(REPO, ".venv", "bin", "discrep")
 
-from discrep.journal import Journal  # noqa: E402
-from discrep.source import watcher_alive  # noqa: E402
+from discrep.journal.store import Journal  # noqa: E402
+from discrep.source.build import watcher_alive  # noqa: E402
 
 
 def build(src: str, n: int) -> None:

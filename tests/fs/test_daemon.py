@@ -8,14 +8,14 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 import helpers
-from discrep import daemon
-from discrep.errors import LockedError, SourceError, WarningList
-from discrep.replica_catalog import ReplicaCatalog
+from discrep.run import daemon
+from discrep.core.errors import LockedError, SourceError, WarningList
+from discrep.replica.catalog import ReplicaCatalog
+from discrep.run.options import CycleOptions
 
 DISCREP = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "discrep")
 
@@ -86,7 +86,7 @@ def test_journal_entries_trigger_a_cycle_sooner(work_dir):
     (src / "f").write_bytes(b"x")
     w = S.start_watcher(src, "inotify")
     stop = threading.Event()
-    a = SimpleNamespace(every=60.0, src=str(src), dest=str(dst), snapshot="auto", force=False)
+    a = CycleOptions(str(src), str(dst), every=60.0)
     res = {}
     t = threading.Thread(target=lambda: res.update(daemon.run_every(a, WarningList(), None, stop=stop)))
     t.start()
@@ -124,11 +124,10 @@ def test_failures_are_recorded_and_retried_with_backoff(work_dir, monkeypatch):
         stop.set()
         return {"cycle": 1, "base": 0, "change_source": "scan", "files_changed": 0}
 
-    import discrep.local
-    monkeypatch.setattr(discrep.local, "replicate_local", boom)
+    monkeypatch.setattr(daemon, "replicate_local", boom)
     monkeypatch.setattr(daemon, "BACKOFF_MIN", 0.1)
     stop = threading.Event()
-    a = SimpleNamespace(every=100.0, src=str(src), dest=str(dst), snapshot="auto", force=False)
+    a = CycleOptions(str(src), str(dst), every=100.0)
     res = daemon.run_every(a, WarningList(), None, stop=stop, max_cycles=1)
     assert res["failures"] == 3 and res["cycles"] == 1
     gaps = [b - a_ for a_, b in zip(calls, calls[1:])]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from discrep import source as srcmod
-from discrep.errors import WarningList
-from discrep.manifest import Entry
+from discrep.source.build import build as srcmod
+from discrep.core.errors import WarningList
+from discrep.protocol.manifest import Entry
 
 pytestmark = pytest.mark.fs
 
@@ -131,7 +131,7 @@ def test_materialize_turns_symlinks_into_verified_copies(tmp_path: Path) -> None
 
 def _manifest(root: Path, totals: bool) -> tuple:
     import shutil
-    from discrep.manifest import read_lines
+    from discrep.protocol.manifest import read_lines
     shutil.rmtree(root / ".discrep", ignore_errors=True)
     segs: list = []
     b = srcmod.build_cycle(os.fsencode(root), on_segment=segs.append, totals=totals)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import pyzstd
 
-from discrep.errors import ManifestError, UnsafePathError
-from discrep.reader import MountReader
-from discrep.replica import sync
+from discrep.core.errors import ManifestError, UnsafePathError
+from discrep.transport.mount_reader import MountReader
+from discrep.replica.sync import sync
 
 pytestmark = pytest.mark.fs
 

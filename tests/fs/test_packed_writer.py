@@ -10,11 +10,11 @@ from pathlib import Path
 import blockdiff
 import pytest
 
-from discrep.errors import ManifestError, UnsafePathError
-from discrep.fresh_worker import PackedWriter
-from discrep.manifest import Entry
-from discrep.paths import parent
-from discrep.replica import _Dirs
+from discrep.core.errors import ManifestError, UnsafePathError
+from discrep.replica.worker import PackedWriter
+from discrep.protocol.manifest import Entry
+from discrep.core.paths import parent
+from discrep.replica.sync import _Dirs
 
 pytestmark = pytest.mark.fs
 

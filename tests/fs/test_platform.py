@@ -1,4 +1,4 @@
-"""discrep.platform on ordinary filesystems (the /tmp fs and tmpfs), plus helper self-checks."""
+"""discrep.core.platform on ordinary filesystems (the /tmp fs and tmpfs), plus helper self-checks."""
 from __future__ import annotations
 
 import errno
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from discrep import platform
+from discrep.core import platform
 
 pytestmark = pytest.mark.fs
 
@@ -211,7 +211,7 @@ def test_copy_metadata_xattr_enotsup_warns(work_dir, monkeypatch, caplog):
         raise OSError(errno.ENOTSUP, "Operation not supported")
 
     monkeypatch.setattr(platform.os, "setxattr", enotsup)
-    with caplog.at_level(logging.WARNING, logger="discrep.platform"):
+    with caplog.at_level(logging.WARNING, logger="discrep.core.platform"):
         platform.copy_metadata(src, dst)
     assert "user.x" in caplog.text
     assert os.lstat(dst).st_mtime_ns == 2, "times must still be set after the xattr warning"

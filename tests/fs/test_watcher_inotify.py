@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 import helpers
-from discrep.journal import Journal
-from discrep.local import replicate_local
-from discrep.source import watcher_alive
+from discrep.journal.store import Journal
+from discrep.run.local import replicate_local
+from discrep.run.options import CycleOptions
+from discrep.source.build import watcher_alive
 
 REPO = Path(__file__).resolve().parents[2]
 DISCREP = str(REPO / ".venv" / "bin" / "discrep")
@@ -85,7 +86,7 @@ def sync_point(root: Path, timeout: float = 15.0) -> None:
 
 
 def replicate(src: Path, dst: Path) -> dict:
-    return replicate_local(str(src), str(dst))
+    return replicate_local(CycleOptions(str(src), str(dst)))
 
 
 def assert_same(src: Path, dst: Path, inplace=()) -> None:
@@ -284,7 +285,7 @@ def scenario_rename_costs_nothing(work_dir: Path, backend: str) -> None:
 # --------------------------------------------------------------------------- tests (inotify)
 
 def test_batch_dedupe_unit():
-    from discrep.watcher import Batch
+    from discrep.journal.watcher import Batch
     b = Batch()
     for _ in range(1000):
         b.touch("modify", b"a/f")
@@ -337,7 +338,7 @@ def test_inotify_overflow_opens_gap(work_dir):
 
 
 def test_status_reports_backend(work_dir):
-    from discrep.status import source_status
+    from discrep.run.status import source_status
     src = work_dir / "src"
     src.mkdir()
     p = start_watcher(src, "inotify")

@@ -10,8 +10,9 @@ import pytest
 import pyzstd
 
 import helpers
-from discrep.reader import MountReader
-from discrep.replica import sync
+from discrep.transport.mount_reader import MountReader
+from discrep.replica.options import ReplicaOptions
+from discrep.replica.sync import sync
 
 pytestmark = pytest.mark.root
 
@@ -37,7 +38,7 @@ def test_owner_by_name_or_number(work_dir: Path, numeric: bool):
     dst.mkdir()
     r = MountReader(str(exp))
     try:
-        sync(r, os.fsencode(dst), numeric_ids=numeric)
+        sync(r, os.fsencode(dst), ReplicaOptions(numeric_ids=numeric))
     finally:
         r.close()
     st = os.stat(dst / "d")

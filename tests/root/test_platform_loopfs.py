@@ -1,4 +1,4 @@
-"""discrep.platform on real loop-mounted xfs (reflink=1), btrfs and ext4 filesystems (needs root)."""
+"""discrep.core.platform on real loop-mounted xfs (reflink=1), btrfs and ext4 filesystems (needs root)."""
 from __future__ import annotations
 
 import errno
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from discrep import platform
+from discrep.core import platform
 
 pytestmark = pytest.mark.root
 

@@ -23,7 +23,7 @@ _spec.loader.exec_module(S)
 def _need_fanotify(work_dir):
     if os.geteuid() != 0:
         pytest.skip("fanotify filesystem marks need root")
-    from discrep import fanotify
+    from discrep.journal.store import fanotify
     try:
         fanotify.Fanotify(os.fsencode(str(work_dir))).close()
     except OSError as e:
@@ -67,7 +67,7 @@ def test_fanotify_ignores_the_rest_of_the_filesystem(work_dir):
     p = S.start_watcher(src, "fanotify")
     try:
         S.sync_point(src)
-        from discrep.journal import Journal
+        from discrep.journal.store import Journal
         j = Journal(str(src / ".discrep"))
         before = j.last_seq()
         for i in range(200):

@@ -7,8 +7,8 @@ import pytest
 
 import blockdiff
 from blockdiff import cdc_index as ci
-from discrep import ranges
-from discrep.errors import ManifestError
+from discrep.protocol import ranges
+from discrep.core.errors import ManifestError
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ import stat as statmod
 
 import pytest
 
-from discrep.manifest import Entry, ManifestWriter, entry_for, file_line, read_lines
+from discrep.protocol.manifest import Entry, ManifestWriter, entry_for, file_line, read_lines
 
 pytestmark = pytest.mark.unit
 

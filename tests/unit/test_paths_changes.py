@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from discrep.changes import coalesce
-from discrep.errors import UnsafePathError
-from discrep.journal import Entry
-from discrep.paths import check_rel, dec, enc
+from discrep.journal.changes import coalesce
+from discrep.core.errors import UnsafePathError
+from discrep.journal.store import Entry
+from discrep.core.paths import check_rel, dec, enc
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,28 @@
+"""``discrep agent SRC`` (hidden): the source side of a remote cycle, spoken to over SSH."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict
+
+from discrep.cli import common
+from discrep.core.errors import WarningList
+
+NAME = "agent"
+HELP = argparse.SUPPRESS
+HIDDEN = True
+
+
+def register(sp: argparse.ArgumentParser) -> None:
+    sp.set_defaults(json=False, quiet=True)
+    sp.add_argument("src")
+    sp.add_argument("--replica-cycle", type=int, help="serve this first cycle at once")
+    common.add_snapshot_arg(sp)
+    sp.add_argument("--stream", action="store_true", help="announce manifest segments while building")
+    sp.add_argument("--no-totals", dest="totals", action="store_false",
+                    help="a streamed first copy starts at once instead of counting the tree first")
+
+
+def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
+    from discrep.source.agent import run_agent
+    rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals)
+    raise SystemExit(rc)

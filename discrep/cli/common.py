@@ -1,0 +1,86 @@
+"""What several commands share: progress output, option groups, argparse -> typed options.
+
+Thread-safety: main thread only (writes to stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Callable, Dict, Optional
+
+from discrep.replica.options import ReplicaOptions
+from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
+from discrep.transport.options import TRANSPORTS, SshOptions
+
+Progress = Callable[..., None]
+
+
+def progress_printer(a: argparse.Namespace) -> Optional[Progress]:
+    """A progress line on stderr when it is a terminal and the user did not ask for quiet/JSON."""
+    if not sys.stderr.isatty() or a.quiet or a.json:
+        return None
+    last = [0.0]
+
+    def show(done: int, total: int, nbytes: int, done_bytes: int = 0, total_bytes: int = 0) -> None:
+        """files and file bytes done of the manifest's fixed totals; bytes actually read so far."""
+        now = time.monotonic()
+        if now - last[0] < 0.2 and done != total:
+            return
+        last[0] = now
+        pct = 100 * done_bytes / total_bytes if total_bytes else 100.0
+        sys.stderr.write(f"\r  files {done}/{total}  data {done_bytes / 1e6:.1f}/{total_bytes / 1e6:.1f} MB "
+                         f"({pct:.0f}%)  read through the export {nbytes / 1e6:.1f} MB ")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def add_snapshot_arg(sp: argparse.ArgumentParser, helptext: Optional[str] = None) -> None:
+    sp.add_argument("--snapshot", default="auto", choices=list(SNAPSHOT_KINDS), help=helptext)
+
+
+def add_replica_args(sp: argparse.ArgumentParser, force_help: str) -> None:
+    """The replica-side options replicate and sync share (history retention, owners, --force)."""
+    sp.add_argument("--force", action="store_true", help=force_help)
+    add_keep_args(sp, "recovery points to keep history for (default 10; older history is pruned)",
+                  "also keep recovery points younger than this (7d, 12h)")
+    sp.add_argument("--numeric-ids", action="store_true",
+                    help="keep owner and group numbers as they are (default: map by name, like rsync)")
+
+
+def add_keep_args(sp: argparse.ArgumentParser, last_help: str, within_help: str) -> None:
+    sp.add_argument("--keep-last", type=int, default=10, metavar="N", help=last_help)
+    sp.add_argument("--keep-within", metavar="DURATION", help=within_help)
+
+
+def replica_options(a: argparse.Namespace) -> ReplicaOptions:
+    return ReplicaOptions(keep_last=a.keep_last,
+                          keep_within_s=parse_duration(a.keep_within) if a.keep_within else None,
+                          numeric_ids=a.numeric_ids, force=a.force)
+
+
+def add_ssh_args(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("remote sources ([USER@]HOST:PATH)")
+    g.add_argument("--remote-discrep", default="discrep", metavar="PATH",
+                   help="discrep executable on the source host (like rsync's --rsync-path)")
+    g.add_argument("-F", "--ssh-config", metavar="FILE", help="OpenSSH client config (default ~/.ssh/config)")
+    g.add_argument("--transport", default="auto", choices=list(TRANSPORTS),
+                   help="how the replica reads the export: sshfs mount, or built-in paramiko SFTP reader "
+                        "(default auto: sshfs when available)")
+
+
+def cycle_options(a: argparse.Namespace) -> CycleOptions:
+    return CycleOptions(src=a.src, dest=a.dest, snapshot=a.snapshot, replica=replica_options(a),
+                        ssh=SshOptions(remote_discrep=a.remote_discrep, ssh_config=a.ssh_config,
+                                       transport=a.transport),
+                        every=a.every)
+
+
+def summary(res: Dict[str, Any]) -> str:
+    return (f"cycle {res['cycle']} (base {res['base']}, {res.get('change_source', '?')}, "
+            f"{res.get('snapshot', '?')} snapshot): {res['files_changed']} files changed, "
+            f"{res['files_renamed']} renamed, {res['files_deleted']} deleted, "
+            f"{res['bytes_transferred']} bytes read through the export, "
+            f"{res['bytes_written']} bytes written, {res['duration_s']:.2f}s")

@@ -1,0 +1,114 @@
+"""``discrep`` entry point: the parser built from the command modules, logging, the one error handler.
+
+Every command returns a result; ``main`` maps ``errors.Error`` subclasses to their exit codes
+(0 ok, 1 warnings, 2 error, 3-99 specific) and prints one line saying what went wrong and
+what to do.
+
+Thread-safety: the CLI runs in the main thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from types import ModuleType
+from typing import List, Optional
+
+from discrep import __version__
+from discrep.cli import (ack_cmd, agent_cmd, export_cmd, history_cmd, prune_cmd, recover_cmd, replicate_cmd,
+                         reset_cmd, restore_cmd, snapshot_cmd, status_cmd, sync_cmd, verify_cmd, watch_cmd)
+from discrep.core.errors import EXIT_OK, EXIT_WARNINGS, Error, Interrupted, WarningList
+
+log = logging.getLogger("discrep")
+
+# in the order of `discrep --help`
+COMMANDS: List[ModuleType] = [replicate_cmd, snapshot_cmd, export_cmd, sync_cmd, ack_cmd, verify_cmd,
+                              history_cmd, watch_cmd, status_cmd, recover_cmd, restore_cmd, prune_cmd,
+                              agent_cmd, reset_cmd]
+
+EPILOG = """\
+examples:
+  discrep replicate /srv/data /backup/data        one cycle (the first is the full copy)
+  discrep replicate --json /srv/data /backup/data  ... and print figures as JSON
+  discrep verify /srv/data /backup/data            exit 0 only when content and metadata agree
+
+manual workflow (the steps 'replicate' runs for you):
+  discrep snapshot /srv/data                       -> prints the new cycle number N
+  discrep export /srv/data /mnt/export             serve cycle N read-only over FUSE (foreground)
+  discrep sync /mnt/export /backup/data            patch the replica from the mounted export
+  discrep ack /srv/data N                          the source trims its journal, frees old snapshots
+
+exit codes: 0 ok, 1 finished with warnings, 2 error, 3-99 specific errors (see README).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="discrep", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Replicate a directory tree in discrete cycles: journal what changed, snapshot it, "
+                    "export the snapshot read-only over FUSE, and patch the replica with only the "
+                    "blocks that changed.")
+    p.add_argument("--version", action="version", version=f"discrep {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    for mod in COMMANDS:
+        if getattr(mod, "HIDDEN", False):
+            sp = sub.add_parser(mod.NAME, help=mod.HELP)
+        else:
+            sp = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+            sp.add_argument("--json", action="store_true",
+                            help="print one JSON object as the last line of stdout")
+            sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+        sp.set_defaults(command=mod)
+        mod.register(sp)
+    return p
+
+
+def _run(a: argparse.Namespace, warnings: WarningList) -> int:
+    """Run the command; map what it raised to an exit code, print its result."""
+    try:
+        res = a.command.run(a, warnings)
+    except KeyboardInterrupt:
+        err = Interrupted("interrupted; the replica stays at its last committed cycle")
+        print(f"discrep: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Error as e:
+        print(f"discrep: error: {e}", file=sys.stderr)
+        if a.json:
+            print(json.dumps({"error": str(e), "exit_code": e.exit_code, "kind": type(e).__name__}))
+        return e.exit_code
+    except Exception as e:  # a bug, or an OS error nobody mapped: say so in one line, details with -v
+        log.debug("unexpected error", exc_info=True)
+        print(f"discrep: error: unexpected {type(e).__name__}: {e} (run with -vv for the traceback; "
+              f"the replica stays at its last committed cycle)", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"discrep: warning: {w}", file=sys.stderr)
+    if a.json:
+        print(json.dumps(dict(res, warnings=len(warnings))))
+    elif hasattr(a.command, "show"):
+        a.command.show(a, res)
+    return EXIT_WARNINGS if len(warnings) else EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "command", None):
+        parser.print_help()
+        return 2
+    level = logging.WARNING - 10 * min(a.verbose, 2)
+    logging.basicConfig(level=level, format="discrep: %(message)s" if a.verbose < 2 else
+                        "%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    return _run(a, WarningList())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Typed options of the replica side (history retention, owners, first-cycle safety).
+
+Built by the CLI (``replicate``, ``sync``) and, later, by the jobs file; library code takes
+these, never an argparse namespace.
+
+Thread-safety: immutable values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """How the replica applies and keeps cycles."""
+    keep_last: int = 10                    # recovery points to keep history for
+    keep_within_s: Optional[float] = None  # also keep points younger than this
+    numeric_ids: bool = False              # keep owner numbers (default: map by name, like rsync)
+    force: bool = False                    # allow a first cycle into a non-empty DEST

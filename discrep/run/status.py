@@ -1,0 +1,104 @@
+"""``discrep status PATH``: the state of a source (watcher, journal) and/or a replica.
+
+Source (``PATH/.discrep/journal.db``): is a watcher running (its flock), which
+backend, since when, the journal's last seq, entries beyond the last
+acknowledged cut, and the open gap if any (then the next cycle scans).
+
+Replica (``PATH/.discrep/replica.db``): last committed cycle, its source
+(snapshot) time and commit time, lag = now - source time, the last cycle's
+figures (meta ``last_cycle_stats`` written by continuous mode, else the cycle
+row's stats), the last error (meta ``last_error``/``last_error_ns``), an
+interrupted cycle, and whether a continuous daemon holds ``daemon.lock``.
+
+Read-only; thread-safety: runs in the caller's thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict
+
+from discrep.core.errors import UsageError
+
+
+def source_status(root: str) -> Dict[str, Any]:
+    from discrep.journal.store import Journal
+    from discrep.source.build import watcher_alive
+    from discrep.source.build import acked_cycle as acked_record
+    sd = os.path.join(root, ".discrep")
+    j = Journal(sd)
+    try:
+        alive = watcher_alive(os.fsencode(root))
+        last = j.last_seq()
+        a = acked_record(os.fsencode(root))
+        acked_cut, acked_cycle = (a.cut_seq, a.cycle) if a else (0, 0)
+        started = j.get("watcher_started_ns") or ""
+        out = {
+            "watcher": "running" if alive else "stopped",
+            "backend": (j.get("watcher_backend") or None) if alive else None,
+            "last_backend": j.get("watcher_backend") or None,
+            "watcher_pid": (int(j.get("watcher_pid") or 0) or None) if alive else None,
+            "watcher_since_s": round(time.time() - int(started) / 1e9, 1) if alive and started else None,
+            "journal_last_seq": last,
+            "acked_cycle": acked_cycle,
+            "pending_entries": j.count(acked_cut),
+            "gap": j.gap(),
+        }
+        out["next_change_source"] = "journal" if (alive and out["gap"] is None and acked_cycle > 0) else "scan"
+        return out
+    finally:
+        j.close()
+
+
+def replica_status(dest: str) -> Dict[str, Any]:
+    from discrep.run.daemon import daemon_running
+    from discrep.replica.catalog import ReplicaCatalog
+    cat = ReplicaCatalog(os.path.join(dest, ".discrep"))
+    try:
+        hist = cat.history()
+        applying = cat.applying()
+        stats_meta = cat.get_meta("last_cycle_stats")
+        err = cat.get_meta("last_error") or None
+        err_ns = int(cat.get_meta("last_error_ns") or 0) or None
+    finally:
+        cat.close()
+    now = time.time_ns()
+    out: Dict[str, Any] = {"last_cycle": 0, "source_time_ns": None, "committed_ns": None, "lag_s": None,
+                           "last_cycle_stats": None, "last_error": err, "last_error_ns": err_ns,
+                           "last_error_age_s": None if err_ns is None else round((now - err_ns) / 1e9, 1),
+                           "interrupted_cycle": applying, "daemon": "running" if daemon_running(dest) else "stopped"}
+    if hist:
+        c, src_ns, com_ns, st = hist[-1]
+        out.update(last_cycle=c, source_time_ns=src_ns or None, committed_ns=com_ns or None,
+                   lag_s=round((now - src_ns) / 1e9, 3) if src_ns else None,
+                   since_commit_s=round((now - com_ns) / 1e9, 3) if com_ns else None)
+        stats = st
+        if stats_meta:
+            try:
+                m = json.loads(stats_meta)
+                if m.get("cycle") == c:
+                    stats = m
+            except ValueError:
+                pass
+        out["last_cycle_stats"] = stats
+    return out
+
+
+def path_status(path: str) -> Dict[str, Any]:
+    """The state of PATH as a source and/or a replica (``UsageError`` if it is neither)."""
+    given, path = path, os.path.abspath(path)
+    sd = os.path.join(path, ".discrep")
+    is_src = os.path.exists(os.path.join(sd, "journal.db"))
+    is_rep = os.path.exists(os.path.join(sd, "replica.db"))
+    if not os.path.isdir(path):
+        raise UsageError(f"{given} is not a directory")
+    if not (is_src or is_rep):
+        raise UsageError(f"{given} is neither a discrep source nor a replica (no .discrep/journal.db or "
+                         f"replica.db)", hint="run 'discrep watch' or 'discrep replicate' first")
+    out: Dict[str, Any] = {"path": path}
+    if is_src:
+        out["source"] = source_status(path)
+    if is_rep:
+        out["replica"] = replica_status(path)
+    return out

@@ -1,0 +1,159 @@
+"""What the source exports for one cycle: the snapshot tree plus the ``.discrep/`` control tree.
+
+``make_view(root, cycle)`` returns a ``fuse_export.ExportView`` whose control
+tree holds:
+
+* ``cycle``        -- JSON header of the cycle (also line 1 of the manifest)
+* ``manifest``     -- zstd JSON lines (see manifest.py)
+* ``pack/<k>``     -- small files' bytes, concatenated, one ``blockdiff.framing`` frame
+* ``sig/<idx>``    -- ``blockdiff.Signature`` bytes of manifest file ``idx`` (lazy)
+* ``cdc/<idx>``    -- two-level chunk index of file ``idx`` (blockdiff.cdc_index, lazy)
+* ``data/<idx>``   -- the bytes of file ``idx`` (an alias: no path lookup, no
+  name encoding issue on the way through sshfs or SFTP)
+* ``z/<idx>.<tok>`` -- many ranges of file ``idx`` in one compressed frame (ranges.py)
+
+Lazy files are computed once, on first read, in the export process; a
+signature of a sparse file never reads its holes.
+
+Thread-safety: objects here are read by FUSE worker threads; lazy files build
+under their own lock (fuse_export.LazyFile); ``_FileAlias`` opens its fd once
+under a lock and then only preads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Dict, Optional, Tuple
+
+import blockdiff
+import fuse_export
+from blockdiff import cdc_index, framing
+
+from discrep.protocol import cbt
+from discrep.protocol import ranges
+from discrep.core.errors import ManifestError, SourceError
+from discrep.protocol.manifest import read_lines
+from discrep.core.paths import dec, join
+from discrep.source.build import cycle_dir, state_dir
+from discrep.source.catalog import SourceCatalog
+
+log = logging.getLogger(__name__)
+
+
+class _FileAlias:
+    """A control file that reads through to a snapshot file (read-only, pread only)."""
+
+    def __init__(self, path: bytes, size: int):
+        self.path = path
+        self._size = size
+        self._fd: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return self._fd
+
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self._open(), size, offset)
+
+
+def _sign(path: bytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return blockdiff.sign_fd(fd).to_bytes()
+    finally:
+        os.close(fd)
+
+
+def _chunks(path: bytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return cdc_index.index_bytes(blockdiff.chunk_fd(fd))
+    finally:
+        os.close(fd)
+
+
+def _ranges(path: bytes, size: int, token: str) -> bytes:
+    rs = ranges.decode(token, size)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return framing.pack(b"".join(os.pread(fd, ln, off) for off, ln in rs))
+    finally:
+        os.close(fd)
+
+
+def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
+    """The read-only view of built cycle ``cycle`` of source ``root``."""
+    sd = os.fsdecode(state_dir(root))
+    cat = SourceCatalog(sd)
+    try:
+        rec = cat.cycle(cycle)
+    finally:
+        cat.close()
+    if rec is None or rec.state not in ("built", "acked"):
+        raise SourceError(f"cycle {cycle} of {os.fsdecode(root)} is not available for export "
+                          f"({rec.state if rec else 'unknown'})",
+                          hint="run 'discrep snapshot SRC' first; it prints the cycle number")
+    cdir = cycle_dir(root, cycle)
+    with open(join(cdir, b"manifest.zst"), "rb") as f:
+        manifest = f.read()
+    header, entries = read_lines(manifest)
+    files: Dict[int, Tuple[bytes, int]] = {}
+    for e in entries:
+        if e.get("op") == "file":
+            files[int(e["idx"])] = (join(rec.snapshot, dec(e["path"])), int(e["size"]))
+    npacks = 0
+    while os.path.exists(join(cdir, b"pack-%d" % npacks)):
+        npacks += 1
+
+    def resolver(rel: bytes):
+        d, _, name = rel.partition(b"/")
+        if d == b"z":
+            num, _, token = name.partition(b".")
+            if not num.isdigit() or int(num) not in files:
+                return None
+            path, size = files[int(num)]
+            try:
+                ranges.decode(token.decode("ascii"), size)
+            except (ValueError, UnicodeDecodeError, ManifestError):
+                return None  # a malformed request is simply not there (ENOENT)
+            return fuse_export.LazyFile(lambda: _ranges(path, size, token.decode("ascii")))
+        if not name.isdigit():
+            return None
+        i = int(name)
+        if d == b"pack":
+            if i >= npacks:
+                return None
+            p = join(cdir, b"pack-%d" % i)
+            return _FileAlias(p, os.path.getsize(p))
+        if i not in files:
+            return None
+        path, size = files[i]
+        if d == b"data":
+            return _FileAlias(path, size)
+        if d == b"sig":
+            return fuse_export.LazyFile(lambda: _sign(path))
+        if d == b"cdc":
+            return fuse_export.LazyFile(lambda: _chunks(path))
+        if d == b"cbt":
+            side = join(cdir, b"cbt-%d.json" % i)
+            if not os.path.exists(side):
+                return None
+            with open(side) as f:
+                rs = [tuple(r) for r in json.load(f)]
+            return fuse_export.LazyFile(lambda: cbt.build(path, header["base"], rs))
+        return None
+
+    control = fuse_export.DictControlTree(
+        {b"cycle": fuse_export.BytesFile(json.dumps(header).encode() + b"\n"),
+         b"manifest": fuse_export.BytesFile(manifest)},
+        resolver=resolver, dynamic_dirs=(b"pack", b"sig", b"cdc", b"data", b"z", b"cbt"))
+    source = fuse_export.DirectorySource(rec.snapshot)
+    return fuse_export.ExportView(source, control)
