@@ -27,6 +27,7 @@ from discrep.protocol.manifest import Entry
 from discrep.replica.history import read_xattrs_fd
 from discrep.core.paths import basename, enc, parent, show
 from discrep.replica.catalog import FileRow
+from discrep.protocol import layout
 
 PACK_AHEAD = 3               # packs read ahead on a first copy
 CDC_MIN_SIZE = 1024 * 1024   # below this, shifted data is simply refetched where it differs
@@ -165,7 +166,7 @@ class FileOps:
                           sig if isinstance(sig, bytes) else sig.to_bytes()))
 
     def _data_rel(self, e: Entry) -> bytes:
-        return self._data_override.get(e.idx) or b".discrep/data/%d" % e.idx
+        return self._data_override.get(e.idx) or layout.per_file(layout.DATA, e.idx)
 
     def _fetch_whole(self, e: Entry) -> None:
         ranges = e.extents if e.extents is not None else ([(0, e.size)] if e.size else [])
@@ -189,7 +190,7 @@ class FileOps:
     def _patch_cbt(self, e: Entry, old_sig, st) -> bool:
         """The source proved which blocks may have changed since the base cycle (our copy):
         compare only those digests.  False when the answer does not fit (then use signatures)."""
-        base, size, bs, rs, digs = cbt.parse(self.reader.read_all(b".discrep/cbt/%d" % e.idx))
+        base, size, bs, rs, digs = cbt.parse(self.reader.read_all(layout.per_file(layout.CBT, e.idx)))
         if base != self.stats.base or size != e.size or bs != old_sig.block_size:
             return False
         n_new = -(-e.size // bs)
@@ -220,7 +221,7 @@ class FileOps:
     def _patch(self, e: Entry, old_sig, st) -> None:
         if e.cbt is not None and e.cbt == self.stats.base and self._patch_cbt(e, old_sig, st):
             return
-        rel = b".discrep/sig/%d" % e.idx
+        rel = layout.per_file(layout.SIG, e.idx)
         hdr = blockdiff.SigHeader.from_bytes(self.reader.pread(rel, blockdiff.HEADER_SIZE, 0))
         if hdr.file_size != e.size or hdr.block_size != old_sig.block_size or hdr.factor != old_sig.factor:
             raise ManifestError(f"signature of {show(e.path)} does not match its manifest entry")
@@ -292,7 +293,7 @@ class FileOps:
     def _cdc(self, e: Entry, st) -> None:
         """Shifted data: read the super-chunk table, chunk entries of differing super-chunks only,
         then fetch the chunks the old copy lacks; everything else is copied from the old copy."""
-        rel = b".discrep/cdc/%d" % e.idx
+        rel = layout.per_file(layout.CDC, e.idx)
         guess = cdc_index.HEADER_SIZE + (e.size // (blockdiff.CDC_AVG << cdc_index.SUPER_BITS) + 8) * \
             cdc_index.SUPER_SIZE                  # header + the expected super table, in one read
         head = self.reader.pread(rel, min(guess, 1 << 20), 0)
@@ -332,7 +333,7 @@ class FileOps:
             else:
                 aligned.append((a, z - a))
         groups = rq.batches(aligned)
-        names = [b".discrep/z/%d.%s" % (e.idx, rq.encode(g).encode()) for g in groups]
+        names = [layout.range_request(e.idx, rq.encode(g)) for g in groups]
         blobs = list(self.reader.pool.map(lambda n: framing.unpack(self.reader.read_all(n)), names))
         have: List[Tuple[int, bytes]] = []
         for g, blob in zip(groups, blobs):

@@ -50,6 +50,7 @@ from discrep.replica.files import O_FILE, FileOps, _lstat
 from discrep.replica.stream import StreamOps
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.options import ReplicaOptions
+from discrep.protocol import layout
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class Applier(StreamOps, FileOps):
         self._pack_cur = -1
         self._data_override: Dict[int, bytes] = {}   # file idx -> where to read it instead of .discrep/data/
         self.packs_known: Callable[[], int] = lambda: 0   # a streamed cycle: packs written so far
-        self.pack_rel = b".discrep/pack/%d"          # where pack k is read (a streamed cycle: elsewhere)
+        self.pack_rel = layout.PACK_REL          # where pack k is read (a streamed cycle: elsewhere)
         self.n_packs = 1 + max((e.pack[0] for e in entries if e.op == "file" and e.pack is not None), default=-1)
         # read ahead to the next pack only when every packed file is needed (a first copy)
         self.prefetch_packs = bool(header.get("full")) and \
@@ -631,7 +632,7 @@ def _map_owners(entries: List[Entry], numeric_ids: bool, users: Dict[str, Option
 def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, force: bool = False,
           stream=None) -> SyncStats:
     try:
-        header = dict(stream.header) if stream is not None else json.loads(reader.read_all(b".discrep/cycle"))
+        header = dict(stream.header) if stream is not None else json.loads(reader.read_all(layout.CYCLE_REL))
         cycle, base = int(header["cycle"]), int(header["base"])
     except (ValueError, KeyError, TypeError):
         raise ManifestError("the export's .discrep/cycle is not a valid cycle description") from None
@@ -661,7 +662,7 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
             entries.extend(ents)
         stream.finish()
     elif stream is None:
-        mhead, raw = read_lines(reader.read_all(b".discrep/manifest"))
+        mhead, raw = read_lines(reader.read_all(layout.MANIFEST_REL))
         if int(mhead.get("cycle", -1)) != cycle:
             raise ManifestError("manifest and cycle description disagree")
         entries = [Entry(r) for r in raw]      # everything validated before anything is touched

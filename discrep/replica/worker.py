@@ -52,6 +52,7 @@ from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.replica.history import set_xattrs_fd
 from discrep.protocol.manifest import Entry, _local_id
 from discrep.core.paths import basename, check_rel, dec, parent, show
+from discrep.protocol import layout
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +273,13 @@ class _Apply:
         from blockdiff import framing
         for k in range(lo, hi):
             if k not in self.packs:
-                self.packs[k] = self.pool.submit(lambda k=k: framing.unpack(self._read(b"pack-%d" % k)))
+                self.packs[k] = self.pool.submit(lambda k=k: framing.unpack(self._read(layout.PACK_FILE % k)))
 
     def segment(self, n: int, lo: int, hi: int) -> Tuple:
         from discrep.protocol.manifest import read_segment
         self.want_packs(lo, hi)
         self.bytes_read = 0
-        raw = read_segment(self._read(b"seg-%d.zst" % n), n)
+        raw = read_segment(self._read(layout.SEGMENT_FILE % n), n)
         rows: List[Tuple] = []
         others: List[Dict[str, Any]] = []
         dirty = self.dirs.dirty

@@ -46,12 +46,12 @@ from discrep.transport.mount_reader import MountReader
 from discrep.run.options import CycleOptions
 from discrep.replica.sync import holds_only_state, result_fields, sync
 from discrep.transport.ssh import Connection, HostConfig, parse_remote, q, resolve
+from discrep.protocol import layout
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0   # seconds for the remote export to come up
 VERIFY_TIMEOUT = 3600.0  # seconds for the source to check (and maybe copy) files it let us read live
-CYCLE_DIR = b".discrep/cycledir/"   # reader name of the cycle's own directory (streamed cycles)
 
 
 class DirectDataReader(MountReader):
@@ -82,15 +82,15 @@ class DirectDataReader(MountReader):
         self.live = set(live)
 
     def _open(self, rel: bytes) -> int:
-        if rel.startswith(CYCLE_DIR):   # a streamed cycle's segments and packs, written before announced
-            name = rel[len(CYCLE_DIR):]
+        if rel.startswith(layout.CYCLE_DIR):   # a streamed cycle's segments and packs, written before announced
+            name = rel[len(layout.CYCLE_DIR):]
             if b"/" in name or not name:
                 raise ManifestError(f"bad cycle file name {show(name)}")
             try:
                 return os.open(self.cycle_dir + b"/" + name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as e:
                 raise TransportError(f"cannot read {show(name)} of the cycle on the source: {e.strerror}") from None
-        if rel.startswith(b".discrep/data/"):
+        if rel.startswith(layout.DATA_PREFIX):
             name = rel.rsplit(b"/", 1)[1]
             p = self.paths.get(int(name)) if name.isdigit() else None
             if p is not None:
@@ -120,7 +120,7 @@ class CycleStream:
     ``built``; ``export()`` may run in a reader thread once that helper has ended (the reader
     serializes it); everything else runs in the caller's thread."""
 
-    pack_rel = CYCLE_DIR + b"pack-%d"
+    pack_rel = layout.CYCLE_DIR + layout.PACK_FILE
 
     def __init__(self, first: Dict[str, Any], agent: "_Agent", reader: DirectDataReader, export_base: str):
         if not isinstance(first.get("header"), dict):
@@ -170,7 +170,7 @@ class CycleStream:
 
     def raw(self, n: int) -> Iterator[Dict[str, Any]]:
         """Segment ``n``'s raw entry dicts (not validated yet)."""
-        return read_segment(self._reader.read_all(CYCLE_DIR + b"seg-%d.zst" % n), n)
+        return read_segment(self._reader.read_all(layout.CYCLE_DIR + layout.SEGMENT_FILE % n), n)
 
     def entries(self, n: int) -> List[Entry]:
         """Segment ``n``'s validated entries."""
@@ -200,7 +200,7 @@ class CycleStream:
     @staticmethod
     def redo_rel(idx: int) -> bytes:
         """Where the source put its copy of file ``idx`` that changed while it was read."""
-        return CYCLE_DIR + b"redo-%d" % idx
+        return layout.CYCLE_DIR + layout.REDO_FILE % idx
 
     def export(self) -> str:
         """Have the agent mount the built cycle's export; its directory for the reader."""

@@ -42,6 +42,7 @@ from discrep.core.paths import STATE_DIR, enc, join, show
 from discrep.source.scan import scan
 from discrep.core.walk import walk
 from discrep.source.catalog import CycleRec, SourceCatalog
+from discrep.protocol import layout
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +179,13 @@ def _build(root: bytes, journal: Journal, catalog: SourceCatalog, kind: str, for
               "block_size": blockdiff.FINE_SIZE, "factor": blockdiff.COARSE_FACTOR, "root": root_meta,
               "source_id": catalog.source_id()}
     pending: List[Tuple] = []
-    mw = ManifestWriter(os.fsdecode(join(cdir, b"manifest.zst")), header)
+    mw = ManifestWriter(os.fsdecode(join(cdir, layout.MANIFEST_FILE)), header)
     nfiles = nbytes = 0
     segs = [0, 0]                       # segments cut, manifest count at the last cut
 
     def cut_segment() -> None:
         packer.flush()
-        mw.cut(os.fsdecode(join(cdir, b"seg-%d.zst" % segs[0])))
+        mw.cut(os.fsdecode(join(cdir, layout.SEGMENT_FILE % segs[0])))
         msg: Dict[str, Any] = {"seg": segs[0], "packs": packer.count, "entries": mw.count,
                                "dir": os.fsdecode(cdir)}
         if segs[0] == 0:
@@ -378,7 +379,7 @@ def settle_deferred(root: bytes, b: BuiltCycle, warnings: WarningList, materiali
     items = sorted(b.deferred.items())
     b.deferred.clear()
     for n, (p, (idx, before, fd)) in enumerate(items):
-        live, copy_to = join(root, p), join(cdir, b"redo-%d" % idx)
+        live, copy_to = join(root, p), join(cdir, layout.REDO_FILE % idx)
         try:
             if materialize:
                 how, st = snapmod.materialize_deferred(live, before, fd, copy_to, join(b.snapshot, p), p, warnings)
@@ -447,7 +448,7 @@ def _track_changes(e: dict, old: bytes, new: bytes, size: int, base: int, cdir: 
     if cand is None or sum(ln for _o, ln in cand) * 2 > size:
         return
     e["cbt"] = base
-    with open(os.fsdecode(join(cdir, b"cbt-%d.json" % e["idx"])), "w") as f:
+    with open(os.fsdecode(join(cdir, layout.CBT_FILE % e["idx"])), "w") as f:
         json.dump(cand, f)
 
 
@@ -514,7 +515,7 @@ class _Packer:
 
     def _flush(self) -> None:
         flag, payload = framing.pack_parts(b"".join(self.buf))
-        fd = os.open(join(self.cdir, b"pack-%d" % self.count), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+        fd = os.open(join(self.cdir, layout.PACK_FILE % self.count), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                      0o600)
         try:
             os.writev(fd, [flag, payload])

@@ -38,6 +38,7 @@ from discrep.protocol.manifest import read_lines
 from discrep.core.paths import dec, join
 from discrep.source.build import cycle_dir, state_dir
 from discrep.source.catalog import SourceCatalog
+from discrep.protocol import layout
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
                           f"({rec.state if rec else 'unknown'})",
                           hint="run 'discrep snapshot SRC' first; it prints the cycle number")
     cdir = cycle_dir(root, cycle)
-    with open(join(cdir, b"manifest.zst"), "rb") as f:
+    with open(join(cdir, layout.MANIFEST_FILE), "rb") as f:
         manifest = f.read()
     header, entries = read_lines(manifest)
     files: Dict[int, Tuple[bytes, int]] = {}
@@ -110,12 +111,12 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
         if e.get("op") == "file":
             files[int(e["idx"])] = (join(rec.snapshot, dec(e["path"])), int(e["size"]))
     npacks = 0
-    while os.path.exists(join(cdir, b"pack-%d" % npacks)):
+    while os.path.exists(join(cdir, layout.PACK_FILE % npacks)):
         npacks += 1
 
     def resolver(rel: bytes):
         d, _, name = rel.partition(b"/")
-        if d == b"z":
+        if d == layout.Z:
             num, _, token = name.partition(b".")
             if not num.isdigit() or int(num) not in files:
                 return None
@@ -128,22 +129,22 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
         if not name.isdigit():
             return None
         i = int(name)
-        if d == b"pack":
+        if d == layout.PACK:
             if i >= npacks:
                 return None
-            p = join(cdir, b"pack-%d" % i)
+            p = join(cdir, layout.PACK_FILE % i)
             return _FileAlias(p, os.path.getsize(p))
         if i not in files:
             return None
         path, size = files[i]
-        if d == b"data":
+        if d == layout.DATA:
             return _FileAlias(path, size)
-        if d == b"sig":
+        if d == layout.SIG:
             return fuse_export.LazyFile(lambda: _sign(path))
-        if d == b"cdc":
+        if d == layout.CDC:
             return fuse_export.LazyFile(lambda: _chunks(path))
-        if d == b"cbt":
-            side = join(cdir, b"cbt-%d.json" % i)
+        if d == layout.CBT:
+            side = join(cdir, layout.CBT_FILE % i)
             if not os.path.exists(side):
                 return None
             with open(side) as f:
@@ -152,8 +153,8 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
         return None
 
     control = fuse_export.DictControlTree(
-        {b"cycle": fuse_export.BytesFile(json.dumps(header).encode() + b"\n"),
-         b"manifest": fuse_export.BytesFile(manifest)},
-        resolver=resolver, dynamic_dirs=(b"pack", b"sig", b"cdc", b"data", b"z", b"cbt"))
+        {layout.CYCLE: fuse_export.BytesFile(json.dumps(header).encode() + b"\n"),
+         layout.MANIFEST: fuse_export.BytesFile(manifest)},
+        resolver=resolver, dynamic_dirs=layout.DYNAMIC_DIRS)
     source = fuse_export.DirectorySource(rec.snapshot)
     return fuse_export.ExportView(source, control)

@@ -21,11 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from discrep.core.errors import ManifestError, TransportError
+from discrep.protocol import layout
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 * 1024 * 1024
-RANDOM_ACCESS = (b".discrep/sig/", b".discrep/cdc/", b".discrep/cbt/")
+RANDOM_ACCESS = layout.RANDOM_ACCESS_PREFIXES
 
 
 def split_ranges(ranges: Iterable[Tuple[int, int]], chunk: int) -> List[Tuple[int, int]]:

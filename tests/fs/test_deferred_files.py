@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from discrep.source.build import build as srcmod
+from discrep.source import build as srcmod
 from discrep.core.errors import WarningList
 from discrep.protocol.manifest import Entry
 

@@ -23,7 +23,7 @@ _spec.loader.exec_module(S)
 def _need_fanotify(work_dir):
     if os.geteuid() != 0:
         pytest.skip("fanotify filesystem marks need root")
-    from discrep.journal.store import fanotify
+    from discrep.journal import fanotify
     try:
         fanotify.Fanotify(os.fsencode(str(work_dir))).close()
     except OSError as e:
