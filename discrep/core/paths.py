@@ -23,6 +23,11 @@ from discrep.core.errors import UnsafePathError
 STATE_DIR = b".discrep"
 
 
+def state_dir(root: bytes) -> bytes:
+    """``ROOT/.discrep``: where discrep keeps its state on either side."""
+    return join(root, STATE_DIR)
+
+
 def enc(path: bytes) -> str:
     """bytes path -> str for JSON (lone surrogates stand for non-UTF-8 bytes)."""
     return os.fsdecode(path)

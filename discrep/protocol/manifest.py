@@ -40,6 +40,7 @@ import pyzstd
 
 from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.core.paths import check_rel, dec, enc
+from discrep.core import xattrs
 
 VERSION = 1
 UPSERT_OPS = ("dir", "symlink", "file")
@@ -60,17 +61,8 @@ def _name_of(uid: int, table) -> Optional[str]:
 
 
 def read_xattrs(path: bytes) -> Dict[str, str]:
-    out: Dict[str, str] = {}
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return out
-    for name in sorted(names):
-        try:
-            out[name] = base64.b64encode(os.getxattr(path, name, follow_symlinks=False)).decode()
-        except OSError:
-            continue
-    return out
+    """A path's xattrs as the manifest carries them (base64 values)."""
+    return {k: base64.b64encode(v).decode() for k, v in xattrs.read_xattrs(path).items()}
 
 
 def entry_for(rel: bytes, full: bytes, st: os.stat_result,

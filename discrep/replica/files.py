@@ -24,10 +24,10 @@ from discrep.protocol import cbt
 from discrep.protocol import ranges as rq
 from discrep.core.errors import ManifestError
 from discrep.protocol.manifest import Entry
-from discrep.replica.history import read_xattrs_fd
 from discrep.core.paths import basename, enc, parent, show
 from discrep.replica.catalog import FileRow
 from discrep.protocol import layout
+from discrep.core.xattrs import read_xattrs
 
 PACK_AHEAD = 3               # packs read ahead on a first copy
 CDC_MIN_SIZE = 1024 * 1024   # below this, shifted data is simply refetched where it differs
@@ -127,7 +127,7 @@ class FileOps:
             return False
         if self.euid == 0 and (st.st_uid, st.st_gid) != (e.uid, e.gid):
             return False
-        have = read_xattrs_fd(fd)
+        have = read_xattrs(fd)
         return {k: v for k, v in have.items() if not k.startswith("security.")} == e.xattrs
 
     def _write_new(self, e: Entry, fill, sig) -> None:

@@ -42,6 +42,7 @@ from blockdiff import framing
 from discrep.core import platform
 from discrep.core.errors import HistoryCorruptError, UsageError
 from discrep.core.paths import STATE_DIR, join, parent
+from discrep.core.xattrs import read_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -162,44 +163,6 @@ def encode_meta(st: os.stat_result, xattrs: Dict[str, bytes]) -> Dict:
             "xattrs": {k: base64.b64encode(v).decode() for k, v in xattrs.items()}}
 
 
-def read_xattrs_fd(fd: int) -> Dict[str, bytes]:
-    out = {}
-    try:
-        for n in os.listxattr(fd):
-            try:
-                out[n] = os.getxattr(fd, n)
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return out
-
-
-def set_xattrs_fd(fd: int, want: Dict[str, bytes]) -> List[Tuple[str, str]]:
-    """Make ``fd``'s xattrs exactly ``want`` (other ``system.*`` names than the POSIX ACLs are left
-    alone); returns (name, reason) for each one that could not be set."""
-    try:
-        have = set(os.listxattr(fd))
-    except OSError:
-        have = set()
-    for name in have - set(want):
-        if name.startswith("system.") and name not in ("system.posix_acl_access", "system.posix_acl_default"):
-            continue
-        try:
-            os.removexattr(fd, name)
-        except OSError:
-            pass
-    failed = []
-    for name, val in want.items():
-        try:
-            if name in have and os.getxattr(fd, name) == val:
-                continue
-            os.setxattr(fd, name, val)
-        except OSError as err:
-            failed.append((name, err.strerror or str(err)))
-    return failed
-
-
 class _Target:
     """Where undo records are applied: DEST itself (recover) or a restored copy (restore)."""
 
@@ -255,7 +218,7 @@ def _set_meta(path: bytes, m: Dict) -> None:
             os.fchown(fd, m["uid"], m["gid"])
         os.fchmod(fd, statmod.S_IMODE(m["mode"]))
         want = {k: base64.b64decode(v) for k, v in m.get("xattrs", {}).items()}
-        have = read_xattrs_fd(fd)
+        have = read_xattrs(fd)
         for k in have:
             if k not in want and not k.startswith("security."):
                 try:

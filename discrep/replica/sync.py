@@ -43,14 +43,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from discrep.core import locks
 from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullError, ManifestError, UnsafePathError, WarningList)
-from discrep.replica.history import KEEP, UndoLog, encode_meta, read_xattrs_fd, rollback, set_xattrs_fd
+from discrep.replica.history import KEEP, UndoLog, encode_meta, rollback
 from discrep.protocol.manifest import Entry, read_lines
-from discrep.core.paths import STATE_DIR, basename, depth, enc, join, parent, show
+from discrep.core.paths import STATE_DIR, basename, depth, enc, join, parent, show, state_dir
 from discrep.replica.files import O_FILE, FileOps, _lstat
 from discrep.replica.stream import StreamOps
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.options import ReplicaOptions
 from discrep.protocol import layout
+from discrep.core.xattrs import read_xattrs, set_xattrs_fd
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,6 @@ def result_fields(stats: SyncStats) -> dict:
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
             "history_bytes": stats.history_bytes, "streamed": stats.streamed,
             "worker_segments": stats.worker_segments}
-
-
-def state_dir(dest: bytes) -> bytes:
-    return join(dest, STATE_DIR)
 
 
 def holds_only_state(dest) -> bool:
@@ -277,7 +274,7 @@ class Applier(StreamOps, FileOps):
             xa = {}
         else:
             st = os.fstat(fd)
-            xa = read_xattrs_fd(fd)
+            xa = read_xattrs(fd)
         self.log.add({"op": "meta", "path": enc(rel), "old": encode_meta(st, xa)})
 
     def lift(self, rel: bytes, tag: str = "t") -> bytes:

@@ -49,10 +49,10 @@ import pwd
 import blockdiff
 
 from discrep.core.errors import ManifestError, UnsafePathError
-from discrep.replica.history import set_xattrs_fd
 from discrep.protocol.manifest import Entry, _local_id
 from discrep.core.paths import basename, check_rel, dec, parent, show
 from discrep.protocol import layout
+from discrep.core.xattrs import set_xattrs_fd
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from typing import Any, Dict, Optional
 
 from discrep.core import locks
 from discrep.core.errors import DestinationError, Error, UsageError, WarningList
+from discrep.core.paths import state_dir
 from discrep.run.local import check_pair, replicate_local
 from discrep.run.options import CycleOptions
 from discrep.run.remote import RemoteSession
@@ -48,10 +49,6 @@ QUIET_S = 0.25
 EAGER_MAX_S = 2.0
 
 
-def _dest_state(dest: str) -> str:
-    return os.path.join(dest, ".discrep")
-
-
 def _lock(dest: str) -> int:
     if not os.path.isdir(dest):
         par = os.path.dirname(os.path.abspath(dest))
@@ -59,19 +56,19 @@ def _lock(dest: str) -> int:
             raise DestinationError(f"cannot create replica {dest}: {par} does not exist",
                                    hint="create the parent directory first")
         os.makedirs(dest, exist_ok=True)
-    return locks.take(os.path.join(_dest_state(dest), "daemon.lock"),
+    return locks.take(os.path.join(os.fsdecode(state_dir(os.fsencode(dest))), "daemon.lock"),
                       f"a continuous 'discrep replicate --every' already runs on {dest}",
                       hint="stop it first; two cycles never run at once on one DEST")
 
 
 def daemon_running(dest: str) -> bool:
-    return locks.held(os.path.join(_dest_state(dest), "daemon.lock"))
+    return locks.held(os.path.join(os.fsdecode(state_dir(os.fsencode(dest))), "daemon.lock"))
 
 
 def _set_meta(dest: str, items: Dict[str, str]) -> None:
     from discrep.replica.catalog import ReplicaCatalog
     try:
-        cat = ReplicaCatalog(_dest_state(dest))
+        cat = ReplicaCatalog(os.fsdecode(state_dir(os.fsencode(dest))))
     except Exception as e:  # the catalog itself is the problem: nothing to record into
         log.warning("cannot record into the replica catalog: %s", e)
         return

@@ -24,9 +24,9 @@ import fuse_export
 from discrep.source import build as srcmod
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.source.export import make_view
-from discrep.core.paths import STATE_DIR, nested
+from discrep.core.paths import STATE_DIR, nested, state_dir
 from discrep.transport.mount_reader import MountReader
-from discrep.replica.sync import result_fields, state_dir as replica_state, sync
+from discrep.replica.sync import result_fields, sync
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
 
@@ -66,7 +66,7 @@ def prepare_dest(dest: str, *, force: bool) -> int:
                                    hint="use an empty directory, or --force to make it an exact copy "
                                         "(entries not in SRC are deleted)")
         return 0
-    cat = ReplicaCatalog(os.fsdecode(replica_state(os.fsencode(dest))))
+    cat = ReplicaCatalog(os.fsdecode(state_dir(os.fsencode(dest))))
     try:
         return cat.last_committed()
     finally:

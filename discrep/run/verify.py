@@ -15,19 +15,7 @@ from typing import Dict, List, Tuple
 
 from discrep.core.paths import join, show
 from discrep.core.walk import walk
-
-
-def _xattrs(p: bytes) -> Dict[str, bytes]:
-    out = {}
-    try:
-        for n in os.listxattr(p, follow_symlinks=False):
-            try:
-                out[n] = os.getxattr(p, n, follow_symlinks=False)
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return out
+from discrep.core.xattrs import read_xattrs
 
 
 def _same_bytes(a: bytes, b: bytes) -> bool:
@@ -65,7 +53,7 @@ def compare_trees(src: bytes, dest: bytes, *, limit: int = 100) -> List[str]:
         elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
             if st.st_mode != dt.st_mode:
                 diffs.append(f"mode differs: {show(rel)} {oct(st.st_mode)} != {oct(dt.st_mode)}")
-            if _xattrs(join(src, rel)) != _xattrs(d):
+            if read_xattrs(join(src, rel)) != read_xattrs(d):
                 diffs.append(f"xattrs differ: {show(rel)}")
         else:
             continue  # special files are not replicated

@@ -38,7 +38,7 @@ from discrep.journal.changes import coalesce
 from discrep.core.errors import SourceError, WarningList
 from discrep.journal.store import Journal
 from discrep.protocol.manifest import ManifestWriter, entry_for, file_line
-from discrep.core.paths import STATE_DIR, enc, join, show
+from discrep.core.paths import enc, join, show, state_dir
 from discrep.source.scan import scan
 from discrep.core.walk import walk
 from discrep.source.catalog import CycleRec, SourceCatalog
@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 SMALL_MAX = 64 * 1024        # files up to this size travel in packs
 PACK_MAX = 8 * 1024 * 1024   # raw bytes per pack
 SEGMENT_ENTRIES = 8192       # a streamed build cuts a manifest segment at least this often
-
-
-def state_dir(root: bytes) -> bytes:
-    return join(root, STATE_DIR)
 
 
 @contextmanager

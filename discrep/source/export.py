@@ -36,7 +36,8 @@ from discrep.protocol import ranges
 from discrep.core.errors import ManifestError, SourceError
 from discrep.protocol.manifest import read_lines
 from discrep.core.paths import dec, join
-from discrep.source.build import cycle_dir, state_dir
+from discrep.core.paths import state_dir
+from discrep.source.build import cycle_dir
 from discrep.source.catalog import SourceCatalog
 from discrep.protocol import layout
 
