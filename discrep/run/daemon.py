@@ -120,113 +120,141 @@ def _acked_cut(src: str) -> int:
     return rec.cut_seq if rec else 0
 
 
-def run_every(opts: CycleOptions, warnings: WarningList, progress=None, *,
-              stop: Optional[threading.Event] = None, max_cycles: Optional[int] = None) -> Dict[str, Any]:
-    """The continuous loop (see module doc).  ``stop``/``max_cycles`` are for tests and embedding."""
-    every = float(opts.every or 0)
-    if every <= 0:
-        raise UsageError("--every needs a positive number of seconds")
-    remote = opts.remote_source
-    if not remote:
-        check_pair(os.path.abspath(opts.src), os.path.abspath(opts.dest))
-    dest = os.path.abspath(opts.dest)
-    lock_fd = _lock(dest)
-    stop = stop or threading.Event()
-    in_cycle = [False]
-    old_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        def on_sig(signum, frame):
-            stop.set()
-            if in_cycle[0]:
-                raise KeyboardInterrupt
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old_handlers[s] = signal.signal(s, on_sig)
-    poll = None if remote else _JournalPoll(opts.src)
-    cycles = failures = 0
-    consecutive = 0
-    last_res: Optional[Dict[str, Any]] = None
-    last_err: Optional[str] = None
-    stopped_by = "signal"
-    session = None
-    try:
-        while not stop.is_set():
+class _Loop:
+    """The state of one continuous run: counters, the last result and error, the remote session."""
+
+    def __init__(self, opts: CycleOptions, warnings: WarningList, progress, stop: threading.Event,
+                 max_cycles: Optional[int]):
+        self.opts, self.warnings, self.progress = opts, warnings, progress
+        self.stop, self.max_cycles = stop, max_cycles
+        self.every = float(opts.every or 0)
+        self.dest = os.path.abspath(opts.dest)
+        self.remote = opts.remote_source
+        self.poll: Optional[_JournalPoll] = None if self.remote else _JournalPoll(opts.src)
+        self.session: Optional[RemoteSession] = None
+        self.in_cycle = False
+        self.cycles = self.failures = self.consecutive = 0
+        self.last_res: Optional[Dict[str, Any]] = None
+        self.last_err: Optional[str] = None
+        self.stopped_by = "signal"
+
+    def on_signal(self, signum, frame) -> None:
+        self.stop.set()
+        if self.in_cycle:
+            raise KeyboardInterrupt
+
+    def one_cycle(self, cw: WarningList) -> Dict[str, Any]:
+        """One cycle: remote ones share one SSH session, agent and sshfs mount for all cycles."""
+        self.in_cycle = True
+        try:
+            if self.remote:
+                if self.session is None:
+                    self.session = RemoteSession(self.opts)
+                try:
+                    return self.session.cycle(cw, self.progress)
+                except BaseException:
+                    self.session.close()      # a failed cycle may have broken it: a fresh one next time
+                    self.session = None
+                    raise
+            # --force lets only the first cycle into a non-empty DEST
+            copts = self.opts if self.cycles == 0 else replace(
+                self.opts, replica=replace(self.opts.replica, force=False))
+            return replicate_local(copts, cw, self.progress)
+        finally:
+            self.in_cycle = False
+
+    def failed(self, e: Exception) -> None:
+        self.failures += 1
+        self.consecutive += 1
+        self.last_err = f"{type(e).__name__}: {e}" if not isinstance(e, Error) else str(e)
+        log.warning("cycle failed (%d in a row): %s", self.consecutive, self.last_err)
+        _set_meta(self.dest, {"last_error": self.last_err, "last_error_ns": str(time.time_ns())})
+        self.stop.wait(min(BACKOFF_MAX, BACKOFF_MIN * (2 ** (self.consecutive - 1))))
+
+    def succeeded(self, res: Dict[str, Any], cw: WarningList) -> None:
+        for w in cw:
+            self.warnings.add(w.path, w.message)
+        self.cycles += 1
+        self.consecutive = 0
+        self.last_res = dict(res, warnings=len(cw), finished_ns=time.time_ns())
+        _set_meta(self.dest, {"last_cycle_stats": json.dumps(self.last_res)})
+        log.info("cycle %s done (%s): %s files changed, %s bytes", res.get("cycle"),
+                 res.get("change_source"), res.get("files_changed"), res.get("bytes_transferred"))
+
+    def wait_next(self, t_start: float) -> None:
+        """Until the next interval, or sooner when the journal has new entries (quiet for
+        QUIET_S, or EAGER_MAX_S after the first one)."""
+        cut = _acked_cut(self.opts.src) if self.poll else 0
+        first_new = last_seen = quiet_since = None
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now - t_start >= self.every:
+                break
+            if self.poll is not None:
+                seq = self.poll.last_seq()
+                if seq is not None and seq > cut:
+                    if first_new is None:
+                        first_new = now
+                    if seq != last_seen:
+                        last_seen, quiet_since = seq, now
+                    if now - quiet_since >= QUIET_S or now - first_new >= EAGER_MAX_S:
+                        break
+            self.stop.wait(POLL_S)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
             t_start = time.monotonic()
             cw = WarningList()
             try:
-                in_cycle[0] = True
-                try:
-                    if remote:   # one SSH session, agent and sshfs mount for all cycles
-                        if session is None:
-                            session = RemoteSession(opts)
-                        try:
-                            res = session.cycle(cw, progress)
-                        except BaseException:
-                            session.close()      # a failed cycle may have broken it: a fresh one next time
-                            session = None
-                            raise
-                    else:
-                        # --force lets only the first cycle into a non-empty DEST
-                        copts = opts if cycles == 0 else replace(
-                            opts, replica=replace(opts.replica, force=False))
-                        res = replicate_local(copts, cw, progress)
-                finally:
-                    in_cycle[0] = False
+                res = self.one_cycle(cw)
             except KeyboardInterrupt:
-                stop.set()
-                stopped_by = "signal (during a cycle; the replica stays at its last committed cycle)"
-                break
+                self.stop.set()
+                self.stopped_by = "signal (during a cycle; the replica stays at its last committed cycle)"
+                return
             except UsageError:
                 raise
             except Exception as e:
-                failures += 1
-                consecutive += 1
-                last_err = f"{type(e).__name__}: {e}" if not isinstance(e, Error) else str(e)
-                log.warning("cycle failed (%d in a row): %s", consecutive, last_err)
-                _set_meta(dest, {"last_error": last_err, "last_error_ns": str(time.time_ns())})
-                delay = min(BACKOFF_MAX, BACKOFF_MIN * (2 ** (consecutive - 1)))
-                stop.wait(delay)
+                self.failed(e)
                 continue
-            for w in cw:
-                warnings.add(w.path, w.message)
-            cycles += 1
-            consecutive = 0
-            last_res = dict(res, warnings=len(cw), finished_ns=time.time_ns())
-            _set_meta(dest, {"last_cycle_stats": json.dumps(last_res)})
-            log.info("cycle %s done (%s): %s files changed, %s bytes", res.get("cycle"),
-                     res.get("change_source"), res.get("files_changed"), res.get("bytes_transferred"))
-            if max_cycles is not None and cycles >= max_cycles:
-                stopped_by = "max_cycles"
-                break
-            # wait for the next interval, or sooner when the journal has new entries
-            cut = _acked_cut(opts.src) if poll else 0
-            first_new = None
-            last_seen = None
-            quiet_since = None
-            while not stop.is_set():
-                now = time.monotonic()
-                if now - t_start >= every:
-                    break
-                if poll is not None:
-                    seq = poll.last_seq()
-                    if seq is not None and seq > cut:
-                        if first_new is None:
-                            first_new = now
-                        if seq != last_seen:
-                            last_seen, quiet_since = seq, now
-                        if now - quiet_since >= QUIET_S or now - first_new >= EAGER_MAX_S:
-                            break
-                stop.wait(POLL_S)
+            self.succeeded(res, cw)
+            if self.max_cycles is not None and self.cycles >= self.max_cycles:
+                self.stopped_by = "max_cycles"
+                return
+            self.wait_next(t_start)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        if self.poll is not None:
+            self.poll.close()
+
+    def result(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"cycle": 0, "base": 0, "change_source": None, "files_changed": 0,
+                               "files_renamed": 0, "files_deleted": 0, "bytes_transferred": 0,
+                               "bytes_written": 0, "duration_s": 0.0}
+        out.update(self.last_res or {})
+        out.update(cycles=self.cycles, failures=self.failures, last_error=self.last_err, stopped=self.stopped_by)
+        return out
+
+
+def run_every(opts: CycleOptions, warnings: WarningList, progress=None, *,
+              stop: Optional[threading.Event] = None, max_cycles: Optional[int] = None) -> Dict[str, Any]:
+    """The continuous loop (see module doc).  ``stop``/``max_cycles`` are for tests and embedding."""
+    if float(opts.every or 0) <= 0:
+        raise UsageError("--every needs a positive number of seconds")
+    if not opts.remote_source:
+        check_pair(os.path.abspath(opts.src), os.path.abspath(opts.dest))
+    lock_fd = _lock(os.path.abspath(opts.dest))
+    loop = _Loop(opts, warnings, progress, stop or threading.Event(), max_cycles)
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[s] = signal.signal(s, loop.on_signal)
+    try:
+        loop.run()
     finally:
-        if session is not None:
-            session.close()
-        if poll is not None:
-            poll.close()
+        loop.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
         os.close(lock_fd)
-    out: Dict[str, Any] = {"cycle": 0, "base": 0, "change_source": None, "files_changed": 0,
-                           "files_renamed": 0, "files_deleted": 0, "bytes_transferred": 0,
-                           "bytes_written": 0, "duration_s": 0.0}
-    out.update(last_res or {})
-    out.update(cycles=cycles, failures=failures, last_error=last_err, stopped=stopped_by)
-    return out
+    return loop.result()
