@@ -11,6 +11,7 @@ Thread-safety: a connection is made with ``check_same_thread=False``; its owner 
 """
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Iterator, Optional, Type
 
 from discrep.core.errors import Error
 
+SQLITE_FULL = 13                 # sqlite3 result code: database or disk is full
 META_SCHEMA = "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);"
 
 
@@ -40,8 +42,18 @@ def open_store(state_dir: str, filename: str, schema: str, error: Type[Error], w
         con = connect(path)
         con.executescript(schema)
     except sqlite3.DatabaseError as e:
+        if is_disk_full(e):       # a full disk is not a damaged file: say what to do about it
+            raise error(f"{what} {path} cannot be written: the disk is full",
+                        hint="free space on that filesystem, then run again") from e
         raise error(f"{what} {path} is unreadable: {e}", hint=hint) from e
     return path, con
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether an SQLite (or OS) error means the filesystem is out of space."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(e, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(e)
 
 
 @contextmanager
