@@ -470,7 +470,10 @@ def fuse_options(
         # threads value" on every mount; an explicit value keeps stderr clean (same behaviour)
         opts["max_idle_threads"] = 10
     if allow_other:
+        # other users may read the mount, but only what the files' owners and modes allow them:
+        # the kernel checks permissions (default_permissions) instead of letting everyone read all
         opts["allow_other"] = True
+        opts["default_permissions"] = True
     for key, value in (options or {}).items():
         if value is None:
             opts.pop(key, None)

@@ -84,3 +84,13 @@ def summary(res: Dict[str, Any]) -> str:
             f"{res['files_renamed']} renamed, {res['files_deleted']} deleted, "
             f"{res['bytes_transferred']} bytes read through the export, "
             f"{res['bytes_written']} bytes written, {res['duration_s']:.2f}s")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control and format characters (ESC, CR, BEL, bidi overrides,
+    undecodable bytes of a file name...) are shown escaped (``\\x1b``), never sent raw -- messages
+    may carry text from the other host (remote errors, warnings, file names)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)

@@ -20,6 +20,7 @@ from discrep import __version__
 from discrep.cli import (ack_cmd, agent_cmd, configcheck_cmd, export_cmd, history_cmd, prune_cmd, recover_cmd,
                          replicate_cmd, reset_cmd, restore_cmd, run_cmd, snapshot_cmd, status_cmd, sync_cmd,
                          verify_cmd, watch_cmd)
+from discrep.cli.common import printable
 from discrep.core.errors import EXIT_OK, EXIT_WARNINGS, Error, Interrupted, WarningList
 
 log = logging.getLogger("discrep")
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _SafeFormatter(logging.Formatter):
+    """Log lines may quote the other host (its errors, file names): never raw control characters."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def _run(a: argparse.Namespace, warnings: WarningList) -> int:
     """Run the command; map what it raised to an exit code, print its result."""
     try:
@@ -77,17 +85,17 @@ def _run(a: argparse.Namespace, warnings: WarningList) -> int:
         print(f"discrep: error: {err}", file=sys.stderr)
         return err.exit_code
     except Error as e:
-        print(f"discrep: error: {e}", file=sys.stderr)
+        print(f"discrep: error: {printable(str(e))}", file=sys.stderr)
         if a.json:
             print(json.dumps({"error": str(e), "exit_code": e.exit_code, "kind": type(e).__name__}))
         return e.exit_code
     except Exception as e:  # a bug, or an OS error nobody mapped: say so in one line, details with -v
         log.debug("unexpected error", exc_info=True)
-        print(f"discrep: error: unexpected {type(e).__name__}: {e} (run with -vv for the traceback; "
+        print(f"discrep: error: unexpected {type(e).__name__}: {printable(str(e))} (run with -vv for the traceback; "
               f"the replica stays at its last committed cycle)", file=sys.stderr)
         return 2
     for w in warnings:
-        print(f"discrep: warning: {w}", file=sys.stderr)
+        print(f"discrep: warning: {printable(str(w))}", file=sys.stderr)
     if a.json:
         print(json.dumps(dict(res, warnings=len(warnings))))
     elif hasattr(a.command, "show"):
@@ -102,8 +110,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     level = logging.WARNING - 10 * min(a.verbose, 2)
-    logging.basicConfig(level=level, format="discrep: %(message)s" if a.verbose < 2 else
-                        "%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_SafeFormatter("discrep: %(message)s" if a.verbose < 2 else
+                                        "%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

@@ -232,7 +232,9 @@ class Connection:
         if cfg.proxy_command:
             cmd = (cfg.proxy_command.replace("%h", cfg.hostname).replace("%p", str(cfg.port))
                    .replace("%r", cfg.user or "").replace("%n", cfg.alias).replace("%%", "%"))
-            sock = paramiko.ProxyCommand(cmd)
+            # as OpenSSH does: the user's command line goes to a shell (pipes, quotes, && work);
+            # paramiko splits its argument like a shell would, so hand it "sh -c <line>"
+            sock = paramiko.ProxyCommand("/bin/sh -c " + shlex.quote("exec " + cmd))
         keys = [p for p in cfg.identity_files if os.path.isfile(p)]
 
         def transport_factory(s, **kw):

@@ -89,7 +89,9 @@ class SshfsMount:
             # no configuration file: tell ssh what paramiko was told
             opts += [f"Port={cfg.port}", f"User={cfg.user}"] if cfg.user else [f"Port={cfg.port}"]
         opts += self.extra_opts
-        return cmd + [target, self.local_dir, "-o", ",".join(opts)]
+        # libfuse splits -o at commas: a comma (or backslash) inside a value, e.g. a user name, is escaped
+        return cmd + [target, self.local_dir, "-o", ",".join(o.replace("\\", "\\\\").replace(",", "\\,")
+                                                             for o in opts)]
 
     def start(self, timeout: float = 30.0) -> "SshfsMount":
         why = available()
