@@ -232,9 +232,12 @@ class Connection:
         if cfg.proxy_command:
             cmd = (cfg.proxy_command.replace("%h", cfg.hostname).replace("%p", str(cfg.port))
                    .replace("%r", cfg.user or "").replace("%n", cfg.alias).replace("%%", "%"))
-            # as OpenSSH does: the user's command line goes to a shell (pipes, quotes, && work);
-            # paramiko splits its argument like a shell would, so hand it "sh -c <line>"
-            sock = paramiko.ProxyCommand("/bin/sh -c " + shlex.quote("exec " + cmd))
+            # as OpenSSH does: "exec <line>" goes to the user's shell (pipes, quotes, && work);
+            # paramiko splits its argument like a shell would, so hand it "<shell> -c <line>"
+            shell = os.environ.get("SHELL") or "/bin/sh"
+            if not os.access(shell, os.X_OK):
+                shell = "/bin/sh"
+            sock = paramiko.ProxyCommand(f"{shlex.quote(shell)} -c " + shlex.quote("exec " + cmd))
         keys = [p for p in cfg.identity_files if os.path.isfile(p)]
 
         def transport_factory(s, **kw):
