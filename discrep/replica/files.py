@@ -335,15 +335,20 @@ class FileOps:
         groups = rq.batches(aligned)
         names = [layout.range_request(e.idx, rq.encode(g)) for g in groups]
         blobs = list(self.reader.pool.map(lambda n: framing.unpack(self.reader.read_all(n)), names))
-        have: List[Tuple[int, bytes]] = []
+        runs: List[Tuple[int, int, List[bytes]]] = []     # (offset, length, pieces) of contiguous data
         for g, blob in zip(groups, blobs):
             pos = 0
             for off, ln in g:
                 ln = min(ln, e.size - off)
-                have.append((off, blob[pos:pos + ln]))
+                piece = blob[pos:pos + ln]
+                if runs and runs[-1][0] + runs[-1][1] == off:   # a range that was cut into batches
+                    runs[-1] = (runs[-1][0], runs[-1][1] + len(piece), runs[-1][2] + [piece])
+                else:
+                    runs.append((off, len(piece), [piece]))
                 pos += ln
             if pos != len(blob):
                 raise ManifestError(f"range answer for {show(e.path)} has the wrong size")
+        have = [(off, b"".join(pieces) if len(pieces) > 1 else pieces[0]) for off, _ln, pieces in runs]
         out: Dict[int, bytes] = {}
         j = 0
         for off, ln in sorted(want):
