@@ -17,11 +17,12 @@ Thread-safety: one thread uses an instance.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
 from typing import List, NamedTuple, Optional, Tuple
+
+from discrep.journal.libc import errno_error, libc, read_queued
 
 FAN_CLOEXEC = 0x1
 FAN_NONBLOCK = 0x2
@@ -63,17 +64,11 @@ _META = struct.Struct("IBBHQii")  # event_len, vers, reserved, metadata_len, mas
 _INFO = struct.Struct("BBH")      # info_type, pad, len
 _FH = struct.Struct("Ii")         # handle_bytes, handle_type
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
-_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
-_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
 AT_FDCWD = -100
-
-
-def _err(op: str, path: Optional[bytes] = None) -> OSError:
-    e = ctypes.get_errno()
-    return OSError(e, f"{op}: {os.strerror(e)}", None if path is None else os.fsdecode(path))
 
 
 class Event(NamedTuple):
@@ -86,29 +81,21 @@ class Fanotify:
     """A notification group in DFID_NAME mode with a filesystem mark on ``path``'s filesystem."""
 
     def __init__(self, path: bytes, mask: int = MARK_MASK) -> None:
-        fd = _libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME,
-                                 os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        fd = libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME,
+                                os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
         if fd < 0:
-            raise _err("fanotify_init")
+            raise errno_error("fanotify_init")
         self.fd = fd
         try:
-            if _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask, AT_FDCWD, path) != 0:
-                raise _err("fanotify_mark", path)
+            if libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask, AT_FDCWD, path) != 0:
+                raise errno_error("fanotify_mark", path)
         except BaseException:
             os.close(fd)
             self.fd = -1
             raise
 
     def read(self, size: int = 1 << 20) -> List[Event]:
-        try:
-            buf = os.read(self.fd, size)
-        except BlockingIOError:
-            return []
-        except OSError as e:
-            if e.errno == errno.EINTR:
-                return []
-            raise
-        return parse(buf)
+        return parse(read_queued(self.fd, size))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -161,12 +148,12 @@ class HandleResolver:
 
     def resolve(self, key: bytes) -> Optional[bytes]:
         fh = key[8:]  # drop fsid
-        fd = _libc.open_by_handle_at(self.mount_fd, fh, os.O_PATH | os.O_CLOEXEC)
+        fd = libc.open_by_handle_at(self.mount_fd, fh, os.O_PATH | os.O_CLOEXEC)
         if fd < 0:
-            e = ctypes.get_errno()
-            if e in (errno.ESTALE, errno.ENOENT):
+            err = errno_error("open_by_handle_at")
+            if err.errno in (errno.ESTALE, errno.ENOENT):
                 return None
-            raise OSError(e, f"open_by_handle_at: {os.strerror(e)}")
+            raise err
         try:
             path = os.readlink(b"/proc/self/fd/%d" % fd)
             if path.endswith(b" (deleted)") and os.fstat(fd).st_nlink == 0:

@@ -14,11 +14,11 @@ Thread-safety: one thread uses an instance.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import errno
 import os
 import struct
 from typing import List, NamedTuple
+
+from discrep.journal.libc import errno_error, libc, read_queued
 
 IN_ACCESS = 0x00000001
 IN_MODIFY = 0x00000002
@@ -49,10 +49,9 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
 
 _HDR = struct.Struct("iIII")  # wd, mask, cookie, len
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.inotify_init1.argtypes = [ctypes.c_int]
-_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+libc.inotify_init1.argtypes = [ctypes.c_int]
+libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 class Event(NamedTuple):
@@ -64,32 +63,23 @@ class Event(NamedTuple):
 
 class Inotify:
     def __init__(self) -> None:
-        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"inotify_init1: {os.strerror(e)}")
+            raise errno_error("inotify_init1")
         self.fd = fd
 
     def add_watch(self, path: bytes, mask: int = WATCH_MASK) -> int:
         """Watch directory ``path``; OSError with the real errno (ENOSPC, ENOENT, ENOTDIR...)."""
-        wd = _libc.inotify_add_watch(self.fd, path, mask)
+        wd = libc.inotify_add_watch(self.fd, path, mask)
         if wd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"inotify_add_watch: {os.strerror(e)}", os.fsdecode(path))
+            raise errno_error("inotify_add_watch", path)
         return wd
 
     def rm_watch(self, wd: int) -> None:
-        _libc.inotify_rm_watch(self.fd, wd)  # EINVAL when already gone: fine
+        libc.inotify_rm_watch(self.fd, wd)  # EINVAL when already gone: fine
 
     def read(self, size: int = 1 << 20) -> List[Event]:
-        try:
-            buf = os.read(self.fd, size)
-        except BlockingIOError:
-            return []
-        except OSError as e:
-            if e.errno == errno.EINTR:
-                return []
-            raise
+        buf = read_queued(self.fd, size)
         out: List[Event] = []
         off, n = 0, len(buf)
         unpack = _HDR.unpack_from

@@ -28,14 +28,12 @@ shared); several processes may open the same file.
 from __future__ import annotations
 
 import logging
-import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 from discrep.core.errors import JournalError
-from discrep.core.store import connect
+from discrep.core.store import META_SCHEMA, get_meta, open_store, set_meta, transaction
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +48,7 @@ CREATE TABLE IF NOT EXISTS entries (
     ino INTEGER,
     ts_ns INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
-"""
+""" + META_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -68,14 +65,9 @@ class Journal:
     """Append / read / trim journal entries and the gap marker."""
 
     def __init__(self, state_dir: str):
-        os.makedirs(state_dir, exist_ok=True)
-        self.path = os.path.join(state_dir, "journal.db")
-        try:
-            self.con = connect(self.path)
-            self.con.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
-            raise JournalError(f"journal {self.path} is unreadable: {e}",
-                               hint="move it aside; the next run rebuilds it with a catch-up scan") from e
+        self.path, self.con = open_store(
+            state_dir, "journal.db", _SCHEMA, JournalError, "journal",
+            hint="move it aside; the next run rebuilds it with a catch-up scan")
 
     def close(self) -> None:
         self.con.close()
@@ -89,19 +81,14 @@ class Journal:
         """Append entries in one transaction; returns the last seq written (0 if none)."""
         now = time.time_ns()
         last = 0
-        cur = self.con.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.con) as con:
+            cur = con.cursor()
             for op, path, old_path, ino in items:
                 if op not in OPS:
                     raise ValueError(f"unknown journal op {op!r}")
                 cur.execute("INSERT INTO entries(op, path, old_path, ino, ts_ns) VALUES (?,?,?,?,?)",
                             (op, bytes(path), None if old_path is None else bytes(old_path), ino, now))
                 last = cur.lastrowid or last
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         return last
 
     # -- reading -------------------------------------------------------
@@ -128,28 +115,24 @@ class Journal:
 
     def trim(self, upto: int) -> None:
         """Drop entries an acknowledged cycle covered."""
-        self.con.execute("BEGIN IMMEDIATE")
-        self.con.execute("DELETE FROM entries WHERE seq <= ?", (upto,))
-        self.con.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('trimmed_seq', ?)",
-                         (str(max(upto, int(self.get("trimmed_seq", "0")))),))
-        self.con.execute("COMMIT")
+        with transaction(self.con) as con:
+            con.execute("DELETE FROM entries WHERE seq <= ?", (upto,))
+            self.set("trimmed_seq", str(max(upto, int(self.get("trimmed_seq", "0")))))
 
     # -- meta / gap ----------------------------------------------------
     def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
-        row = self.con.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
-        return default if row is None else row[0]
+        return get_meta(self.con, key, default)
 
     def set(self, key: str, value: str) -> None:
-        self.con.execute("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)", (key, value))
+        set_meta(self.con, key, value)
 
     def mark_gap(self, reason: str) -> int:
         """Record that changes may have been missed; returns the new gap generation."""
-        self.con.execute("BEGIN IMMEDIATE")
-        gen = int(self.get("gap_generation", "0")) + 1
-        self.set("gap_generation", str(gen))
-        self.set("gap_reason", reason)
-        self.set("gap_open", "1")
-        self.con.execute("COMMIT")
+        with transaction(self.con):
+            gen = int(self.get("gap_generation", "0")) + 1
+            self.set("gap_generation", str(gen))
+            self.set("gap_reason", reason)
+            self.set("gap_open", "1")
         log.info("journal gap marked (%s)", reason)
         return gen
 
@@ -164,12 +147,9 @@ class Journal:
 
     def close_gap(self, generation: int) -> bool:
         """A scan that began at ``generation`` finished: clear the gap unless a newer one opened."""
-        self.con.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.con):
             if int(self.get("gap_generation", "0")) != generation:
                 return False
             self.set("gap_open", "0")
             self.set("gap_reason", "")
             return True
-        finally:
-            self.con.execute("COMMIT")

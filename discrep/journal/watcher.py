@@ -44,96 +44,36 @@ Memory: per batch, one row per distinct path and op (1000 writes to one file
 are one ``modify``); the handle cache is capped; inotify keeps one small record
 per directory.
 
-The event sources (fanotify, inotify) are in watch_backends.py.
+Structure: the event sources (fanotify, inotify) are in backends.py; they report
+rows, gaps and the cycle barrier into a ``Sink`` (sink.py) that the ``Watcher``
+owns and drains into the ``Journal`` (store.py).  The ``Watcher`` owns the lock
+fd, the journal, the backend and its wake-up pipe.
 
 Thread-safety: a ``Watcher`` runs in one thread; ``stop()`` may be called from
 any thread or a signal handler.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from discrep.core import locks
-from discrep.core.errors import SourceError, UsageError
-from discrep.journal.store import Journal
+from discrep.core.errors import UsageError
 from discrep.core.paths import STATE_DIR, join
-from discrep.journal.backends import _Backend, FanotifyBackend, InotifyBackend, _submounts, is_state  # noqa: F401
+from discrep.journal.backends import Backend, open_backend
+from discrep.journal.sink import Sink
+from discrep.journal.store import Journal
 
 log = logging.getLogger(__name__)
 
 
-
-
-
-# --------------------------------------------------------------------------- batch
-
-class Batch:
-    """Rows of one journal transaction, deduplicated.
-
-    Renames are kept in order and start a new *segment*; inside a segment each
-    path has at most three ops (``delete`` resets, a repeated op or a
-    modify/meta after a create/modify is dropped)."""
-
-    def __init__(self) -> None:
-        self.items: List[list] = []       # ["rename", new, old] or [ops list, path]
-        self.idx: Dict[bytes, list] = {}
-        self.first = 0.0
-        self.nrows = 0
-
-    def __len__(self) -> int:
-        return self.nrows
-
-    def _mark(self) -> None:
-        if not self.items:
-            self.first = time.monotonic()
-
-    def touch(self, op: str, path: bytes) -> None:
-        if not path or is_state(path):
-            return
-        it = self.idx.get(path)
-        if it is None:
-            self._mark()
-            it = [[op], path]
-            self.items.append(it)
-            self.idx[path] = it
-            self.nrows += 1
-            return
-        ops = it[0]
-        last = ops[-1]
-        if op == "delete":
-            if ops != ["delete"]:
-                self.nrows -= len(ops) - 1
-                it[0] = ["delete"]
-        elif op == "create":
-            if last != "create":
-                ops.append(op)
-                self.nrows += 1
-        elif last == "delete":
-            ops.append(op)
-            self.nrows += 1
-
-    def rename(self, old: bytes, new: bytes) -> None:
-        self._mark()
-        self.items.append(["rename", new, old])
-        self.idx = {}
-        self.nrows += 1
-
-    def rows(self):
-        for it in self.items:
-            if it[0] == "rename":
-                yield ("rename", it[1], it[2], None)
-            else:
-                for op in it[0]:
-                    yield (op, it[1], None, None)
-
-
 class Watcher:
+    """Journal every change under ``root``: ``start``, ``run`` (until ``stop``), ``close``."""
+
     def __init__(self, root: "str | bytes", backend: str = "auto", *, batch_s: float = 0.05,
                  max_items: int = 20_000):
         root_b = os.fsencode(root)
@@ -143,19 +83,20 @@ class Watcher:
         self.want = backend
         self.batch_s = batch_s
         self.max_items = max_items
-        self.batch = Batch()
+        self.sink = Sink()
         self.state_dir = join(self.root, STATE_DIR)
         self.journal: Optional[Journal] = None
-        self.backend: Optional[_Backend] = None
+        self.backend: Optional[Backend] = None
         self.lock_fd = -1
-        self.degraded: Optional[str] = None
-        self.gaps: List[str] = []
-        self._pending_gap: Optional[str] = None
-        self._barrier_pending = False
         self._stop = threading.Event()
         self._wr, self._ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.events = 0
         self.rows = 0
+
+    @property
+    def gaps(self) -> List[str]:
+        """Every gap reason of this run."""
+        return self.sink.gaps
 
     # -- life cycle ----------------------------------------------------
     def start(self) -> "Watcher":
@@ -166,7 +107,7 @@ class Watcher:
             self.journal = Journal(os.fsdecode(self.state_dir))
             # changes while no watcher ran are unknown; also while the watches are being placed
             self.journal.mark_gap("watcher starting")
-            self.backend = self._open_backend()
+            self.backend = open_backend(self.root, self.sink, self.want)
             self.journal.mark_gap("watcher started (changes before it are unknown)")
             self.journal.set("watcher_backend", self.backend.name)
             self.journal.set("watcher_pid", str(os.getpid()))
@@ -179,32 +120,6 @@ class Watcher:
             raise
         log.info("watching %s with %s", os.fsdecode(self.root), self.backend.name)
         return self
-
-    def _open_backend(self) -> _Backend:
-        want = self.want
-        if want in ("auto", "fanotify"):
-            subs = _submounts(self.root)
-            if subs and want == "auto":
-                log.info("%d filesystems mounted below ROOT: using inotify", len(subs))
-            else:
-                if subs:
-                    raise UsageError(f"{os.fsdecode(subs[0])} is mounted below ROOT; a fanotify "
-                                     f"filesystem mark would not see it", hint="use --backend inotify")
-                try:
-                    return FanotifyBackend(self)
-                except OSError as e:
-                    if want == "fanotify":
-                        raise SourceError(f"fanotify is not available for {os.fsdecode(self.root)}: "
-                                          f"{e.strerror}", hint="run as root on Linux >= 5.17, or use "
-                                          "--backend inotify") from None
-                    log.info("fanotify unavailable (%s): using inotify", e.strerror)
-        try:
-            return InotifyBackend(self)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise SourceError("inotify: out of watches or instances",
-                                  hint="raise fs.inotify.max_user_watches / max_user_instances") from None
-            raise
 
     def stop(self) -> None:
         self._stop.set()
@@ -237,15 +152,7 @@ class Watcher:
     # -- journal -------------------------------------------------------
     def gap(self, reason: str) -> None:
         """Open a journal gap after the rows gathered so far are written."""
-        if self._pending_gap is None:
-            self._pending_gap = reason
-        self.gaps.append(reason)
-        log.warning("journal gap: %s", reason)
-
-    def barrier(self) -> None:
-        """A cycle touched ROOT/.discrep (see source.wait_for_watcher): everything seen before that
-        event must be committed before the cycle reads its journal cut."""
-        self._barrier_pending = True
+        self.sink.gap(reason)
 
     def _ack_barrier(self) -> None:
         assert self.journal is not None
@@ -255,18 +162,12 @@ class Watcher:
         except OSError:
             return
         self.journal.set("barrier_ns", str(token))
-        self._barrier_pending = False
+        self.sink.barrier_pending = False
 
     def flush(self) -> None:
         assert self.journal is not None
-        if self.batch.items:
-            rows = list(self.batch.rows())
-            self.journal.append_many(rows)
-            self.rows += len(rows)
-            self.batch = Batch()
-        if self._pending_gap is not None:
-            self.journal.mark_gap(self._pending_gap)
-            self._pending_gap = None
+        self.rows += self.sink.write_rows(self.journal)
+        self.sink.write_gap(self.journal)
 
     # -- loop ----------------------------------------------------------
     def run(self) -> None:
@@ -278,57 +179,58 @@ class Watcher:
         last_check = time.monotonic()
         try:
             while not self._stop.is_set():
-                busy = bool(self.batch.items) or be.pending()
-                if busy:
-                    left = self.batch_s - (time.monotonic() - self.batch.first)
-                    timeout = max(5, int(left * 1000))
-                else:
-                    timeout = 1000
-                ready = poller.poll(timeout)
-                for fd, _ev in ready:
-                    if fd == self._wr:
-                        try:
-                            os.read(self._wr, 64)
-                        except OSError:
-                            pass
-                if any(fd == be.fd for fd, _ in ready):
-                    self.events += be.pump()
-                now = time.monotonic()
-                if (self.batch.items or be.pending()) and (
-                        now - self.batch.first >= self.batch_s or len(self.batch) >= self.max_items
-                        or be.pending() >= self.max_items * 4):
-                    be.settle()
-                    self.flush()
-                elif self._pending_gap is not None:
-                    self.flush()
-                if self._barrier_pending:
-                    be.settle()
-                    self._ack_barrier()
+                now = self._step(be, poller)
                 if now - last_check >= 1.0:
                     last_check = now
                     self._check_degraded()
             be.settle()
             self.flush()
         finally:
-            try:
-                if self.batch.items and self.journal is not None:
-                    self.flush()
-            finally:
-                pass
+            if self.sink.batch.items and self.journal is not None:
+                self.flush()
+
+    def _step(self, be: Backend, poller: "select.poll") -> float:
+        """Wait for events (at most until the batch is due), read them, commit what is due;
+        returns the time of the commit check."""
+        batch = self.sink.batch
+        if batch.items or be.pending():
+            left = self.batch_s - (time.monotonic() - batch.first)
+            timeout = max(5, int(left * 1000))
+        else:
+            timeout = 1000
+        ready = poller.poll(timeout)
+        for fd, _ev in ready:
+            if fd == self._wr:
+                try:
+                    os.read(self._wr, 64)
+                except OSError:
+                    pass
+        if any(fd == be.fd for fd, _ in ready):
+            self.events += be.pump()
+        now = time.monotonic()
+        if (batch.items or be.pending()) and (
+                now - batch.first >= self.batch_s or len(batch) >= self.max_items
+                or be.pending() >= self.max_items * 4):
+            be.settle()
+            self.flush()
+        elif self.sink.pending_gap is not None:
+            self.flush()
+        if self.sink.barrier_pending:
+            be.settle()
+            self._ack_barrier()
+        return now
 
     def _check_degraded(self) -> None:
-        if self.degraded is None or self.journal is None:
+        be = self.backend
+        if be is None or be.degraded is None or self.journal is None:
             return
         if self.journal.gap() is not None:
             return
-        # a scan closed the gap, but some directories are still not watched: retry, else reopen
-        be = self.backend
-        if isinstance(be, InotifyBackend) and be.rewatch():
-            self.degraded = None
+        # a scan closed the gap, but some changes are still not seen (directories not watched):
+        # retry, else reopen
+        reason = be.degraded
+        if be.rewatch():
             self.gap("inotify watches restored after running out (changes meanwhile unknown)")
         else:
-            self.gap(self.degraded)
+            self.gap(reason)
         self.flush()
-
-
-# --------------------------------------------------------------------------- CLI

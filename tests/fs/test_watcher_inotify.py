@@ -285,7 +285,7 @@ def scenario_rename_costs_nothing(work_dir: Path, backend: str) -> None:
 # --------------------------------------------------------------------------- tests (inotify)
 
 def test_batch_dedupe_unit():
-    from discrep.journal.watcher import Batch
+    from discrep.journal.sink import Batch
     b = Batch()
     for _ in range(1000):
         b.touch("modify", b"a/f")
