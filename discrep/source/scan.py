@@ -156,7 +156,7 @@ def _deletions(missing: Dict[bytes, Row], consumed: Set[bytes], kept: Dict[bytes
                 break
             anc = parent(anc)
         if top:
-            out.append(_map_base_to_new(p, src_of))
+            out.append(map_through(p, src_of))
     return out
 
 
@@ -171,10 +171,11 @@ def _map_up(new: bytes, kept: Dict[bytes, bytes]) -> Optional[bytes]:
         anc = parent(anc)
 
 
-def _map_base_to_new(p: bytes, src_of: Dict[bytes, bytes]) -> bytes:
+def map_through(p: bytes, moved: Dict[bytes, bytes]) -> bytes:
+    """``p`` through its nearest ancestor-or-self that is a key of ``moved`` (a move's other side)."""
     anc = p
     while anc:
-        if anc in src_of:
-            return src_of[anc] + p[len(anc):]
+        if anc in moved:
+            return moved[anc] + p[len(anc):]
         anc = parent(anc)
     return p
