@@ -21,7 +21,8 @@ Warnings do not travel as events: the agent writes them to its stderr as
 ``discrep: warning: PATH: MESSAGE`` lines (``warning_line``), which the client reads back
 with ``parse_warning``.
 
-Thread-safety: immutable values and pure functions.
+Thread-safety: immutable values and pure functions (a per-class cache of type hints is
+filled idempotently, so a race on it is harmless).
 """
 from __future__ import annotations
 
