@@ -17,6 +17,6 @@ def register(sp: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
-    from discrep.source.build import ack_cycle
+    from discrep.source.cycles import ack_cycle
     ack_cycle(os.fsencode(os.path.abspath(a.src)), a.cycle)
     return {"acked": a.cycle}

@@ -24,7 +24,7 @@ def register(sp: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     import fuse_export
 
-    from discrep.source.build import pending_cycle
+    from discrep.source.cycles import pending_cycle
     from discrep.source.export import make_view
     src = os.fsencode(os.path.abspath(a.src))
     n = a.cycle

@@ -16,6 +16,6 @@ def register(sp: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
-    from discrep.source.build import reset
+    from discrep.source.cycles import reset
     reset(os.fsencode(os.path.abspath(a.src)))
     return {"reset": a.src}

@@ -22,7 +22,8 @@ def register(sp: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
-    from discrep.source.build import build_cycle, settle_source
+    from discrep.source.build import build_cycle
+    from discrep.source.cycles import settle_source
     src = os.fsencode(os.path.abspath(a.src))
     if not os.path.isdir(src):
         raise UsageError(f"source {a.src} does not exist or is not a directory")

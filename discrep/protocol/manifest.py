@@ -243,7 +243,7 @@ def _int(e: Dict[str, Any], key: str, *, lo: int = 0, hi: int = 2 ** 63) -> int:
     return v
 
 
-def _local_id(name: Optional[str], cache: Dict[str, Optional[int]], lookup) -> Optional[int]:
+def local_id(name: Optional[str], cache: Dict[str, Optional[int]], lookup) -> Optional[int]:
     """This host's id for a user or group name (cached; None when the name is unknown here)."""
     if not name:
         return None
@@ -253,6 +253,22 @@ def _local_id(name: Optional[str], cache: Dict[str, Optional[int]], lookup) -> O
         except KeyError:
             cache[name] = None
     return cache[name]
+
+
+_local_id = local_id   # the name replica.worker imports today; new code imports local_id
+
+
+def _extents(ex: Any, size: int) -> List[Tuple[int, int]]:
+    """A sparse file's data extents ``[[offset, length], ...]``, each inside the file."""
+    if not isinstance(ex, list):
+        raise ManifestError("extents must be a list")
+    out = []
+    for x in ex:
+        if not (isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
+                and x[0] + x[1] <= size):
+            raise ManifestError(f"bad extent {x!r:.40}")
+        out.append((x[0], x[1]))
+    return out
 
 
 class Entry:
@@ -277,6 +293,17 @@ class Entry:
             return
         if op == "delete":
             return
+        self._meta(raw)
+        if op == "symlink":
+            t = dec(raw.get("target"))
+            if b"\x00" in t or not t:
+                raise UnsafePathError(f"bad symlink target for {raw.get('path')!r:.80}")
+            self.target = t  # kept verbatim, never followed by the replica
+        elif op == "file":
+            self._file(raw)
+
+    def _meta(self, raw: Dict[str, Any]) -> None:
+        """An upsert's metadata: mode, owner, mtime, xattrs."""
         get = raw.get
         v = get("mode")   # the checks of _int, inline: this runs once per entry
         self.mode = v if type(v) is int and 0 <= v < 0o10000 else _int(raw, "mode", hi=0o10000)
@@ -300,54 +327,43 @@ class Entry:
                 self.xattrs[k] = base64.b64decode(v, validate=True)
             except ValueError:
                 raise ManifestError(f"xattr {k!r:.40} is not base64") from None
-        if op == "symlink":
-            t = dec(raw.get("target"))
-            if b"\x00" in t or not t:
-                raise UnsafePathError(f"bad symlink target for {raw.get('path')!r:.80}")
-            self.target = t  # kept verbatim, never followed by the replica
-        elif op == "file":
-            v = get("size")
-            self.size = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "size")
-            v = get("idx")
-            self.idx = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "idx")
-            h = get("h")
-            if h is not None:
-                if type(h) is not str or len(h) != 32:
-                    raise ManifestError("h must be 32 hex digits")
-                try:
-                    self.h = bytes.fromhex(h)
-                except ValueError:
-                    raise ManifestError("h must be 32 hex digits") from None
-            p = get("pack")
-            if p is not None:
-                if not (type(p) is list and len(p) == 2 and type(p[0]) is int and type(p[1]) is int
-                        and p[0] >= 0 and p[1] >= 0):
-                    raise ManifestError("pack must be [k, offset]")
-                self.pack = (p[0], p[1])
-            if raw.get("extents") is not None:
-                ex = raw["extents"]
-                if not isinstance(ex, list):
-                    raise ManifestError("extents must be a list")
-                out = []
-                for x in ex:
-                    if not (isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)
-                            and x[0] + x[1] <= self.size):
-                        raise ManifestError(f"bad extent {x!r:.40}")
-                    out.append((x[0], x[1]))
-                self.extents = out
-            if raw.get("link") is not None:
-                self.link = check_rel(dec(raw["link"]))
-            if raw.get("cbt") is not None:
-                self.cbt = _int(raw, "cbt")
-            if raw.get("live") is not None:
-                if type(raw["live"]) is not bool:
-                    raise ManifestError("live must be true or false")
-                self.live = raw["live"]
+
+    def _file(self, raw: Dict[str, Any]) -> None:
+        """A file's fields: size, idx, and the optional h, pack, extents, link, cbt, live."""
+        get = raw.get
+        v = get("size")
+        self.size = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "size")
+        v = get("idx")
+        self.idx = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "idx")
+        h = get("h")
+        if h is not None:
+            if type(h) is not str or len(h) != 32:
+                raise ManifestError("h must be 32 hex digits")
+            try:
+                self.h = bytes.fromhex(h)
+            except ValueError:
+                raise ManifestError("h must be 32 hex digits") from None
+        p = get("pack")
+        if p is not None:
+            if not (type(p) is list and len(p) == 2 and type(p[0]) is int and type(p[1]) is int
+                    and p[0] >= 0 and p[1] >= 0):
+                raise ManifestError("pack must be [k, offset]")
+            self.pack = (p[0], p[1])
+        if raw.get("extents") is not None:
+            self.extents = _extents(raw["extents"], self.size)
+        if raw.get("link") is not None:
+            self.link = check_rel(dec(raw["link"]))
+        if raw.get("cbt") is not None:
+            self.cbt = _int(raw, "cbt")
+        if raw.get("live") is not None:
+            if type(raw["live"]) is not bool:
+                raise ManifestError("live must be true or false")
+            self.live = raw["live"]
 
     def map_owner(self, users: Dict[str, Optional[int]], groups: Dict[str, Optional[int]]) -> None:
         """rsync's default: owner and group by name where the name exists here, else by number."""
-        uid = _local_id(self.user, users, lambda n: pwd.getpwnam(n).pw_uid)
-        gid = _local_id(self.group, groups, lambda n: grp.getgrnam(n).gr_gid)
+        uid = local_id(self.user, users, lambda n: pwd.getpwnam(n).pw_uid)
+        gid = local_id(self.group, groups, lambda n: grp.getgrnam(n).gr_gid)
         if uid is not None:
             self.uid = uid
         if gid is not None:

@@ -115,7 +115,7 @@ class _JournalPoll:
 
 
 def _acked_cut(src: str) -> int:
-    from discrep.source.build import acked_cycle
+    from discrep.source.cycles import acked_cycle
     rec = acked_cycle(os.fsencode(os.path.abspath(src)))
     return rec.cut_seq if rec else 0
 

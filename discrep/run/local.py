@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 import fuse_export
 
 from discrep.source import build as srcmod
+from discrep.source import cycles
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.source.export import make_view
 from discrep.core.paths import STATE_DIR, nested, state_dir
@@ -88,7 +89,7 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailableError("/dev/fuse is missing")
     rcycle = prepare_dest(dest, force=opts.replica.force)
-    srcmod.settle_source(bsrc, rcycle)
+    cycles.settle_source(bsrc, rcycle)
     built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings)
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
@@ -107,7 +108,7 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
             export.stop()
     finally:
         shutil.rmtree(mnt, ignore_errors=True)
-    srcmod.ack_cycle(bsrc, built.cycle)
+    cycles.ack_cycle(bsrc, built.cycle)
     return {
         "cycle": built.cycle, "base": built.base, "change_source": built.change_source,
         "snapshot": built.provider, "entries": built.entries, **result_fields(stats),

@@ -1,57 +1,55 @@
 """One whole cycle from a remote source: ``discrep replicate [USER@]HOST:PATH DEST``.
 
-The replica drives everything over ONE paramiko connection (discrep.transport.ssh):
+The replica drives everything over ONE paramiko connection (discrep.transport.ssh),
+in a ``RemoteSession``:
 
-1. ``mktemp -d`` on the source (the export's parent directory D); the local
-   sshfs mount of D starts right away in a helper thread, so its ssh handshake
-   overlaps the snapshot (sshfs transport only);
-2. ``<remote-discrep> snapshot --json --replica-cycle R PATH`` settles the
-   source against the replica's last committed cycle R and builds cycle N > R;
-3. an export channel runs a small POSIX-sh supervisor: ``<remote-discrep>
-   export PATH D/m --cycle N`` in the background, prints ``ready`` once
-   ``D/m/.discrep/cycle`` is readable (or exits with the export's status and
-   stderr), then blocks on its stdin; EOF on stdin -- our close, or the
-   connection dying -- unmounts D/m and removes D on the source;
-4. the replica reads D/m through the sshfs mount with ``MountReader`` (exactly
-   as the one-host mode reads its FUSE mount) or through ``SftpReader`` on the
-   same paramiko connection, and ``replica.sync`` patches DEST;
-5. local unmount, export channel closed (remote unmount, tmp dir removed), then
-   ``<remote-discrep> ack PATH N``.
+1. the source agent starts on an exec channel (transport.agent_client.AgentClient,
+   source.agent) and says ``hello`` with the source's state directory and its export
+   parent directory; the local sshfs mount of ``SRC/.discrep`` starts right away in a
+   helper thread, so its ssh handshake overlaps the snapshot (sshfs transport only);
+2. the agent settles the source against the replica's last committed cycle R and
+   builds cycle N > R (``built``), then mounts its FUSE export (``ready``) -- or, for a
+   streamed first copy, announces manifest segments as it builds them (``seg``,
+   transport.agent_client.CycleStream) and exports only if a read needs it;
+3. the replica reads through the sshfs mount with ``DirectDataReader`` (file data
+   straight from the snapshot) or through ``SftpReader`` on the same paramiko
+   connection, and ``replica.sync`` patches DEST;
+4. ``ack`` N to the agent, which unmounts its export and acknowledges the cycle.
 
-On any failure, Ctrl-C or a dropped connection the same cleanup runs
-(finally); the source keeps the built-but-unacknowledged cycle N and the next
-``snapshot --replica-cycle`` settles it.
+In continuous mode the session (connection, agent, sshfs mount) stays up between
+cycles.  On any failure, Ctrl-C or a dropped connection the session is closed
+(finally): local unmount, EOF to the agent (it unmounts its export and removes
+its directory); the source keeps the built-but-unacknowledged cycle N and the
+next cycle settles it.
 
-Thread-safety: runs in the caller's thread; one helper thread mounts sshfs.
+Thread-safety: runs in the caller's thread; one helper thread mounts sshfs, the
+agent client and cycle stream run their own (see transport.agent_client).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import queue
 import socket
 import tempfile
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type, Union, cast
 
 from discrep.core import errors as errmod
 from discrep.core.errors import Error, LiveReadError, ManifestError, TransportError, WarningList
-from discrep.run.local import prepare_dest
-from discrep.protocol.manifest import Entry, read_segment
 from discrep.core.paths import show
-from discrep.transport.mount_reader import MountReader
-from discrep.run.options import CycleOptions
-from discrep.replica.sync import holds_only_state, result_fields, sync
-from discrep.transport.ssh import Connection, HostConfig, parse_remote, q, resolve
 from discrep.protocol import layout
+from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle
+from discrep.replica.sync import holds_only_state, result_fields, sync
+from discrep.replica.options import ReplicaOptions
+from discrep.run.local import prepare_dest
+from discrep.run.options import CycleOptions
+from discrep.transport.agent_client import AgentClient, CycleStream
+from discrep.transport.mount_reader import MountReader
+from discrep.transport.ssh import Connection, parse_remote, resolve
 
 log = logging.getLogger(__name__)
-
-READY_TIMEOUT = 120.0   # seconds for the remote export to come up
-VERIFY_TIMEOUT = 3600.0  # seconds for the source to check (and maybe copy) files it let us read live
 
 
 class DirectDataReader(MountReader):
@@ -107,112 +105,6 @@ class DirectDataReader(MountReader):
         return super()._open(rel)
 
 
-class CycleStream:
-    """The replica's view of a cycle the source agent streams (agent.py, ``seg`` events): the
-    header, then validated entry batches as segments are announced, then ``finish()`` (the cycle
-    is built).  Used by replica.sync; reads go through ``reader``.  Segments, packs and file data
-    are read straight from the source's cycle and snapshot directories; the FUSE export is
-    mounted only if a read needs it (``export()``, through ``reader.want_export``): a first
-    copy of small files never starts it.
-
-    Thread-safety: one helper thread reads the agent's announcements as they come (so
-    ``packs_known`` runs ahead of the segment being applied, for pack read-ahead) until
-    ``built``; ``export()`` may run in a reader thread once that helper has ended (the reader
-    serializes it); everything else runs in the caller's thread."""
-
-    pack_rel = layout.CYCLE_DIR + layout.PACK_FILE
-
-    def __init__(self, first: Dict[str, Any], agent: "_Agent", reader: DirectDataReader, export_base: str):
-        if not isinstance(first.get("header"), dict):
-            raise TransportError("the source agent streamed a cycle without its header",
-                                 hint="install the same discrep version on both hosts")
-        self.header: Dict[str, Any] = first["header"]
-        self.totals = first.get("totals") or {}
-        self._agent, self._reader, self._export_base = agent, reader, export_base
-        self._q: "queue.Queue[Any]" = queue.Queue()
-        self._q.put(first)
-        self._n = 0
-        self._done = False
-        self.packs_known = int(first.get("packs", 0))
-        self.built: Optional[Dict[str, Any]] = None
-        self.ready: Optional[Dict[str, Any]] = None
-        self._t = threading.Thread(target=self._listen, daemon=True, name="discrep-stream")
-        self._t.start()
-        reader.want_export = self.export
-
-    def _listen(self) -> None:
-        try:
-            while True:
-                msg = self._agent.expect(("seg", "built"))
-                if msg["event"] == "seg":
-                    self.packs_known = max(self.packs_known, int(msg.get("packs", 0)))
-                self._q.put(msg)
-                if msg["event"] == "built":
-                    return
-        except BaseException as e:   # handed to the applying thread
-            self._q.put(e)
-
-    def announced(self) -> Iterator[Tuple[int, int]]:
-        """(segment number, packs written so far) as segments are announced, until ``built``."""
-        while not self._done:
-            msg = self._q.get()
-            if isinstance(msg, BaseException):
-                self._done = True
-                raise msg
-            if msg["event"] == "built":
-                self.built = msg
-                self._done = True
-                return
-            if int(msg.get("seg", -1)) != self._n:
-                raise TransportError(f"the source agent announced segment {msg.get('seg')} where {self._n} was due")
-            self._n += 1
-            yield self._n - 1, int(msg["packs"])
-
-    def raw(self, n: int) -> Iterator[Dict[str, Any]]:
-        """Segment ``n``'s raw entry dicts (not validated yet)."""
-        return read_segment(self._reader.read_all(layout.CYCLE_DIR + layout.SEGMENT_FILE % n), n)
-
-    def entries(self, n: int) -> List[Entry]:
-        """Segment ``n``'s validated entries."""
-        return [Entry(r) for r in self.raw(n)]
-
-    def segments(self) -> Iterator[Tuple[List[Entry], int]]:
-        for n, packs in self.announced():
-            yield self.entries(n), packs
-
-    def finish(self) -> None:
-        """Every segment consumed (the rest is read and dropped) and ``built`` received."""
-        for _ in self.announced():
-            pass
-        self._t.join()
-
-    def verify(self) -> Tuple[List[Entry], List[bytes]]:
-        """Every file was read: have the source check the large ones it let us read live (see
-        agent.py ``verify``).  Returns (entries to read again from ``redo_rel``, paths to drop)."""
-        self.finish()
-        self._agent.send({"cmd": "verify"})
-        msg = self._agent.expect("verified", timeout=VERIFY_TIMEOUT)
-        redo, gone = msg.get("redo") or [], msg.get("gone") or []
-        if not isinstance(redo, list) or not isinstance(gone, list):
-            raise TransportError("the source agent answered 'verify' with something else than lists")
-        return [Entry(r) for r in redo], [Entry({"op": "delete", "path": p}).path for p in gone]
-
-    @staticmethod
-    def redo_rel(idx: int) -> bytes:
-        """Where the source put its copy of file ``idx`` that changed while it was read."""
-        return layout.CYCLE_DIR + layout.REDO_FILE % idx
-
-    def export(self) -> str:
-        """Have the agent mount the built cycle's export; its directory for the reader."""
-        self.finish()
-        if self.ready is None:
-            t = time.monotonic()
-            self._agent.send({"cmd": "export"})
-            self.ready = self._agent.expect("ready")
-            log.info("the source exported the streamed cycle in %.2fs", time.monotonic() - t)
-        return self._export_base + "/" + self.ready["mountpoint"].rsplit("/", 1)[1]
-
-
 def _choose_transport(want: str) -> str:
     from discrep.transport.sshfs import available
     if want == "sftp":
@@ -227,125 +119,6 @@ def _choose_transport(want: str) -> str:
         log.info("using the built-in SFTP reader: %s", why)
         return "sftp"
     return "sshfs"
-
-
-def _missing_discrep(cfg: HostConfig, exe: str) -> TransportError:
-    return TransportError(f"discrep is not installed on {cfg.alias} (the remote shell cannot run {exe!r})",
-                          hint="install discrep on the source host, or pass --remote-discrep PATH")
-
-
-def _remote_error(cfg: HostConfig, what: str, rc: int, out: bytes, err: bytes) -> Error:
-    """The error a remote discrep reported (its --json line names the class), else a TransportError."""
-    for line in reversed(out.decode(errors="replace").splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                d = json.loads(line)
-            except ValueError:
-                continue
-            if "error" in d:
-                cls = getattr(errmod, str(d.get("kind")), None)
-                msg = f"on {cfg.alias}: {d['error']}"
-                if isinstance(cls, type) and issubclass(cls, Error):
-                    e = cls(msg)
-                    e.hint = None  # the remote message already carries its hint
-                    return e
-                return TransportError(msg)
-    lines = [ln for ln in err.decode(errors="replace").strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else f"exit status {rc}"
-    return TransportError(f"{what} failed on {cfg.alias}: {last}")
-
-
-def _forward_warnings(err: bytes, warnings: WarningList, host: str) -> None:
-    for line in err.decode(errors="replace").splitlines():
-        if line.startswith("discrep: warning: "):
-            body = line[len("discrep: warning: "):]
-            path, sep, msg = body.partition(": ")
-            warnings.add(f"{host}:{path}" if sep else host, msg if sep else body)
-
-
-class _Agent:
-    """The source's ``discrep agent`` on one exec channel (JSON lines, see agent.py)."""
-
-    def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool = False,
-                 totals: bool = True):
-        self.conn = conn
-        self.ch = conn.start(f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} "
-                             f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}{q(src)}")
-        self.out = self.ch.makefile("rb")
-        self._stderr: list = []
-        self._t = threading.Thread(target=self._read_err, daemon=True, name="discrep-agent-stderr")
-        self._t.start()
-
-    def _read_err(self) -> None:
-        try:
-            for line in self.ch.makefile_stderr("rb"):
-                self._stderr.append(line)
-                if len(self._stderr) > 400:
-                    del self._stderr[:200]
-        except Exception:  # connection gone: what we have is enough
-            pass
-
-    def expect(self, event, timeout: float = READY_TIMEOUT) -> Dict[str, Any]:
-        """Next JSON line from the agent, which must be ``event`` (or one of a tuple of events;
-        an error event raises it)."""
-        events = event if isinstance(event, tuple) else (event,)
-        self.ch.settimeout(timeout)
-        try:
-            while True:
-                line = self.out.readline()
-                if not line:
-                    break
-                line = line.strip()
-                if not line.startswith(b"{"):
-                    continue
-                msg = json.loads(line)
-                if msg.get("event") == "error":
-                    self._t.join(1)
-                    raise _remote_error(self.conn.cfg, "the source agent", msg.get("exit_code", 2), line,
-                                        b"".join(self._stderr))
-                if msg.get("event") not in events:
-                    raise TransportError(f"the source agent on {self.conn.cfg.alias} said {msg.get('event')!r} "
-                                         f"where {event!r} was expected",
-                                         hint="install the same discrep version on both hosts")
-                return msg
-        except socket.timeout:
-            raise TransportError(f"the source on {self.conn.cfg.alias} did not answer within {timeout:.0f}s "
-                                 f"({self.stderr_tail()})") from None
-        self.ch.status_event.wait(5)
-        rc = self.ch.recv_exit_status() if self.ch.exit_status_ready() else -1
-        self._t.join(2)
-        if rc == 127:
-            raise _missing_discrep(self.conn.cfg, "discrep")
-        if not self.conn.transport_alive():
-            raise TransportError(f"the SSH connection to {self.conn.cfg.describe()} was lost",
-                                 hint="the replica stays at its last committed cycle; run again")
-        raise TransportError(f"the source agent on {self.conn.cfg.alias} stopped (exit status {rc}): "
-                             f"{self.stderr_tail()}")
-
-    def send(self, obj: Dict[str, Any]) -> None:
-        self.ch.sendall((json.dumps(obj) + "\n").encode())
-
-    def warnings_into(self, warnings: WarningList) -> None:
-        _forward_warnings(b"".join(self._stderr), warnings, self.conn.cfg.alias)
-
-    def stderr_tail(self) -> str:
-        lines = [ln.decode(errors="replace").strip() for ln in self._stderr if ln.strip()]
-        return lines[-1] if lines else "no error output"
-
-    def close(self, timeout: float = 10.0) -> None:
-        """EOF to the agent: it unmounts the export and removes its directory; wait, then close."""
-        try:
-            if self.conn.transport_alive() and not self.ch.closed:
-                self.ch.shutdown_write()
-                if not self.ch.status_event.wait(timeout):
-                    log.warning("the source agent on %s did not stop within %.0fs", self.conn.cfg.alias, timeout)
-        except Exception as e:  # the connection may be gone: the agent cleans up on EOF/SIGHUP itself
-            log.debug("closing the agent channel: %s", e)
-        try:
-            self.ch.close()
-        except Exception:
-            pass
 
 
 def replicate_remote(opts: CycleOptions, warnings: Optional[WarningList] = None,
@@ -375,7 +148,7 @@ class RemoteSession:
         self.transport = _choose_transport(opts.ssh.transport or "auto")
         self.snapshot_kind = opts.snapshot or "auto"
         self.conn: Optional[Connection] = None
-        self.agent: Optional[_Agent] = None
+        self.agent: Optional[AgentClient] = None
         self.mount = None
         self.mount_thread: Optional[threading.Thread] = None
         self.mount_err: list = []
@@ -404,9 +177,9 @@ class RemoteSession:
         self.conn.connect()
         if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
-        self.agent = _Agent(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals)
-        hello = self.agent.expect("hello")
-        self.state_dir, self.remote_dir = hello["state_dir"], hello["dir"]
+        self.agent = AgentClient(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals)
+        hello = self.agent.expect(Hello)
+        self.state_dir, self.remote_dir = hello.state_dir, hello.dir
         if self.mount_thread is not None and not self.mount_thread.is_alive() and self.mount_err:
             self.mount.stop()
             self._start_mount(self.state_dir)
@@ -425,75 +198,30 @@ class RemoteSession:
 
     # -- one cycle ---------------------------------------------------------
     def cycle(self, warnings: WarningList, progress=None) -> Dict[str, Any]:
+        """One cycle on this session: the source builds it, DEST is patched, the source is told."""
         t0 = time.monotonic()
-        cfg = self.cfg
         # --force lets only the first cycle of a session into a non-empty DEST
         ropts = self.opts.replica if self.cycles == 0 else replace(self.opts.replica, force=False)
         rcycle = prepare_dest(self.dest, force=ropts.force)
         # a first copy into an empty DEST is applied while the source still builds it
         want_stream = self.transport == "sshfs" and rcycle == 0 and holds_only_state(self.dest)
-        # progress shows fixed totals, which cost the source a walk before it streams: only if shown
-        totals = progress is not None
-        reader = stream = None
+        marks = {"start": t0}
+        reader = None
         try:
-            if self.agent is None:
-                self._open(rcycle, want_stream, totals)
-            else:
-                self.agent.send({"cmd": "cycle", "replica_cycle": rcycle, "stream": want_stream, "totals": totals})
-            t_conn = time.monotonic()
-            snap = self.agent.expect(("seg", "built") if want_stream else "built")
-            export_base = "/" + self.remote_dir.rsplit("/", 1)[1]
-            if snap["event"] == "seg":
-                self._mount_ready()
-                reader = DirectDataReader(self.local_dir, export_base + "/.", _below_state(snap.get("snapshot")),
-                                          cycle_dir=_below_state(snap.get("dir")))
-                stream = CycleStream(snap, self.agent, reader, export_base)
-                t_snap = t_ready = time.monotonic()
-            else:
-                t_snap = time.monotonic()
-                ready = self.agent.expect("ready")
-                t_ready = time.monotonic()
-                mnt_name = ready["mountpoint"].rsplit("/", 1)[1]
-                if self.transport == "sshfs":
-                    self._mount_ready()
-                    reader = DirectDataReader(self.local_dir, export_base + "/" + mnt_name,
-                                              _below_state(snap.get("path")))
-                else:
-                    from discrep.transport.sftp_reader import SftpReader
-                    reader = SftpReader(self.conn.sftp(), ready["mountpoint"])
-            t_mount = time.monotonic()
-            try:
-                stats = sync(reader, os.fsencode(self.dest), ropts, warnings=warnings, progress=progress,
-                             stream=stream)
-                if stream is not None:
-                    stream.finish()
-                    snap = stream.built or {}
-            except (OSError, Error) as e:
-                # a vanished export looks like a missing file or EIO from the reader: tell the real cause
-                lost = _lost_reason(self.conn, self.agent, self.mount)
-                if lost:
-                    raise TransportError(f"{lost} during the cycle ({e})",
-                                         hint="the replica stays at its last committed cycle; run again") from None
-                raise
-            t_sync = time.monotonic()
-            n = int(snap["cycle"])
+            # progress shows fixed totals, which cost the source a walk before it streams: only if shown
+            first = self._start_cycle(rcycle, want_stream, progress is not None)
+            marks["conn"] = time.monotonic()
+            reader, stream = self._open_reader(first, marks)
+            marks["mount"] = time.monotonic()
+            stats, built = self._apply(reader, stream, first, ropts, warnings, progress)
+            marks["sync"] = time.monotonic()
             reader.close()
             reader = None
-            log.info("remote cycle %d: connect %.2fs, snapshot %.2fs, export %.2fs, mount wait %.2fs, "
-                     "sync %.2fs%s", n, t_conn - t0, t_snap - t_conn, t_ready - t_snap, t_mount - t_ready,
-                     t_sync - t_mount, f" (streamed; source built in {(stream.built or {}).get('build_s')}s)" if stream else "")
-            # the replica committed cycle n: tell the source (a failure here is settled by the next run)
-            try:
-                t_ack = time.monotonic()
-                self.agent.send({"cmd": "ack", "cycle": n})
-                self.agent.expect("acked", timeout=60)
-                log.info("remote cycle %d: acknowledged in %.2fs", n, time.monotonic() - t_ack)
-            except (TransportError, OSError, socket.error, EOFError) as e:
-                warnings.add(f"{cfg.alias}:{self.rpath}", f"cycle {n} is committed on the replica but the source "
-                                                         f"was not told ({e}); the next run acknowledges it")
+            _log_times(built, stream is not None, marks)
+            self._ack(built.cycle, warnings)
             self.agent.warnings_into(warnings)
         except (socket.error, EOFError) as e:
-            raise TransportError(f"the SSH connection to {cfg.describe()} failed: {e}",
+            raise TransportError(f"the SSH connection to {self.cfg.describe()} failed: {e}",
                                  hint="the replica stays at its last committed cycle; run again") from None
         finally:
             if reader is not None:
@@ -503,17 +231,83 @@ class RemoteSession:
                     log.debug("closing the reader: %s", e)
         self.cycles += 1
         return {
-            "cycle": n, "base": snap.get("base"), "change_source": snap.get("change_source"),
-            "snapshot": snap.get("snapshot"), "entries": snap.get("entries"), **result_fields(stats),
+            "cycle": built.cycle, "base": built.base, "change_source": built.change_source,
+            "snapshot": built.snapshot, "entries": built.entries, **result_fields(stats),
             "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
             "transport": self.transport, "session_cycle": self.cycles,
         }
+
+    def _start_cycle(self, rcycle: int, stream: bool, totals: bool) -> Union[Segment, Built]:
+        """Have the agent build the next cycle: its first segment (streamed) or ``built``."""
+        if self.agent is None:
+            self._open(rcycle, stream, totals)
+        else:
+            self.agent.send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals))
+        kinds: Tuple[Type[Event], ...] = (Segment, Built) if stream else (Built,)
+        return cast(Union[Segment, Built], self._agent().expect_any(kinds))
+
+    def _open_reader(self, first: Union[Segment, Built], marks: Dict[str, float]
+                     ) -> Tuple[Any, Optional[CycleStream]]:
+        """The reader of the cycle (and the stream, for a streamed one); its export is ready."""
+        export_base = "/" + self.remote_dir.rsplit("/", 1)[1]
+        if isinstance(first, Segment):
+            self._mount_ready()
+            reader = DirectDataReader(self.local_dir, export_base + "/.", _below_state(first.snapshot),
+                                      cycle_dir=_below_state(first.dir))
+            stream = CycleStream(first, self._agent(), reader, export_base)
+            marks["snap"] = marks["ready"] = time.monotonic()
+            return reader, stream
+        marks["snap"] = time.monotonic()
+        ready = self._agent().expect(Ready)
+        marks["ready"] = time.monotonic()
+        mnt_name = ready.mountpoint.rsplit("/", 1)[1]
+        if self.transport == "sshfs":
+            self._mount_ready()
+            return DirectDataReader(self.local_dir, export_base + "/" + mnt_name, _below_state(first.path)), None
+        from discrep.transport.sftp_reader import SftpReader
+        return SftpReader(self.conn.sftp(), ready.mountpoint), None
+
+    def _apply(self, reader: Any, stream: Optional[CycleStream], first: Union[Segment, Built],
+               ropts: ReplicaOptions, warnings: WarningList, progress) -> Tuple[Any, Built]:
+        """Patch DEST from ``reader``: (sync's stats, the built cycle)."""
+        try:
+            stats = sync(reader, os.fsencode(self.dest), ropts, warnings=warnings, progress=progress,
+                         stream=stream)
+            if stream is not None:
+                stream.finish()
+        except (OSError, Error) as e:
+            # a vanished export looks like a missing file or EIO from the reader: tell the real cause
+            lost = _lost_reason(self.conn, self.agent, self.mount)
+            if lost:
+                raise TransportError(f"{lost} during the cycle ({e})",
+                                     hint="the replica stays at its last committed cycle; run again") from None
+            raise
+        built = stream.built if stream is not None else first
+        if not isinstance(built, Built):
+            raise TransportError("the source agent streamed a cycle without building it")
+        return stats, built
+
+    def _ack(self, n: int, warnings: WarningList) -> None:
+        """The replica committed cycle ``n``: tell the source (a failure here is settled by the next run)."""
+        try:
+            t_ack = time.monotonic()
+            self._agent().send(Ack(cycle=n))
+            self._agent().expect(Acked, timeout=60)
+            log.info("remote cycle %d: acknowledged in %.2fs", n, time.monotonic() - t_ack)
+        except (TransportError, OSError, socket.error, EOFError) as e:
+            warnings.add(f"{self.cfg.alias}:{self.rpath}", f"cycle {n} is committed on the replica but the source "
+                                                          f"was not told ({e}); the next run acknowledges it")
+
+    def _agent(self) -> AgentClient:
+        if self.agent is None:
+            raise TransportError("the source agent is not running")
+        return self.agent
 
     def close(self) -> None:
         """Unmount, stop the agent (it unmounts its export and removes its dir), disconnect."""
         try:
             if self.conn is not None:
-                _cleanup(self.conn, None, self.mount_thread, self.mount, self.local_dir, self.agent)
+                _cleanup(self.mount_thread, self.mount, self.local_dir, self.agent)
         finally:
             if self.conn is not None:
                 self.conn.close()
@@ -526,7 +320,15 @@ def _below_state(path: Optional[str]) -> str:
     return "/" + ((path or "").split("/.discrep/", 1)[-1] or "nonexistent")
 
 
-def _lost_reason(conn: Connection, export: Optional[_Agent], mount) -> Optional[str]:
+def _log_times(built: Built, streamed: bool, marks: Dict[str, float]) -> None:
+    m = marks
+    log.info("remote cycle %d: connect %.2fs, snapshot %.2fs, export %.2fs, mount wait %.2fs, "
+             "sync %.2fs%s", built.cycle, m["conn"] - m["start"], m["snap"] - m["conn"], m["ready"] - m["snap"],
+             m["mount"] - m["ready"], m["sync"] - m["mount"],
+             f" (streamed; source built in {built.build_s}s)" if streamed else "")
+
+
+def _lost_reason(conn: Connection, export: Optional[AgentClient], mount) -> Optional[str]:
     """Why the cycle's connection is unusable (None if it still works); probes with a no-op command."""
     desc = conn.cfg.describe()
     if not conn.transport_alive():
@@ -536,7 +338,7 @@ def _lost_reason(conn: Connection, export: Optional[_Agent], mount) -> Optional[
             return f"the SSH connection to {desc} does not work any more"
     except Error:
         return f"the SSH connection to {desc} was lost"
-    if export is not None and export.ch.exit_status_ready():
+    if export is not None and export.exited():
         return f"the export on {conn.cfg.alias} stopped ({export.stderr_tail()})"
     if mount is not None and not mount.alive():
         err = mount.stderr().strip().splitlines()
@@ -544,13 +346,8 @@ def _lost_reason(conn: Connection, export: Optional[_Agent], mount) -> Optional[
     return None
 
 
-def _cleanup(conn, reader, mount_thread, mount, local_dir, agent) -> None:
+def _cleanup(mount_thread, mount, local_dir, agent) -> None:
     """Undo everything in reverse order; never raises (a second Ctrl-C aside)."""
-    if reader is not None:
-        try:
-            reader.close()
-        except Exception as e:
-            log.debug("closing the reader: %s", e)
     if mount_thread is not None:
         mount_thread.join(40)
     if mount is not None:

@@ -25,7 +25,7 @@ from discrep.core.errors import UsageError
 def source_status(root: str) -> Dict[str, Any]:
     from discrep.journal.store import Journal
     from discrep.source.build import watcher_alive
-    from discrep.source.build import acked_cycle as acked_record
+    from discrep.source.cycles import acked_cycle as acked_record
     sd = os.path.join(root, ".discrep")
     j = Journal(sd)
     try:

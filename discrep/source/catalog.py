@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from discrep.core.errors import SourceError
-from discrep.core.store import connect
+from discrep.core.store import META_SCHEMA, get_meta, open_store, prefix_end, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -35,12 +35,19 @@ CREATE TABLE IF NOT EXISTS pending (
     cycle INTEGER NOT NULL, kind TEXT NOT NULL, path BLOB NOT NULL, old_path BLOB,
     ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, mode INTEGER
 );
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
-"""
+""" + META_SCHEMA
+
+_SUBTREE = "path = ? OR (path >= ? AND path < ?)"     # a path and everything below it
+
+
+def _subtree(path: bytes) -> Tuple[bytes, bytes, bytes]:
+    """The parameters of ``_SUBTREE`` for ``path``."""
+    return path, path + b"/", prefix_end(path)
 
 
 @dataclass(frozen=True)
 class Row:
+    """A ``files`` row: the live stat of a replicated entry, as the last acknowledged cycle saw it."""
     ino: int
     size: int
     mtime_ns: int
@@ -50,6 +57,33 @@ class Row:
     @classmethod
     def of(cls, st: os.stat_result) -> "Row":
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+
+class PendingRow(NamedTuple):
+    """A ``pending`` row (without its cycle): one catalog update a built cycle applies when acked.
+
+    ``upsert`` (path, live stat), ``gone`` (path and its subtree leave ``files``) or ``move``
+    (``old_path``'s subtree becomes ``path``'s)."""
+    kind: str
+    path: bytes
+    old_path: Optional[bytes] = None
+    ino: Optional[int] = None
+    size: Optional[int] = None
+    mtime_ns: Optional[int] = None
+    ctime_ns: Optional[int] = None
+    mode: Optional[int] = None
+
+    @classmethod
+    def upsert(cls, path: bytes, st: os.stat_result) -> "PendingRow":
+        return cls("upsert", path, None, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+    @classmethod
+    def gone(cls, path: bytes) -> "PendingRow":
+        return cls("gone", path)
+
+    @classmethod
+    def move(cls, new: bytes, old: bytes) -> "PendingRow":
+        return cls("move", new, old)
 
 
 @dataclass
@@ -64,33 +98,22 @@ class CycleRec:
     info: dict
 
 
-def _range_hi(prefix: bytes) -> bytes:
-    return prefix + b"0"  # '0' follows '/' in byte order: [prefix/, prefix0) is the subtree
-
-
 class SourceCatalog:
     def __init__(self, state_dir: str):
-        os.makedirs(state_dir, exist_ok=True)
-        self.path = os.path.join(state_dir, "catalog.db")
-        try:
-            self.con = connect(self.path)
-            self.con.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
-            raise SourceError(f"source catalog {self.path} is unreadable: {e}",
-                              hint="move it aside; the next cycle becomes a full comparison") from e
+        self.path, self.con = open_store(state_dir, "catalog.db", _SCHEMA, SourceError, "source catalog",
+                                         hint="move it aside; the next cycle becomes a full comparison")
 
     def close(self) -> None:
         self.con.close()
 
     def source_id(self) -> str:
         """A random id made once per source tree: the replica checks it is fed by the same source."""
-        r = self.con.execute("SELECT v FROM meta WHERE k = 'source_id'").fetchone()
-        if r is not None:
-            return r[0]
-        import uuid
-        sid = uuid.uuid4().hex
-        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('source_id', ?)", (sid,))
-        return self.con.execute("SELECT v FROM meta WHERE k = 'source_id'").fetchone()[0]
+        sid = get_meta(self.con, "source_id")
+        if sid is not None:
+            return sid
+        # another process may make one at the same time: the first one written wins
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('source_id', ?)", (uuid.uuid4().hex,))
+        return str(get_meta(self.con, "source_id"))
 
     # -- files ---------------------------------------------------------
     def load_all(self) -> Dict[bytes, Row]:
@@ -107,6 +130,21 @@ class SourceCatalog:
 
     def count(self) -> int:
         return self.con.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+
+    def empty(self) -> bool:
+        """Nothing was replicated (yet, or since a reset)."""
+        return self.con.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
+
+    def paths_with_ino(self, ino: int) -> List[bytes]:
+        """The replicated paths whose inode was ``ino`` (the members of a hard-link group)."""
+        return [bytes(p) for (p,) in self.con.execute("SELECT path FROM files WHERE ino = ?", (ino,))]
+
+    def forget(self) -> None:
+        """Forget what was replicated: no files, no pending updates, no acknowledged cycle."""
+        with transaction(self.con) as con:
+            con.execute("DELETE FROM files")
+            con.execute("DELETE FROM pending")
+            con.execute("UPDATE cycles SET state = 'forgotten' WHERE state IN ('acked', 'released')")
 
     # -- cycles --------------------------------------------------------
     def last_cycle(self) -> Optional[CycleRec]:
@@ -132,11 +170,9 @@ class SourceCatalog:
         return CycleRec(r[0], r[1], r[2], r[3], r[4] or "", bytes(r[5] or b""), r[6] or 0,
                         json.loads(r[7] or "{}"))
 
-    def add_cycle(self, rec: CycleRec, pending: Iterable[Tuple]) -> None:
+    def add_cycle(self, rec: CycleRec, pending: Iterable[PendingRow]) -> None:
         """Record a built cycle and the catalog updates its ack will apply, in one transaction."""
-        con = self.con
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.con) as con:
             # a cycle built earlier but never acknowledged is superseded by this one
             for (old,) in con.execute("SELECT cycle FROM cycles WHERE state = 'built'").fetchall():
                 con.execute("UPDATE cycles SET state = 'abandoned' WHERE cycle = ?", (old,))
@@ -146,53 +182,55 @@ class SourceCatalog:
                          rec.created_ns or time.time_ns(), json.dumps(rec.info)))
             con.executemany("INSERT INTO pending VALUES (?,?,?,?,?,?,?,?,?)",
                             ((rec.cycle,) + tuple(p) for p in pending))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+
+    def settle_pending(self, n: int, fresh: Iterable[Tuple[bytes, Row]], gone: Iterable[bytes]) -> None:
+        """Cycle ``n``'s pending upserts after its live files were checked: ``fresh`` ones get the
+        stat of their copy, ``gone`` ones leave the cycle (one transaction)."""
+        with transaction(self.con) as con:
+            con.executemany("UPDATE pending SET ino=?, size=?, mtime_ns=?, ctime_ns=?, mode=? "
+                            "WHERE cycle=? AND path=? AND kind='upsert'",
+                            [(r.ino, r.size, r.mtime_ns, r.ctime_ns, r.mode, n, p) for p, r in fresh])
+            con.executemany("DELETE FROM pending WHERE cycle=? AND path=? AND kind='upsert'",
+                            [(n, p) for p in gone])
 
     def set_state(self, n: int, state: str) -> None:
         self.con.execute("UPDATE cycles SET state = ? WHERE cycle = ?", (state, n))
 
     def ack(self, n: int) -> None:
         """Apply cycle n's pending catalog updates and mark it acknowledged (one transaction)."""
-        con = self.con
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.con) as con:
             if con.execute("SELECT 1 FROM pending WHERE cycle = ? AND kind != 'upsert' LIMIT 1",
                            (n,)).fetchone() is None:    # only upserts (a first copy): one statement
                 con.execute("INSERT OR REPLACE INTO files SELECT path, ino, size, mtime_ns, ctime_ns, mode "
                             "FROM pending WHERE cycle = ? ORDER BY rowid", (n,))
-                rows = []
             else:
-                rows = con.execute("SELECT kind, path, old_path, ino, size, mtime_ns, ctime_ns, mode "
-                                   "FROM pending WHERE cycle = ? ORDER BY rowid", (n,)).fetchall()
-            moves = [(bytes(r[2]), bytes(r[1])) for r in rows if r[0] == "move"]
-            # moves are set-valued: lift every source subtree out first, then drop them in place
-            lifted = []
-            for i, (old, new) in enumerate(moves):
-                lifted.append(con.execute(
-                    "SELECT path, ino, size, mtime_ns, ctime_ns, mode FROM files WHERE path = ? "
-                    "OR (path >= ? AND path < ?)", (old, old + b"/", _range_hi(old))).fetchall())
-            for old, _new in moves:
-                con.execute("DELETE FROM files WHERE path = ? OR (path >= ? AND path < ?)",
-                            (old, old + b"/", _range_hi(old)))
-            for (old, new), items in zip(moves, lifted):
-                con.execute("DELETE FROM files WHERE path = ? OR (path >= ? AND path < ?)",
-                            (new, new + b"/", _range_hi(new)))
-                con.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
-                                ((new + bytes(p)[len(old):],) + tuple(rest) for p, *rest in items))
-            for kind, path, _old, ino, size, mtime, ctime, mode in rows:
-                path = bytes(path)
-                if kind == "gone":
-                    con.execute("DELETE FROM files WHERE path = ? OR (path >= ? AND path < ?)",
-                                (path, path + b"/", _range_hi(path)))
-                elif kind == "upsert":
-                    con.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
-                                (path, ino, size, mtime, ctime, mode))
+                rows = [PendingRow(r[0], bytes(r[1]), None if r[2] is None else bytes(r[2]), *r[3:])
+                        for r in con.execute("SELECT kind, path, old_path, ino, size, mtime_ns, ctime_ns, mode "
+                                             "FROM pending WHERE cycle = ? ORDER BY rowid", (n,))]
+                self._apply_moves([(r.old_path, r.path) for r in rows if r.kind == "move"])
+                self._apply_rows(rows)
             con.execute("DELETE FROM pending WHERE cycle = ?", (n,))
             con.execute("UPDATE cycles SET state = 'acked' WHERE cycle = ?", (n,))
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+
+    def _apply_moves(self, moves: List[Tuple[bytes, bytes]]) -> None:
+        """Move each (old, new) subtree of ``files``.  Moves are set-valued: every source subtree
+        is lifted out first, then dropped in place."""
+        con = self.con
+        lifted = [con.execute("SELECT path, ino, size, mtime_ns, ctime_ns, mode FROM files WHERE " + _SUBTREE,
+                              _subtree(old)).fetchall() for old, _new in moves]
+        for old, _new in moves:
+            con.execute("DELETE FROM files WHERE " + _SUBTREE, _subtree(old))
+        for (old, new), items in zip(moves, lifted):
+            con.execute("DELETE FROM files WHERE " + _SUBTREE, _subtree(new))
+            con.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+                            ((new + bytes(p)[len(old):],) + tuple(rest) for p, *rest in items))
+
+    def _apply_rows(self, rows: List[PendingRow]) -> None:
+        """Apply the ``gone`` and ``upsert`` rows, in order (moves are applied before)."""
+        con = self.con
+        for r in rows:
+            if r.kind == "gone":
+                con.execute("DELETE FROM files WHERE " + _SUBTREE, _subtree(r.path))
+            elif r.kind == "upsert":
+                con.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+                            (r.path, r.ino, r.size, r.mtime_ns, r.ctime_ns, r.mode))

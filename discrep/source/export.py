@@ -37,7 +37,7 @@ from discrep.core.errors import ManifestError, SourceError
 from discrep.protocol.manifest import read_lines
 from discrep.core.paths import dec, join
 from discrep.core.paths import state_dir
-from discrep.source.build import cycle_dir
+from discrep.source.cycles import cycle_dir
 from discrep.source.catalog import SourceCatalog
 from discrep.protocol import layout
 

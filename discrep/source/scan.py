@@ -19,7 +19,7 @@ import logging
 import os
 import stat as statmod
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from discrep.core.errors import SourceError
 from discrep.journal.store import Journal
@@ -59,7 +59,33 @@ def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touch
     begin_seq = journal.last_seq()
     base = catalog.load_all()
     res = ScanResult()
-    seen_base: set = set()
+    seen_base, new_paths = _compare(root, base, res)
+    missing = {p: r for p, r in base.items() if p not in seen_base}
+    moves, consumed = _match_renames(new_paths, missing, res)
+    kept = _drop_implied(moves)
+    res.moves = [(b, n) for n, b in kept.items()]
+    res.touched.extend(_deletions(missing, consumed, kept))
+
+    items = [("scan", b"", None, begin_seq)]
+    items += [("move", n, b, None) for b, n in res.moves]
+    if journal_touched:
+        items += [("touch", p, None, None) for p in res.touched]
+    res.last_seq = journal.append_many(items)
+    journal.close_gap(gen)
+    log.info("scan: %d entries seen, %d touched, %d moves", res.seen, len(res.touched), len(res.moves))
+    return res
+
+
+def _touch(res: ScanResult, rel: bytes, st: os.stat_result) -> None:
+    res.touched.append(rel)
+    res.stats[rel] = st
+
+
+def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult
+             ) -> Tuple[Set[bytes], List[Tuple[bytes, os.stat_result]]]:
+    """Walk the tree against the catalog: (catalog paths still there as the same object, paths
+    that are new or another object now); changed ones are touched in ``res``."""
+    seen_base: Set[bytes] = set()
     new_paths: List[Tuple[bytes, os.stat_result]] = []
     errors: List[str] = []
 
@@ -72,34 +98,39 @@ def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touch
         if row is not None and same_object(row, st):
             seen_base.add(rel)
             if not unchanged(row, st):
-                res.touched.append(rel)
-                res.stats[rel] = st
+                _touch(res, rel, st)
         else:
             new_paths.append((rel, st))
     if errors:
         raise SourceError("cannot read parts of the source: " + "; ".join(errors[:5]),
                           hint="fix the permissions or run as a user that can read the whole tree")
+    return seen_base, new_paths
 
-    missing = {p: r for p, r in base.items() if p not in seen_base}
+
+def _match_renames(new_paths: List[Tuple[bytes, os.stat_result]], missing: Dict[bytes, Row], res: ScanResult
+                   ) -> Tuple[Dict[bytes, bytes], Set[bytes]]:
+    """Match new paths to vanished catalog paths by inode and type: (moves new -> base, the base
+    paths consumed by a move).  New paths, and moved ones that changed (or are directories), are
+    touched in ``res``."""
     by_ino: Dict[Tuple[int, int], bytes] = {}
     for p, r in missing.items():
         by_ino.setdefault((r.ino, statmod.S_IFMT(r.mode)), p)
-    consumed: set = set()
+    consumed: Set[bytes] = set()
     moves: Dict[bytes, bytes] = {}  # new -> base
     for rel, st in new_paths:
-        key = (st.st_ino, statmod.S_IFMT(st.st_mode))
-        b = by_ino.get(key)
+        b = by_ino.get((st.st_ino, statmod.S_IFMT(st.st_mode)))
         if b is not None and b not in consumed:
             consumed.add(b)
             moves[rel] = b
             if not unchanged(missing[b], st) or statmod.S_ISDIR(st.st_mode):
-                res.touched.append(rel)
-                res.stats[rel] = st
+                _touch(res, rel, st)
         else:
-            res.touched.append(rel)
-            res.stats[rel] = st
+            _touch(res, rel, st)
+    return moves, consumed
 
-    # drop moves implied by a moved ancestor (a renamed directory moves its children)
+
+def _drop_implied(moves: Dict[bytes, bytes]) -> Dict[bytes, bytes]:
+    """The moves without those implied by a moved ancestor (a renamed directory moves its children)."""
     kept: Dict[bytes, bytes] = {}
     for new in sorted(moves, key=lambda p: p.count(b"/")):
         b = moves[new]
@@ -107,12 +138,15 @@ def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touch
         if implied is not None and implied == b:
             continue
         kept[new] = b
-    res.moves = [(b, n) for n, b in kept.items()]
+    return kept
 
-    # deletions: vanished base paths not moved, expressed in the new namespace, top-most only
+
+def _deletions(missing: Dict[bytes, Row], consumed: Set[bytes], kept: Dict[bytes, bytes]) -> List[bytes]:
+    """Vanished base paths not moved, expressed in the new namespace, top-most only."""
     src_of = {b: n for n, b in kept.items()}
     gone = sorted(p for p in missing if p not in consumed)
     gone_set = set(gone)
+    out: List[bytes] = []
     for p in gone:
         anc = parent(p)
         top = True
@@ -121,18 +155,9 @@ def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touch
                 top = False
                 break
             anc = parent(anc)
-        if not top:
-            continue
-        res.touched.append(_map_base_to_new(p, src_of))
-
-    items = [("scan", b"", None, begin_seq)]
-    items += [("move", n, b, None) for b, n in res.moves]
-    if journal_touched:
-        items += [("touch", p, None, None) for p in res.touched]
-    res.last_seq = journal.append_many(items)
-    journal.close_gap(gen)
-    log.info("scan: %d entries seen, %d touched, %d moves", res.seen, len(res.touched), len(res.moves))
-    return res
+        if top:
+            out.append(map_through(p, src_of))
+    return out
 
 
 def _map_up(new: bytes, kept: Dict[bytes, bytes]) -> Optional[bytes]:
@@ -146,10 +171,11 @@ def _map_up(new: bytes, kept: Dict[bytes, bytes]) -> Optional[bytes]:
         anc = parent(anc)
 
 
-def _map_base_to_new(p: bytes, src_of: Dict[bytes, bytes]) -> bytes:
+def map_through(p: bytes, moved: Dict[bytes, bytes]) -> bytes:
+    """``p`` through its nearest ancestor-or-self that is a key of ``moved`` (a move's other side)."""
     anc = p
     while anc:
-        if anc in src_of:
-            return src_of[anc] + p[len(anc):]
+        if anc in moved:
+            return moved[anc] + p[len(anc):]
         anc = parent(anc)
     return p

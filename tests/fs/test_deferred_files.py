@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from discrep.source import build as srcmod
+from discrep.source import cycles, deferred
 from discrep.core.errors import WarningList
 from discrep.protocol.manifest import Entry
 
@@ -68,7 +69,7 @@ def test_large_files_are_symlinks_to_live_files_until_settled(tmp_path: Path) ->
         assert target.startswith(f"/proc/{os.getpid()}/fd/")
         assert os.readlink(target) == str(root / "a" / name)
     assert not (snap / "small").exists(), "small files travel in packs"
-    redo, gone = srcmod.settle_deferred(os.fsencode(root), b, WarningList())
+    redo, gone = deferred.settle_deferred(os.fsencode(root), b, WarningList())
     assert (redo, gone) == ([], [])
 
 
@@ -81,7 +82,7 @@ def test_changed_and_vanished_files_are_copied_or_dropped(tmp_path: Path) -> Non
     (root / "a" / "big1").write_bytes(b"X" * (BIG + 7))     # changed while "read"
     os.unlink(root / "a" / "big2")                          # gone
     warnings = WarningList()
-    redo, gone = srcmod.settle_deferred(os.fsencode(root), b, warnings)
+    redo, gone = deferred.settle_deferred(os.fsencode(root), b, warnings)
     assert gone == [b"a/big2"]
     assert len(redo) == 1
     e = Entry(redo[0])
@@ -96,7 +97,7 @@ def test_changed_and_vanished_files_are_copied_or_dropped(tmp_path: Path) -> Non
     assert after[b"a/big3"] == before[b"a/big3"]
     assert b"a/big2" in _journal_paths(root), "a dropped file is looked at again next cycle"
     # settled once: a second call finds nothing more to do
-    assert srcmod.settle_deferred(os.fsencode(root), b, warnings) == ([], [])
+    assert deferred.settle_deferred(os.fsencode(root), b, warnings) == ([], [])
 
 
 def test_a_path_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
@@ -112,7 +113,7 @@ def test_a_path_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
     os.unlink(root / "a" / "big1")
     os.symlink(secret, root / "a" / "big1")
     assert (snap / "a" / "big1").read_bytes() == b"1" * BIG
-    redo, gone = srcmod.settle_deferred(os.fsencode(root), b, WarningList())
+    redo, gone = deferred.settle_deferred(os.fsencode(root), b, WarningList())
     assert redo == [] and gone == [b"a/big1"]
 
 
@@ -122,7 +123,7 @@ def test_materialize_turns_symlinks_into_verified_copies(tmp_path: Path) -> None
     b = _build(root)
     snap = Path(os.fsdecode(b.snapshot))
     (root / "a" / "big3").write_bytes(b"Z" * 10)
-    redo, gone = srcmod.settle_deferred(os.fsencode(root), b, WarningList(), materialize=True)
+    redo, gone = deferred.settle_deferred(os.fsencode(root), b, WarningList(), materialize=True)
     assert [Entry(r).path for r in redo] == [b"a/big3"] and gone == []
     for name, want in (("big1", b"1" * BIG), ("big2", b"2" * BIG), ("big3", b"Z" * 10)):
         p = snap / "a" / name
@@ -135,7 +136,7 @@ def _manifest(root: Path, totals: bool) -> tuple:
     shutil.rmtree(root / ".discrep", ignore_errors=True)
     segs: list = []
     b = srcmod.build_cycle(os.fsencode(root), on_segment=segs.append, totals=totals)
-    cdir = Path(os.fsdecode(srcmod.cycle_dir(os.fsencode(root), b.cycle)))
+    cdir = Path(os.fsdecode(cycles.cycle_dir(os.fsencode(root), b.cycle)))
     _hdr, ents = read_lines((cdir / "manifest.zst").read_bytes())
     return list(ents), segs
 
@@ -151,7 +152,7 @@ def test_walking_build_writes_the_same_manifest(tmp_path: Path) -> None:
         (root / "dir_a" / f"bigger{i}").write_bytes(bytes([i]) * BIG)
     counted, segs_c = _manifest(root, True)
     walked, segs_w = _manifest(root, False)
-    assert "totals" in segs_c[0] and "totals" not in segs_w[0]
+    assert segs_c[0].totals is not None and segs_w[0].totals is None
     assert [e["path"] for e in walked] == [e["path"] for e in counted]
     assert walked == counted
     assert any("link" in e for e in walked) and any(e.get("live") for e in walked)
