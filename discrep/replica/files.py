@@ -25,7 +25,7 @@ from discrep.protocol import ranges as rq
 from discrep.core.errors import ManifestError
 from discrep.protocol.manifest import Entry
 from discrep.core.paths import basename, enc, parent, show
-from discrep.replica.catalog import FileRow
+from discrep.replica.catalog import CatalogRow
 from discrep.protocol import layout
 from discrep.core.xattrs import read_xattrs
 
@@ -46,7 +46,7 @@ class FileOps:
     """File-content half of the Applier (see module doc)."""
 
     # -- regular files -------------------------------------------------
-    def _trusted_old(self, e: Entry, st: Optional[os.stat_result]) -> Optional[FileRow]:
+    def _trusted_old(self, e: Entry, st: Optional[os.stat_result]) -> Optional[CatalogRow]:
         if st is None or not statmod.S_ISREG(st.st_mode):
             return None
         row = self.cat.get(self.base_of(e.path))

@@ -212,7 +212,7 @@ class Applier(StreamOps, FileOps):
         self.n_packs = 1 + max((e.pack[0] for e in entries if e.op == "file" and e.pack is not None), default=-1)
         # read ahead to the next pack only when every packed file is needed (a first copy)
         self.prefetch_packs = bool(header.get("full")) and \
-            catalog.con.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
+            catalog.is_empty()
         self.umask = os.umask(0o077)
         os.umask(self.umask)
         self.euid = os.geteuid()
@@ -608,13 +608,13 @@ def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int, keep_withi
     """Prune history no kept recovery point needs (the newest cycle is always kept)."""
     from discrep.replica.history import prune
     hist = cat.history()
-    committed = [c for c, _s, _cm, _st in hist]
+    committed = [h.cycle for h in hist]
     if not committed:
         return []
     keep = set(committed[-max(1, keep_last):])
     if keep_within_s is not None:
         now = time.time_ns()
-        keep |= {c for c, _s, cm, _st in hist if now - cm <= keep_within_s * 1e9}
+        keep |= {h.cycle for h in hist if now - h.committed_ns <= keep_within_s * 1e9}
     return prune(dest, committed, keep)
 
 
