@@ -19,6 +19,7 @@ from discrep.replica import worker as fresh_worker
 from discrep.core.errors import ManifestError, TransportError
 from discrep.protocol.manifest import Entry
 from discrep.core.paths import basename, parent, show
+from discrep.replica.reader import StreamedCycle
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class StreamOps:
     """Streamed-first-copy half of the Applier (see module doc)."""
 
-    def run_stream(self, stream, prep: Callable[[List[Entry]], None]):
+    def run_stream(self, stream: StreamedCycle, prep: Callable[[List[Entry]], None]):
         """A streamed first copy into an empty DEST (``self.fresh``): each manifest segment's
         directories, packed and empty files and symlinks are applied as soon as it arrives, while
         the source still builds the rest; files read through the snapshot (large, sparse), hard links
@@ -40,7 +41,7 @@ class StreamOps:
         self._log_fresh()
         self.stats.streamed = True
         self.prefetch_packs = True
-        totals = getattr(stream, "totals", None) or {}
+        totals = stream.totals or {}
         nfiles, nbytes = int(totals.get("files", 0)), int(totals.get("bytes", 0))
         deferred: List[Entry] = []
         counts = [0, 0]                          # files done, bytes done (for progress)
@@ -80,10 +81,8 @@ class StreamOps:
         done, done_bytes = counts
         self._progress_stream(counts, nfiles, nbytes)
         stream.finish()                          # the cycle is built (its export comes if a read needs it)
-        know = getattr(self.reader, "know_files", None)
-        if know is not None:
-            know({e.idx: e.path for e in self.entries if e.op == "file"},
-                 [e.idx for e in deferred if e.live])
+        self.reader.know_files({e.idx: e.path for e in self.entries if e.op == "file"},
+                               [e.idx for e in deferred if e.live])
         failed: Dict[bytes, BaseException] = {}  # live files we could not read whole: the source settles them
         for e in deferred:
             if e.link is None:
@@ -99,17 +98,13 @@ class StreamOps:
                 done_bytes += e.size
                 if self.progress:
                     self.progress(done, done, self.reader.bytes_read, done_bytes, max(done_bytes, nbytes))
-        verify = getattr(stream, "verify", None)
-        if verify is not None:                   # large files were read live: did any change meanwhile?
-            redo, gone = verify()
-            settled = {e.path for e in redo} | set(gone)
-            for p, err in failed.items():
-                if p not in settled:             # unchanged, yet unreadable: a real error
-                    raise err
-            if redo or gone:
-                self._read_again(redo, gone, deferred, stream.redo_rel, prep, set(failed))
-        elif failed:
-            raise next(iter(failed.values()))
+        redo, gone = stream.verify()             # large files were read live: did any change meanwhile?
+        settled = {e.path for e in redo} | set(gone)
+        for p, err in failed.items():
+            if p not in settled:                 # unchanged, yet unreadable: a real error
+                raise err
+        if redo or gone:
+            self._read_again(redo, gone, deferred, stream.redo_rel, prep, set(failed))
         self.flush_installs()                    # primaries in place before links to them
         for e in deferred:
             if e.link is not None:
@@ -155,7 +150,7 @@ class StreamOps:
 
     def _start_worker(self, stream) -> "Optional[fresh_worker.FreshWorker]":
         """A second applying process when the segments and packs can be read directly (sshfs)."""
-        cdir = getattr(self.reader, "cycle_dir", None)
+        cdir = self.reader.cycle_dir
         if not self.use_worker or not cdir:
             return None
         try:
@@ -223,7 +218,7 @@ class StreamOps:
     def _worker_done(self, res: Tuple, deferred: List[Entry], prep, counts: List[int]) -> None:
         _done, _n, rows, others, nread, dirty, warns = res
         self.stats.worker_segments += 1
-        self.reader.bytes_read += nread
+        self.reader.add_bytes_read(nread)
         self.dirs.dirty.update(dirty)
         self._written(rows, warns, counts)
         self._stream_apply(others, deferred, counts, prep, made_dirs=True)

@@ -50,6 +50,7 @@ from discrep.replica.files import O_FILE, FileOps, _lstat
 from discrep.replica.stream import StreamOps
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.options import ReplicaOptions
+from discrep.replica.reader import Reader, StreamedCycle
 from discrep.protocol import layout
 from discrep.core.xattrs import read_xattrs, set_xattrs_fd
 
@@ -556,12 +557,13 @@ class Applier(StreamOps, FileOps):
                 self.rows.append((e.path, "symlink", 0, e.mtime_ns, 0, None))
 
 
-def sync(reader, dest: bytes, options: Optional[ReplicaOptions] = None, *,
-         warnings: Optional[WarningList] = None, progress=None, stream=None) -> SyncStats:
+def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, *,
+         warnings: Optional[WarningList] = None, progress=None,
+         stream: Optional[StreamedCycle] = None) -> SyncStats:
     """Apply the cycle exported through ``reader`` to replica directory ``dest``.
 
-    ``stream``: a cycle still being built (remote.CycleStream): ``header``, ``segments()``,
-    ``finish()``, ``pack_rel``; a first copy into an empty DEST is applied while it streams."""
+    ``stream``: a cycle still being built (``reader.StreamedCycle``); a first copy into an
+    empty DEST is applied while it streams."""
     opts = options or ReplicaOptions()
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
@@ -664,9 +666,7 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
             raise ManifestError("manifest and cycle description disagree")
         entries = [Entry(r) for r in raw]      # everything validated before anything is touched
     if not streamed:
-        know = getattr(reader, "know_files", None)
-        if know is not None:
-            know({e.idx: e.path for e in entries if e.op == "file"})
+        reader.know_files({e.idx: e.path for e in entries if e.op == "file"})
         _map_owners(entries, numeric_ids, users, groups)
     if not numeric_ids and isinstance(header.get("root"), dict):
         r = Entry(dict(header["root"], op="dir", path="_"))

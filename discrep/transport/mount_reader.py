@@ -6,7 +6,9 @@ included).  ``copy_ranges`` reads many ranges in parallel (a thread pool: over
 sshfs many requests are in flight on one connection, so round trips overlap)
 and writes each range into a local fd as it arrives.
 
-The SFTP reader of the SSH transport offers the same methods.
+MountReader and the SFTP reader of the SSH transport satisfy the replica's
+``replica.reader.Reader`` protocol (structurally: the transport does not import the
+replica).
 
 Thread-safety: all methods may be called from several threads; the fd cache
 and the byte counter are guarded by a lock.
@@ -42,6 +44,10 @@ def split_ranges(ranges: Iterable[Tuple[int, int]], chunk: int) -> List[Tuple[in
 
 
 class MountReader:
+    """Reads an export through the mount at ``mountpoint`` (see module doc)."""
+
+    cycle_dir: Optional[bytes] = None   # no streamed cycle's directory to read directly (DirectDataReader has)
+
     def __init__(self, mountpoint: str, *, workers: int = 8):
         self.mountpoint = os.fsencode(mountpoint)
         self.bytes_read = 0
@@ -60,7 +66,8 @@ class MountReader:
                 os.close(fd)
             self._fds.clear()
 
-    def _count(self, n: int) -> None:
+    def add_bytes_read(self, n: int) -> None:
+        """Count ``n`` bytes read from the export (here, or by another process on our behalf)."""
         with self._lock:
             self.bytes_read += n
 
@@ -106,7 +113,7 @@ class MountReader:
                 break
             parts.append(b)
             off += len(b)
-        self._count(off)
+        self.add_bytes_read(off)
         return b"".join(parts)
 
     @staticmethod
@@ -129,7 +136,7 @@ class MountReader:
                 break
             out.append(b)
             got += len(b)
-        self._count(got)
+        self.add_bytes_read(got)
         return b"".join(out)
 
     def preads(self, reqs: Sequence[Tuple[bytes, int, int]]) -> List[bytes]:
