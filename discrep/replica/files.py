@@ -34,14 +34,6 @@ CDC_MIN_SIZE = 1024 * 1024   # below this, shifted data is simply refetched wher
 O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _lstat(dirs, rel: bytes) -> Optional[os.stat_result]:
-    """lstat of ``rel`` through the cached directory fds (no symlink followed); None if absent."""
-    try:
-        return os.stat(basename(rel), dir_fd=dirs.get(parent(rel)), follow_symlinks=False)
-    except (FileNotFoundError, ManifestError):
-        return None
-
-
 class FileOps:
     """File-content half of the Applier (see module doc)."""
 
@@ -84,7 +76,7 @@ class FileOps:
     def _file(self, e: Entry) -> None:
         # in a directory this cycle made, nothing older can be there (unless moved in: dropped)
         new_dir = self.fresh or (parent(e.path) in self.created and e.path not in self.dropped)
-        st = None if new_dir else _lstat(self.dirs, e.path)
+        st = None if new_dir else self.dirs.lstat(e.path)
         old = self._trusted_old(e, st)
         old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
         if e.h is not None and old_sig is not None and old_sig.whole_digest() == e.h and old.size == e.size:

@@ -26,8 +26,6 @@ reader's pool, writing with pwrite to fds this thread owns.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import json
 import logging
@@ -46,7 +44,8 @@ from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullE
 from discrep.replica.history import KEEP, UndoLog, encode_meta, rollback
 from discrep.protocol.manifest import Entry, read_lines
 from discrep.core.paths import STATE_DIR, basename, depth, enc, join, parent, show, state_dir
-from discrep.replica.files import O_FILE, FileOps, _lstat
+from discrep.replica.dirs import DirFds, NotADir, syncfs
+from discrep.replica.files import O_FILE, FileOps
 from discrep.replica.stream import StreamOps
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.options import ReplicaOptions
@@ -100,76 +99,6 @@ def replica_lock(dest: bytes) -> Iterator[None]:
         yield
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-class _Dirs:
-    """Directory fds below DEST, opened without following symlinks, cached."""
-
-    def __init__(self, root_fd: int):
-        self.root_fd = root_fd
-        self.cache: Dict[bytes, int] = {}
-        self.dirty: Set[bytes] = set()
-        self.on_mkdir: Optional[Callable[[bytes], None]] = None  # called (and logged) before a mkdir
-        self.shared = False       # a second process makes directories in DEST too (fresh_worker)
-
-    def get(self, rel: bytes, create: bool = False) -> int:
-        fd = self.cache.get(rel)
-        if fd is None:
-            if rel:
-                pfd = self.get(parent(rel), create)
-                name = basename(rel)
-                try:
-                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | O_FILE, dir_fd=pfd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    if self.on_mkdir is not None:
-                        self.on_mkdir(rel)
-                    try:
-                        os.mkdir(name, 0o700, dir_fd=pfd)
-                    except FileExistsError:
-                        if not self.shared:
-                            raise
-                    self.dirty.add(parent(rel))
-                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | O_FILE, dir_fd=pfd)
-                except OSError as e:
-                    if e.errno not in (errno.ENOTDIR, errno.ELOOP):
-                        raise
-                    if not create:
-                        raise ManifestError(f"{show(rel)} is not a directory on the replica") from None
-                    raise _NotDir(rel) from None
-            else:
-                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.root_fd)
-            if len(self.cache) > 512:
-                self.clear()
-            self.cache[rel] = fd
-        return fd
-
-    def clear(self) -> None:
-        for fd in self.cache.values():
-            os.close(fd)
-        self.cache.clear()
-
-    def fsync_dirty(self) -> None:
-        for rel in sorted(self.dirty):
-            try:
-                os.fsync(self.get(rel))
-            except (FileNotFoundError, ManifestError):
-                pass
-
-
-class _NotDir(Exception):
-    def __init__(self, rel: bytes):
-        self.rel = rel
-
-
 class Applier(StreamOps, FileOps):
     """Applies one cycle's manifest to DEST (see module doc)."""
 
@@ -185,7 +114,7 @@ class Applier(StreamOps, FileOps):
         self.cycle = int(header["cycle"])
         self.stats = SyncStats(cycle=self.cycle, base=int(header.get("base", 0)))
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self.dirs = _Dirs(self.root_fd)
+        self.dirs = DirFds(self.root_fd)
         self.stage_rel = STATE_DIR + b"/stage"
         p = join(dest, self.stage_rel)
         if os.path.lexists(p):
@@ -297,7 +226,7 @@ class Applier(StreamOps, FileOps):
     def drop(self, name: bytes, rel: bytes) -> None:
         """Put lifted entry ``name`` (in keep/) at ``rel``."""
         pfd = self.ensure_parent(rel)
-        if _lstat(self.dirs, rel) is not None:
+        if self.dirs.lstat(rel) is not None:
             self.trash(rel)
             pfd = self.ensure_parent(rel)
         self._dirmeta(parent(rel))
@@ -317,7 +246,7 @@ class Applier(StreamOps, FileOps):
         while True:
             try:
                 return self.dirs.get(parent(rel), create=True)
-            except _NotDir as nd:
+            except NotADir as nd:
                 if nd.rel not in self.dir_paths:
                     raise UnsafePathError(f"refusing to write {show(rel)}: {show(nd.rel)} on the replica is "
                                           f"not a directory (a symlink?) and the manifest does not replace it")
@@ -337,7 +266,7 @@ class Applier(StreamOps, FileOps):
             pfd = self.ensure_parent(rel)
             # in a directory this cycle made, only this cycle's own installs can exist
             st = None if (parent(rel) in self.created and rel not in self.created and rel not in self.dropped) \
-                else _lstat(self.dirs, rel)
+                else self.dirs.lstat(rel)
             if st is not None and statmod.S_ISDIR(st.st_mode):
                 self.trash(rel)
                 st = None
@@ -383,7 +312,7 @@ class Applier(StreamOps, FileOps):
         # 1. moves: lift out, deepest base first; then drop in, shallowest new path first
         lifted: List[Tuple[Entry, bytes]] = []
         for e in sorted(moves, key=lambda m: -depth(m.old)):
-            if _lstat(self.dirs, e.old) is None:
+            if self.dirs.lstat(e.old) is None:
                 self.warnings.add(show(e.old), "moved on the source but missing on the replica; fetched whole")
                 continue
             lifted.append((e, self.lift(e.old, "m")))
@@ -395,7 +324,7 @@ class Applier(StreamOps, FileOps):
             self.stats.files_renamed += 1
         # 2. deletes
         for e in sorted(deletes, key=lambda d: -depth(d.path)):
-            if _lstat(self.dirs, e.path) is not None:
+            if self.dirs.lstat(e.path) is not None:
                 self.trash(e.path)
                 self.stats.files_deleted += 1
             self.deleted.append(e.path)
@@ -405,7 +334,7 @@ class Applier(StreamOps, FileOps):
         dir_ents = sorted((e for e in ups if e.op == "dir"), key=lambda d: depth(d.path))
         todo = []
         for e in dir_ents:
-            st = _lstat(self.dirs, e.path)
+            st = self.dirs.lstat(e.path)
             if st is not None and not statmod.S_ISDIR(st.st_mode):
                 self.trash(e.path)
                 st = None
@@ -490,13 +419,13 @@ class Applier(StreamOps, FileOps):
                     self.trash(rel)
                     self.stats.files_deleted += 1
                 else:
-                    st = _lstat(self.dirs, rel)
+                    st = self.dirs.lstat(rel)
                     if st is not None and statmod.S_ISDIR(st.st_mode):
                         stack.append(rel)
 
     # -- other types ---------------------------------------------------
     def _symlink(self, e: Entry) -> None:
-        st = _lstat(self.dirs, e.path)
+        st = self.dirs.lstat(e.path)
         if st is not None and statmod.S_ISLNK(st.st_mode):
             if os.readlink(basename(e.path), dir_fd=self.dirs.get(parent(e.path))) == e.target:
                 return
@@ -506,8 +435,8 @@ class Applier(StreamOps, FileOps):
         self.stats.symlinks += 1
 
     def _hardlink(self, e: Entry) -> None:
-        st = _lstat(self.dirs, e.path)
-        pst = _lstat(self.dirs, e.link)
+        st = self.dirs.lstat(e.path)
+        pst = self.dirs.lstat(e.link)
         if pst is None or not statmod.S_ISREG(pst.st_mode):
             raise ManifestError(f"hard link {show(e.path)} points to {show(e.link)}, which is not a file")
         tmp = self._tmpname("h")

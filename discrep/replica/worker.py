@@ -52,6 +52,7 @@ from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.protocol.manifest import Entry, _local_id
 from discrep.core.paths import basename, check_rel, dec, parent, show
 from discrep.protocol import layout
+from discrep.replica.dirs import DirFds, NotADir
 from discrep.core.xattrs import set_xattrs_fd
 
 log = logging.getLogger(__name__)
@@ -233,10 +234,8 @@ class PackedWriter:
 
 class _Apply:
     def __init__(self, dest: bytes, cycle_dir: bytes, numeric_ids: bool):
-        from discrep.replica.sync import _Dirs
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self.dirs = _Dirs(self.root_fd)
-        self.dirs.shared = True
+        self.dirs = DirFds(self.root_fd, shared=True)
         self.cycle_dir = cycle_dir
         self.writer = PackedWriter(self.parent_fd, self.dirs.dirty, numeric_ids)
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="discrep-worker-read")
@@ -246,10 +245,9 @@ class _Apply:
     def parent_fd(self, rel: bytes) -> int:
         """fd of rel's parent, made if missing; a non-directory in the way is refused (in an empty
         DEST only this cycle's own entries can be there: the manifest names a path twice)."""
-        from discrep.replica.sync import _NotDir
         try:
             return self.dirs.get(parent(rel), create=True)
-        except _NotDir as nd:
+        except NotADir as nd:
             raise UnsafePathError(f"refusing to write {show(rel)}: {show(nd.rel)} on the replica is not a "
                                   f"directory") from None
 

@@ -14,7 +14,7 @@ from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.replica.worker import PackedWriter
 from discrep.protocol.manifest import Entry
 from discrep.core.paths import parent
-from discrep.replica.sync import _Dirs
+from discrep.replica.dirs import DirFds
 
 pytestmark = pytest.mark.fs
 
@@ -35,7 +35,7 @@ def writer(tmp_path: Path):
     dest = tmp_path / "dest"
     dest.mkdir()
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
-    dirs = _Dirs(fd)
+    dirs = DirFds(fd)
     try:
         yield PackedWriter(lambda rel: dirs.get(parent(rel), create=True), dirs.dirty, numeric_ids=True), dest
     finally:
