@@ -45,7 +45,7 @@ class StreamOps:
         nfiles, nbytes = int(totals.get("files", 0)), int(totals.get("bytes", 0))
         deferred: List[Entry] = []
         counts = [0, 0]                          # files done, bytes done (for progress)
-        self._packed = fresh_worker.PackedWriter(self.ensure_parent, self.dirs.dirty, self.numeric_ids)
+        self._packed = fresh_worker.PackedWriter(self.ensure_parent, self.dirs.dirty, self.owners)
         worker = None
         lo = 0                                   # packs before the segment being handed out
         try:
@@ -154,7 +154,7 @@ class StreamOps:
         if not self.use_worker or not cdir:
             return None
         try:
-            return fresh_worker.FreshWorker(self.dest, cdir, self.numeric_ids)
+            return fresh_worker.FreshWorker(self.dest, cdir, self.owners.numeric_ids)
         except OSError as e:
             log.info("no second applying process (%s); applying in one", e)
             return None

@@ -49,6 +49,7 @@ from discrep.replica.files import O_FILE, FileOps
 from discrep.replica.stream import StreamOps
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.options import ReplicaOptions
+from discrep.replica.owners import OwnerMap
 from discrep.replica.reader import Reader, StreamedCycle
 from discrep.protocol import layout
 from discrep.core.xattrs import read_xattrs, set_xattrs_fd
@@ -151,7 +152,7 @@ class Applier(StreamOps, FileOps):
         # a first copy into an empty DEST: one "fresh" undo record (undo = empty DEST again) stands
         # for every create, and files are written in place, without a stage and a rename each
         self.fresh = fresh
-        self.numeric_ids = False
+        self.owners = OwnerMap(False)                # a streamed cycle: the cycle's owner map (set by sync)
         self.use_worker = True                       # a streamed first copy may use a second process
         self._foreign_packs: Set[int] = set()        # packs the worker reads (never read ahead here)
 
@@ -549,14 +550,6 @@ def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int, keep_withi
     return prune(dest, committed, keep)
 
 
-def _map_owners(entries: List[Entry], numeric_ids: bool, users: Dict[str, Optional[int]],
-                groups: Dict[str, Optional[int]]) -> None:
-    if not numeric_ids:
-        for e in entries:
-            if e.is_upsert:
-                e.map_owner(users, groups)
-
-
 def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, force: bool = False,
           stream=None) -> SyncStats:
     try:
@@ -580,8 +573,7 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
             f"the export is cycle {cycle} built on cycle {base}, but {os.fsdecode(dest)} is at cycle {last}",
             hint="run 'discrep replicate' (it rebuilds against the replica), or 'discrep reset SRC' for a "
                  "full comparison")
-    users: Dict[str, Optional[int]] = {}
-    groups: Dict[str, Optional[int]] = {}
+    owners = OwnerMap(numeric_ids)
     fresh = bool(header.get("full")) and last == 0 and holds_only_state(dest)
     streamed = stream is not None and fresh
     entries: List[Entry] = []
@@ -596,10 +588,10 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
         entries = [Entry(r) for r in raw]      # everything validated before anything is touched
     if not streamed:
         reader.know_files({e.idx: e.path for e in entries if e.op == "file"})
-        _map_owners(entries, numeric_ids, users, groups)
+        owners.map_entries(entries)
     if not numeric_ids and isinstance(header.get("root"), dict):
         r = Entry(dict(header["root"], op="dir", path="_"))
-        r.map_owner(users, groups)
+        owners.map_entry(r)
         header["root"] = dict(header["root"], uid=r.uid, gid=r.gid)
     cat.begin(cycle, base, int(header.get("created_ns", 0)))
     ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
@@ -607,8 +599,8 @@ def _sync(reader, dest, cat, warnings, progress, t0, numeric_ids: bool = False, 
         if streamed:
             ap.pack_rel = stream.pack_rel
             ap.packs_known = lambda: stream.packs_known
-            ap.numeric_ids = numeric_ids
-            stats = ap.run_stream(stream, lambda ents: _map_owners(ents, numeric_ids, users, groups))
+            ap.owners = owners
+            stats = ap.run_stream(stream, owners.map_entries)
         else:
             stats = ap.run()
         ap.symlink_rows()

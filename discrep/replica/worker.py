@@ -43,16 +43,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-import grp
-import pwd
-
 import blockdiff
 
 from discrep.core.errors import ManifestError, UnsafePathError
-from discrep.protocol.manifest import Entry, _local_id
+from discrep.protocol.manifest import Entry
 from discrep.core.paths import basename, check_rel, dec, parent, show
 from discrep.protocol import layout
 from discrep.replica.dirs import DirFds, NotADir
+from discrep.replica.owners import OwnerMap
 from discrep.core.xattrs import set_xattrs_fd
 
 log = logging.getLogger(__name__)
@@ -150,27 +148,13 @@ class PackedWriter:
     any validated packed Entry.  Used by the worker and by the Applier (``parent_fd(rel)``: the
     fd of rel's parent directory, made if missing)."""
 
-    def __init__(self, parent_fd: Callable[[bytes], int], dirty: Set[bytes], numeric_ids: bool):
+    def __init__(self, parent_fd: Callable[[bytes], int], dirty: Set[bytes], owners: OwnerMap):
         self.parent_fd = parent_fd
         self.dirty = dirty
-        self.numeric_ids = numeric_ids
+        self.owners = owners
         self.umask = os.umask(0o077)
         os.umask(self.umask)
         self.euid, self.egid = os.geteuid(), os.getegid()
-        self.owners: Dict[Tuple, Tuple[int, int]] = {}
-        self.users: Dict[str, Optional[int]] = {}
-        self.groups: Dict[str, Optional[int]] = {}
-
-    def _owner(self, user, group, uid: int, gid: int) -> Tuple[int, int]:
-        key = (user, group, uid, gid)
-        got = self.owners.get(key)
-        if got is None:
-            u = g = None
-            if not self.numeric_ids:
-                u = _local_id(user if type(user) is str else None, self.users, lambda n: pwd.getpwnam(n).pw_uid)
-                g = _local_id(group if type(group) is str else None, self.groups, lambda n: grp.getgrnam(n).gr_gid)
-            got = self.owners[key] = (uid if u is None else u, gid if g is None else g)
-        return got
 
     def write(self, r: Dict[str, Any], blob_of) -> Optional[Tuple]:
         """The catalog row of raw entry ``r`` after writing it, or None when ``r`` is not of the
@@ -189,7 +173,7 @@ class PackedWriter:
             want = bytes.fromhex(h)
         except ValueError:
             return None
-        uid, gid = self._owner(r["user"], r["group"], uid, gid)
+        uid, gid = self.owners.ids(r["user"], r["group"], uid, gid)
         return self._put(check_rel(dec(path)), pk[0], pk[1], size, want, mode, uid, gid, mt, blob_of)
 
     def write_entry(self, e: Entry, blob_of, warns: List[Tuple[bytes, str]]) -> Tuple:
@@ -237,7 +221,7 @@ class _Apply:
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.dirs = DirFds(self.root_fd, shared=True)
         self.cycle_dir = cycle_dir
-        self.writer = PackedWriter(self.parent_fd, self.dirs.dirty, numeric_ids)
+        self.writer = PackedWriter(self.parent_fd, self.dirs.dirty, OwnerMap(numeric_ids))
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="discrep-worker-read")
         self.packs: Dict[int, Future] = {}
         self.bytes_read = 0
@@ -308,8 +292,7 @@ class _Apply:
                 others.append(r)
             else:
                 e = Entry(r)
-                if not self.writer.numeric_ids:
-                    e.map_owner(self.writer.users, self.writer.groups)
+                self.writer.owners.map_entry(e)
                 rows.append(self.writer.write_entry(e, blob_of, warns))
         for k in range(lo, hi):          # packs no entry named (none, normally)
             self.packs.pop(k, None)

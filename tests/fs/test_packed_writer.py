@@ -15,6 +15,7 @@ from discrep.replica.worker import PackedWriter
 from discrep.protocol.manifest import Entry
 from discrep.core.paths import parent
 from discrep.replica.dirs import DirFds
+from discrep.replica.owners import OwnerMap
 
 pytestmark = pytest.mark.fs
 
@@ -37,7 +38,7 @@ def writer(tmp_path: Path):
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     dirs = DirFds(fd)
     try:
-        yield PackedWriter(lambda rel: dirs.get(parent(rel), create=True), dirs.dirty, numeric_ids=True), dest
+        yield PackedWriter(lambda rel: dirs.get(parent(rel), create=True), dirs.dirty, OwnerMap(numeric_ids=True)), dest
     finally:
         dirs.clear()
         os.close(fd)
