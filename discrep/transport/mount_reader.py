@@ -46,7 +46,7 @@ def split_ranges(ranges: Iterable[Tuple[int, int]], chunk: int) -> List[Tuple[in
 class MountReader:
     """Reads an export through the mount at ``mountpoint`` (see module doc)."""
 
-    cycle_dir: Optional[bytes] = None   # no streamed cycle's directory to read directly (DirectDataReader has)
+    cycle_dir: Optional[bytes] = None   # no streamed cycle's directory to read directly (see DirectDataReader)
 
     def __init__(self, mountpoint: str, *, workers: int = 8):
         self.mountpoint = os.fsencode(mountpoint)
@@ -104,16 +104,19 @@ class MountReader:
             return fd
 
     def read_all(self, rel: bytes) -> bytes:
-        fd = self._fd(rel)
+        return self._read(self._fd(rel), 0, None)
+
+    def _read(self, fd: int, offset: int, size: Optional[int]) -> bytes:
+        """``size`` bytes from ``offset`` (None: up to the end), fewer only at the end; counted."""
         parts: List[bytes] = []
-        off = 0
-        while True:
-            b = self._pread(fd, CHUNK, off)
+        got = 0
+        while size is None or got < size:
+            b = self._pread(fd, CHUNK if size is None else size - got, offset + got)
             if not b:
                 break
             parts.append(b)
-            off += len(b)
-        self.add_bytes_read(off)
+            got += len(b)
+        self.add_bytes_read(got)
         return b"".join(parts)
 
     @staticmethod
@@ -127,17 +130,7 @@ class MountReader:
             raise
 
     def pread(self, rel: bytes, size: int, offset: int) -> bytes:
-        fd = self._fd(rel)
-        out = []
-        got = 0
-        while got < size:
-            b = self._pread(fd, size - got, offset + got)
-            if not b:
-                break
-            out.append(b)
-            got += len(b)
-        self.add_bytes_read(got)
-        return b"".join(out)
+        return self._read(self._fd(rel), offset, size)
 
     def preads(self, reqs: Sequence[Tuple[bytes, int, int]]) -> List[bytes]:
         """Many (rel, offset, length) reads in parallel; results in request order."""
