@@ -120,14 +120,15 @@ class ReplicaCatalog:
             else:
                 self._move_and_delete(list(moves), deletes)
             self.con.executemany(_INSERT, rows)
-            self.con.execute("UPDATE cycles SET state = 'committed', committed_ns = ?, stats = ? WHERE cycle = ?",
-                             (time.time_ns(), json.dumps(stats), cycle))
+            self.con.execute("UPDATE cycles SET state = 'committed', committed_ns = ?, stats = ? "
+                             "WHERE cycle = ?", (time.time_ns(), json.dumps(stats), cycle))
 
     def _move_and_delete(self, moves: List[Tuple[bytes, bytes]], deletes: Iterable[bytes]) -> None:
         """Rows of moved subtrees follow them (all lifted first: chains and swaps work); deleted
         subtrees go."""
         con = self.con
-        lifted = [con.execute(f"SELECT * FROM files WHERE {_SUBTREE}", _subtree(o)).fetchall() for o, _n in moves]
+        lifted = [con.execute(f"SELECT * FROM files WHERE {_SUBTREE}", _subtree(o)).fetchall()
+                  for o, _n in moves]
         for o, _n in moves:
             con.execute(f"DELETE FROM files WHERE {_SUBTREE}", _subtree(o))
         for (o, n), items in zip(moves, lifted):

@@ -1,4 +1,4 @@
-"""Directory fds below DEST, opened without following symlinks; ``syncfs``.
+"""Directory fds below DEST, opened without following symlinks; new files in them; ``syncfs``.
 
 ``DirFds`` opens each directory below a root fd one component at a time through
 ``core.paths.open_dir_nofollow`` (``O_NOFOLLOW``: a symlink placed inside DEST is never
@@ -7,7 +7,8 @@ whose path it checked.  With ``create`` it makes missing directories, calling
 ``on_mkdir(rel)`` first (the undo record of the mkdir is written ahead of it).  A
 non-directory in the way raises ``NotADir`` (the caller may replace it) when creating,
 ``ManifestError`` otherwise.  ``dirty`` collects directories whose entries changed, for one
-fsync each before the commit.
+fsync each before the commit.  ``create_file`` makes a new file in such a directory and
+removes it again if filling it fails.
 
 Used by the applying cycle (``replica.dest``), the second applying process
 (``replica.worker``) and the history (``syncfs`` after a rollback).
@@ -20,12 +21,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, Optional, Set, TypeVar
 
 from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.core.paths import basename, open_dir_nofollow, parent, show
 
 MAX_CACHED = 512        # directory fds kept open at once
+O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -35,6 +38,20 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def create_file(dir_fd: int, name: bytes, mode: int, body: Callable[[int], T]) -> T:
+    """Create new file ``name`` in ``dir_fd`` (never an existing one, never through a symlink)
+    with ``mode`` and run ``body(fd)`` on it; the file is removed again when that fails."""
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, mode, dir_fd=dir_fd)
+    try:
+        out = body(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(name, dir_fd=dir_fd)
+        raise
+    os.close(fd)
+    return out
 
 
 class NotADir(Exception):

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.unit
 
 
 def _members(cls) -> dict:
-    out = {n: v for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    out = {n: v for n, v in vars(cls).items()
+           if not n.startswith("_") and (callable(v) or isinstance(v, property))}
     out.update({n: None for n in getattr(cls, "__annotations__", {})})
     return out
 
