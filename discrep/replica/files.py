@@ -1,52 +1,80 @@
 """Regular-file content for the replica: compare, fetch only changed ranges, write.
 
-A mixin of ``replica.Applier``: for each file entry it decides, from the
-replica catalog's signature of the old copy (trusted only while inode, size
-and mtime still match), between: unchanged (metadata only), small file from a
-pack, whole fetch into a staged new file, in-place patch of changed fine blocks
-(two-level signature compare; the old blocks go to the undo log first), or a
-content-defined-chunk rebuild when data shifted.
+``FilePatcher.apply(e)`` decides, for one file entry, from the replica catalog's signature of
+the old copy (trusted only while inode, size and mtime still match), between: unchanged
+(metadata only), small file from a pack, whole fetch into a staged new file, in-place patch
+of changed fine blocks (the source's changed-block list or a two-level signature compare;
+the old blocks go to the undo log first), or a content-defined-chunk rebuild when data
+shifted.  It appends each file's ``CatalogRow`` to the cycle's rows.
 
-Thread-safety: methods run in the applying thread; range reads fan out to the
-reader's pool, which writes with pwrite into fds owned by this thread.
+Thread-safety: runs in the applying thread; range reads fan out to the reader's pool, which
+writes with pwrite into fds owned by this thread.
 """
 from __future__ import annotations
 
 import os
 import stat as statmod
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import blockdiff
-from blockdiff import cdc_index, framing
+from blockdiff import cdc_index
 
 from discrep.core import platform
-from discrep.protocol import cbt
-from discrep.protocol import ranges as rq
 from discrep.core.errors import ManifestError
-from discrep.protocol.manifest import Entry
 from discrep.core.paths import basename, enc, parent, show
-from discrep.replica.catalog import FileRow
-from discrep.protocol import layout
-from discrep.core.xattrs import read_xattrs
+from discrep.protocol import cbt, layout
+from discrep.protocol.manifest import Entry
+from discrep.replica.catalog import CatalogRow, ReplicaCatalog
+from discrep.replica.dest import Dest
+from discrep.replica.dirs import O_FILE, create_file
+from discrep.replica.fetch import LazySig, fetch_ranges, split_by_extents
+from discrep.replica.meta import MetaWriter
+from discrep.replica.packs import PackSource
+from discrep.replica.reader import Reader
+from discrep.replica.stats import SyncStats
 
-PACK_AHEAD = 3               # packs read ahead on a first copy
 CDC_MIN_SIZE = 1024 * 1024   # below this, shifted data is simply refetched where it differs
-O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
+
+Fill = Callable[[int], int]          # writes a new file's content into an fd; returns bytes written
+Sig = Union[None, bytes, "blockdiff.Signature", LazySig]
 
 
-def _lstat(dirs, rel: bytes) -> Optional[os.stat_result]:
-    """lstat of ``rel`` through the cached directory fds (no symlink followed); None if absent."""
-    try:
-        return os.stat(basename(rel), dir_fd=dirs.get(parent(rel)), follow_symlinks=False)
-    except (FileNotFoundError, ManifestError):
-        return None
+class FilePatcher:
+    """Applies file entries' content (see module doc)."""
 
+    def __init__(self, reader: Reader, dest: Dest, cat: ReplicaCatalog, meta: MetaWriter, packs: PackSource,
+                 stats: SyncStats, rows: List[CatalogRow], base_of: Callable[[bytes], bytes]):
+        self.reader = reader
+        self.dest = dest
+        self.cat = cat
+        self.meta = meta
+        self.packs = packs
+        self.stats = stats
+        self.rows = rows
+        self.base_of = base_of                       # path in the base cycle (before this cycle's moves)
+        self.data_override: Dict[int, bytes] = {}    # file idx -> where to read it instead of .discrep/data/
 
-class FileOps:
-    """File-content half of the Applier (see module doc)."""
+    def apply(self, e: Entry) -> None:
+        """Bring file ``e`` (not a hard link) to its new content and metadata."""
+        dest = self.dest
+        # in a directory this cycle made, nothing older can be there (unless moved in: dropped)
+        new_dir = dest.fresh or (parent(e.path) in dest.created and e.path not in dest.dropped)
+        st = None if new_dir else dest.dirs.lstat(e.path)
+        old = self._trusted_old(e, st)
+        old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
+        if old_sig is not None and ((e.h is not None and old_sig.whole_digest() == e.h and old.size == e.size)
+                                    or (e.size == 0 and old.size == 0)):
+            self.unchanged(e, old_sig)
+            return
+        self.stats.files_changed += 1
+        if e.pack is not None:
+            self._from_pack(e)
+        elif old_sig is None or e.size == 0:
+            self._fetch_whole(e)
+        else:
+            self._patch(e, old_sig, st)
 
-    # -- regular files -------------------------------------------------
-    def _trusted_old(self, e: Entry, st: Optional[os.stat_result]) -> Optional[FileRow]:
+    def _trusted_old(self, e: Entry, st: Optional[os.stat_result]) -> Optional[CatalogRow]:
         if st is None or not statmod.S_ISREG(st.st_mode):
             return None
         row = self.cat.get(self.base_of(e.path))
@@ -56,117 +84,59 @@ class FileOps:
             return None
         return row
 
-    def _pack(self, k: int) -> bytes:
-        """Pack ``k``, decoded.  Packs are consumed in order: while this one's files are written,
-        the next one is already being read (a reader-pool thread; I/O releases the GIL)."""
-        data = self._packs.get(k)
-        if data is None:
-            fut = self._pack_next.pop(k, None)
-            self._packs.clear()
-            data = fut.result() if fut is not None else self._read_pack(k)
-            self._packs[k] = data
-            self._pack_cur = k
-            self.prefetch_pack(k + 1)
-        return data
-
-    def prefetch_pack(self, k: int) -> None:
-        """Start reading packs ``k`` .. ``k + PACK_AHEAD - 1`` that exist yet (prefetching on):
-        several reads in flight keep the mount busy while files are written."""
-        if not self.prefetch_packs:
-            return
-        for j in range(k, min(k + PACK_AHEAD, max(self.n_packs, self.packs_known()))):
-            if j not in self._pack_next and j not in self._packs and j not in self._foreign_packs:
-                self._pack_next[j] = self.reader.pool.submit(self._read_pack, j)
-
-    def _read_pack(self, k: int) -> bytes:
-        return framing.unpack(self.reader.read_all(self.pack_rel % k))
-
-    def _file(self, e: Entry) -> None:
-        # in a directory this cycle made, nothing older can be there (unless moved in: dropped)
-        new_dir = self.fresh or (parent(e.path) in self.created and e.path not in self.dropped)
-        st = None if new_dir else _lstat(self.dirs, e.path)
-        old = self._trusted_old(e, st)
-        old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
-        if e.h is not None and old_sig is not None and old_sig.whole_digest() == e.h and old.size == e.size:
-            self._unchanged(e, old_sig)
-            return
-        if e.size == 0 and old_sig is not None and old.size == 0:
-            self._unchanged(e, old_sig)
-            return
-        self.stats.files_changed += 1
-        if e.pack is not None:
-            k, off = e.pack
-            blob = self._pack(k)
-            data = blob[off:off + e.size]
-            whole, sig = blockdiff.sign_small(data)
-            if len(data) != e.size or whole != e.h:
-                raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
-            self._write_new(e, lambda fd: os.pwrite(fd, data, 0) if data else 0, sig)
-            return
-        if old_sig is None or e.size == 0:
-            self._fetch_whole(e)
-            return
-        self._patch(e, old_sig, st)
-
-    def _unchanged(self, e: Entry, sig) -> None:
+    def unchanged(self, e: Entry, sig: "blockdiff.Signature") -> None:
+        """The content is the old copy's: metadata only, where it differs."""
         self.stats.files_unchanged += 1
-        fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
+        pfd = self.dest.dirs.get(parent(e.path))
+        fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=pfd)
         try:
-            if not self._meta_matches(e, fd):
-                self._log_meta(e.path, fd)
-                self.log.barrier()
-                self._apply_meta_fd(e, fd)
+            if not self.meta.matches(e, fd):
+                self.dest.log_meta(e.path, fd)
+                self.dest.log.barrier()
+                self.meta.apply_fd(e, fd)
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        self.rows.append((e.path, "file", e.size, e.mtime_ns, st.st_ino, sig.to_bytes()))
+        self.rows.append(CatalogRow.file(e.path, e.size, e.mtime_ns, st.st_ino, sig.to_bytes()))
 
-    def _meta_matches(self, e: Entry, fd: int) -> bool:
-        st = os.fstat(fd)
-        if (statmod.S_IMODE(st.st_mode), st.st_mtime_ns) != (e.mode, e.mtime_ns):
-            return False
-        if self.euid == 0 and (st.st_uid, st.st_gid) != (e.uid, e.gid):
-            return False
-        have = read_xattrs(fd)
-        return {k: v for k, v in have.items() if not k.startswith("security.")} == e.xattrs
+    def _from_pack(self, e: Entry) -> None:
+        k, off = e.pack
+        data = self.packs.get(k)[off:off + e.size]
+        whole, sig = blockdiff.sign_small(data)
+        if len(data) != e.size or whole != e.h:
+            raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
+        self._write_new(e, lambda fd: os.pwrite(fd, data, 0) if data else 0, sig)
 
-    def _write_new(self, e: Entry, fill, sig) -> None:
+    def _write_new(self, e: Entry, fill: Fill, sig: Sig) -> None:
         """Create the file in the stage, fill it, apply metadata, rename into place.
 
         No fsync per file: the cycle ends with one syncfs of DEST before it commits, and a crash
         before the commit rolls the cycle back."""
-        if self.fresh:   # a first copy into an empty DEST: written in place (see Applier.fresh)
-            pfd = self.ensure_parent(e.path)
+        dest = self.dest
+        if dest.fresh:   # a first copy into an empty DEST: written in place (see dest.Dest)
+            pfd = dest.ensure_parent(e.path)
             tmp, dir_fd, mode = basename(e.path), pfd, e.mode & 0o777
-            self.dirs.dirty.add(parent(e.path))
+            dest.dirs.dirty.add(parent(e.path))
         else:
-            tmp, dir_fd, mode = self._tmpname("f"), self.stage_fd, 0o600
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_FILE, mode, dir_fd=dir_fd)
-        try:
+            tmp, dir_fd, mode = dest.tmpname("f"), dest.stage_fd, 0o600
+
+        def body(fd: int) -> Tuple[int, bytes]:
             n = fill(fd)
             if n != e.size or e.extents is not None:
                 os.ftruncate(fd, e.size)
             self.stats.bytes_written += n or 0
-            if sig is None:
-                sig = blockdiff.sign_fd(fd, e.size)
-            elif isinstance(sig, _LazySig):
-                sig = sig.get()
-            self._apply_meta_fd(e, fd, fresh=True, mode_set=(mode & ~self.umask) == e.mode)
-            ino = os.fstat(fd).st_ino
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        os.close(fd)
-        if self.fresh:
-            self.created.add(e.path)
+            sig_bytes = _sig_bytes(sig, fd, e.size)
+            self.meta.apply_fd(e, fd, fresh=True, mode_set=self.meta.created_with(mode, e.mode))
+            return os.fstat(fd).st_ino, sig_bytes
+        ino, sig_bytes = create_file(dir_fd, tmp, mode, body)
+        if dest.fresh:
+            dest.created.add(e.path)
         else:
-            self.install(tmp, e.path)
-        self.rows.append((e.path, "file", e.size, e.mtime_ns, ino,
-                          sig if isinstance(sig, bytes) else sig.to_bytes()))
+            dest.install(tmp, e.path)
+        self.rows.append(CatalogRow.file(e.path, e.size, e.mtime_ns, ino, sig_bytes))
 
     def _data_rel(self, e: Entry) -> bytes:
-        return self._data_override.get(e.idx) or layout.per_file(layout.DATA, e.idx)
+        return self.data_override.get(e.idx) or layout.per_file(layout.DATA, e.idx)
 
     def _fetch_whole(self, e: Entry) -> None:
         ranges = e.extents if e.extents is not None else ([(0, e.size)] if e.size else [])
@@ -184,19 +154,44 @@ class FileOps:
             return self.reader.copy_ranges(self._data_rel(e), ranges, fd, on_data if aligned else None)
         lazy = None
         if aligned and all((o + ln) % bs == 0 or o + ln == e.size for o, ln in ranges):
-            lazy = _LazySig(e.size, fine)  # digests arrive with the data: no reread of what we wrote
+            lazy = LazySig(e.size, fine)  # digests arrive with the data: no reread of what we wrote
         self._write_new(e, fill, lazy)
 
-    def _patch_cbt(self, e: Entry, old_sig, st) -> bool:
+    def _patch(self, e: Entry, old_sig: "blockdiff.Signature", st: os.stat_result) -> None:
+        if e.cbt is not None and e.cbt == self.stats.base and self._patch_cbt(e, old_sig):
+            return
+        rel = layout.per_file(layout.SIG, e.idx)
+        hdr = blockdiff.SigHeader.from_bytes(self.reader.pread(rel, blockdiff.HEADER_SIZE, 0))
+        if hdr.file_size != e.size or hdr.block_size != old_sig.block_size or hdr.factor != old_sig.factor:
+            raise ManifestError(f"signature of {show(e.path)} does not match its manifest entry")
+        c_off, c_len = hdr.coarse_range()
+        coarse = self.reader.pread(rel, c_len, c_off)
+        diff_c = blockdiff.differing_coarse(old_sig, hdr, coarse)
+        if not diff_c:
+            self.stats.files_changed -= 1
+            self.unchanged(e, old_sig)
+            return
+        if e.size != old_sig.file_size and e.size >= CDC_MIN_SIZE and len(diff_c) * 2 > hdr.n_coarse:
+            self._cdc(e, st)
+            return
+        reqs = [(rel,) + tuple(hdr.fine_range(ci)) for ci in diff_c]
+        slices = self.reader.preads(reqs)
+        blocks: List[int] = []
+        fine = _fine_array(old_sig, hdr.n_blocks)
+        for ci, sl in zip(diff_c, slices):
+            blocks += blockdiff.differing_fine(old_sig, hdr, ci, sl)
+            start = ci * hdr.factor * 8
+            fine[start:start + len(sl)] = sl
+        self._apply_blocks(e, old_sig, blocks, bytes(fine), hdr.block_size, hdr.factor)
+
+    def _patch_cbt(self, e: Entry, old_sig: "blockdiff.Signature") -> bool:
         """The source proved which blocks may have changed since the base cycle (our copy):
         compare only those digests.  False when the answer does not fit (then use signatures)."""
         base, size, bs, rs, digs = cbt.parse(self.reader.read_all(layout.per_file(layout.CBT, e.idx)))
         if base != self.stats.base or size != e.size or bs != old_sig.block_size:
             return False
         n_new = -(-e.size // bs)
-        fine = bytearray(old_sig.fine[:n_new * 8])
-        if len(fine) < n_new * 8:
-            fine.extend(b"\0" * (n_new * 8 - len(fine)))
+        fine = _fine_array(old_sig, n_new)
         blocks: List[int] = []
         k = 0
         listed = set()
@@ -213,65 +208,26 @@ class FileOps:
             return False  # growth the answer does not cover: do not guess
         if not blocks and e.size == old_sig.file_size:
             self.stats.files_changed -= 1
-            self._unchanged(e, old_sig)
+            self.unchanged(e, old_sig)
             return True
         self._apply_blocks(e, old_sig, blocks, bytes(fine), bs, old_sig.factor)
         return True
 
-    def _patch(self, e: Entry, old_sig, st) -> None:
-        if e.cbt is not None and e.cbt == self.stats.base and self._patch_cbt(e, old_sig, st):
-            return
-        rel = layout.per_file(layout.SIG, e.idx)
-        hdr = blockdiff.SigHeader.from_bytes(self.reader.pread(rel, blockdiff.HEADER_SIZE, 0))
-        if hdr.file_size != e.size or hdr.block_size != old_sig.block_size or hdr.factor != old_sig.factor:
-            raise ManifestError(f"signature of {show(e.path)} does not match its manifest entry")
-        c_off, c_len = hdr.coarse_range()
-        coarse = self.reader.pread(rel, c_len, c_off)
-        diff_c = blockdiff.differing_coarse(old_sig, hdr, coarse)
-        if not diff_c:
-            self.stats.files_changed -= 1
-            self._unchanged(e, old_sig)
-            return
-        if e.size != old_sig.file_size and e.size >= CDC_MIN_SIZE and len(diff_c) * 2 > hdr.n_coarse:
-            self._cdc(e, st)
-            return
-        reqs = [(rel,) + tuple(hdr.fine_range(ci)) for ci in diff_c]
-        slices = self.reader.preads(reqs)
-        blocks: List[int] = []
-        fine = bytearray(old_sig.fine[:hdr.n_blocks * 8])
-        if len(fine) < hdr.n_blocks * 8:
-            fine.extend(b"\0" * (hdr.n_blocks * 8 - len(fine)))
-        for ci, sl in zip(diff_c, slices):
-            blocks += blockdiff.differing_fine(old_sig, hdr, ci, sl)
-            start = ci * hdr.factor * 8
-            fine[start:start + len(sl)] = sl
-        self._apply_blocks(e, old_sig, blocks, bytes(fine), hdr.block_size, hdr.factor)
-
-    def _apply_blocks(self, e: Entry, old_sig, blocks: List[int], fine: bytes, bs: int, factor: int) -> None:
+    def _apply_blocks(self, e: Entry, old_sig: "blockdiff.Signature", blocks: List[int], fine: bytes,
+                      bs: int, factor: int) -> None:
         """Patch changed ``blocks`` in place (old bytes to the undo log first); ``fine`` is the new
         file's complete fine-digest array, so the new signature needs no reread."""
         ranges = blockdiff.blocks_to_ranges(sorted(set(blocks)), bs, e.size)
         holes: List[Tuple[int, int]] = []
         if e.extents is not None:
-            ranges, holes = _split_by_extents(ranges, e.extents)
-        fd = os.open(basename(e.path), os.O_RDWR | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
+            ranges, holes = split_by_extents(ranges, e.extents)
+        fd = os.open(basename(e.path), os.O_RDWR | O_FILE, dir_fd=self.dest.dirs.get(parent(e.path)))
         try:
-            # write-ahead: the old blocks this patch overwrites (and a cut tail) go to the undo log first
-            old_size = os.fstat(fd).st_size
-            save = [(o, min(ln, old_size - o)) for o, ln in sorted(ranges + holes) if o < old_size]
-            if e.size < old_size:
-                save.append((e.size, old_size - e.size))
-            save = [(o, ln) for o, ln in save if ln > 0]
-            old = b"".join(os.pread(fd, ln, o) for o, ln in save)
-            self._log_meta(e.path, fd)   # first: undone last, after the content is back
-            self.log.add({"op": "patch", "path": enc(e.path), "old_size": old_size,
-                          "ranges": [[o, ln] for o, ln in save]}, old)
-            self.log.barrier()
-            self.stats.history_bytes += len(old)
+            self._save_old(e, fd, ranges + holes)
             if e.size < old_sig.file_size:
                 os.ftruncate(fd, e.size)
             n = 0
-            for off, data in self._fetch_z(e, ranges).items():
+            for off, data in fetch_ranges(self.reader, e, ranges).items():
                 os.pwrite(fd, data, off)
                 n += len(data)
             for off, ln in holes:
@@ -282,15 +238,29 @@ class FileOps:
             if e.size > old_sig.file_size:
                 os.ftruncate(fd, e.size)
             self.stats.bytes_written += n
-            self._apply_meta_fd(e, fd)
+            self.meta.apply_fd(e, fd)
             os.fsync(fd)
             ino = os.fstat(fd).st_ino
         finally:
             os.close(fd)
         new_sig = blockdiff.Signature(e.size, bs, factor, fine, blockdiff.coarse_digests(fine, factor))
-        self.rows.append((e.path, "file", e.size, e.mtime_ns, ino, new_sig.to_bytes()))
+        self.rows.append(CatalogRow.file(e.path, e.size, e.mtime_ns, ino, new_sig.to_bytes()))
 
-    def _cdc(self, e: Entry, st) -> None:
+    def _save_old(self, e: Entry, fd: int, changed: List[Tuple[int, int]]) -> None:
+        """Write-ahead: the old bytes a patch overwrites (and a cut tail) go to the undo log first."""
+        old_size = os.fstat(fd).st_size
+        save = [(o, min(ln, old_size - o)) for o, ln in sorted(changed) if o < old_size]
+        if e.size < old_size:
+            save.append((e.size, old_size - e.size))
+        save = [(o, ln) for o, ln in save if ln > 0]
+        old = b"".join(os.pread(fd, ln, o) for o, ln in save)
+        self.dest.log_meta(e.path, fd)   # first: undone last, after the content is back
+        self.dest.log.add({"op": "patch", "path": enc(e.path), "old_size": old_size,
+                           "ranges": [[o, ln] for o, ln in save]}, old)
+        self.dest.log.barrier()
+        self.stats.history_bytes += len(old)
+
+    def _cdc(self, e: Entry, st: os.stat_result) -> None:
         """Shifted data: read the super-chunk table, chunk entries of differing super-chunks only,
         then fetch the chunks the old copy lacks; everything else is copied from the old copy."""
         rel = layout.per_file(layout.CDC, e.idx)
@@ -303,14 +273,14 @@ class FileOps:
         so, sl = h.supers_range()
         table = head[so:so + sl] if so + sl <= len(head) else self.reader.pread(rel, sl, so)
         supers = cdc_index.parse_supers(h, table)
-        ofd = os.open(basename(e.path), os.O_RDONLY | O_FILE, dir_fd=self.dirs.get(parent(e.path)))
+        ofd = os.open(basename(e.path), os.O_RDONLY | O_FILE, dir_fd=self.dest.dirs.get(parent(e.path)))
         try:
             old_chunks = blockdiff.chunk_fd(ofd, st.st_size)
             diff = cdc_index.differing_supers(old_chunks, supers)
             reqs = [(rel,) + h.chunks_range(supers[i].first, supers[i].count) for i in diff]
             entries = {i: cdc_index.parse_chunks(b) for i, b in zip(diff, self.reader.preads(reqs))}
             ops = cdc_index.plan_two_level(old_chunks, supers, e.size, entries)
-            fetched = self._fetch_z(e, blockdiff.fetch_ranges(ops))
+            fetched = fetch_ranges(self.reader, e, blockdiff.fetch_ranges(ops))
 
             def fill(fd: int) -> int:
                 return blockdiff.build_from_plan(fd, ofd, ops, fetched)
@@ -318,78 +288,19 @@ class FileOps:
         finally:
             os.close(ofd)
 
-    def _fetch_z(self, e: Entry, want: List[Tuple[int, int]]) -> Dict[int, bytes]:
-        """Fetch byte ranges of file ``e`` in batched, compressed requests (ranges.py):
-        returns {offset: bytes} for each wanted (offset, length)."""
-        if not want:
-            return {}
-        bs = rq.BLOCK
-        aligned: List[Tuple[int, int]] = []
-        for off, ln in sorted(want):
-            a, z = off - off % bs, min(-(-(off + ln) // bs) * bs, e.size)
-            if aligned and a <= aligned[-1][0] + aligned[-1][1]:
-                s0 = aligned[-1][0]
-                aligned[-1] = (s0, max(aligned[-1][0] + aligned[-1][1], z) - s0)
-            else:
-                aligned.append((a, z - a))
-        groups = rq.batches(aligned)
-        names = [layout.range_request(e.idx, rq.encode(g)) for g in groups]
-        blobs = list(self.reader.pool.map(lambda n: framing.unpack(self.reader.read_all(n)), names))
-        runs: List[Tuple[int, int, List[bytes]]] = []     # (offset, length, pieces) of contiguous data
-        for g, blob in zip(groups, blobs):
-            pos = 0
-            for off, ln in g:
-                ln = min(ln, e.size - off)
-                piece = blob[pos:pos + ln]
-                if runs and runs[-1][0] + runs[-1][1] == off:   # a range that was cut into batches
-                    runs[-1] = (runs[-1][0], runs[-1][1] + len(piece), runs[-1][2] + [piece])
-                else:
-                    runs.append((off, len(piece), [piece]))
-                pos += ln
-            if pos != len(blob):
-                raise ManifestError(f"range answer for {show(e.path)} has the wrong size")
-        have = [(off, b"".join(pieces) if len(pieces) > 1 else pieces[0]) for off, _ln, pieces in runs]
-        out: Dict[int, bytes] = {}
-        j = 0
-        for off, ln in sorted(want):
-            while have[j][0] + len(have[j][1]) <= off:
-                j += 1
-            a, data = have[j]
-            piece = data[off - a:off - a + ln]
-            if len(piece) != ln:
-                raise ManifestError(f"range answer for {show(e.path)} is short")
-            out[off] = piece
-        return out
+
+def _sig_bytes(sig: Sig, fd: int, size: int) -> bytes:
+    """A new file's signature: as given, from digests taken as its data arrived, or read back."""
+    if sig is None:
+        return blockdiff.sign_fd(fd, size).to_bytes()
+    if isinstance(sig, LazySig):
+        return sig.get().to_bytes()
+    return sig if isinstance(sig, bytes) else sig.to_bytes()
 
 
-class _LazySig:
-    def __init__(self, size: int, fine: bytearray):
-        self.size = size
-        self.fine = fine
-
-    def get(self):
-        f = bytes(self.fine)
-        return blockdiff.Signature(self.size, blockdiff.FINE_SIZE, blockdiff.COARSE_FACTOR, f,
-                                   blockdiff.coarse_digests(f, blockdiff.COARSE_FACTOR))
-
-
-def _split_by_extents(ranges, extents):
-    """Split changed ranges into (parts inside data extents, parts inside holes)."""
-    data, holes = [], []
-    for off, ln in ranges:
-        end = off + ln
-        pos = off
-        for eo, el in extents:
-            ee = eo + el
-            if ee <= pos or eo >= end:
-                continue
-            if eo > pos:
-                holes.append((pos, eo - pos))
-            s, t = max(pos, eo), min(end, ee)
-            data.append((s, t - s))
-            pos = t
-        if pos < end:
-            holes.append((pos, end - pos))
-    return data, holes
-
-
+def _fine_array(old_sig: "blockdiff.Signature", n_blocks: int) -> bytearray:
+    """The old copy's fine digests, cut or zero-padded to ``n_blocks`` (updated as blocks differ)."""
+    fine = bytearray(old_sig.fine[:n_blocks * 8])
+    if len(fine) < n_blocks * 8:
+        fine.extend(b"\0" * (n_blocks * 8 - len(fine)))
+    return fine

@@ -43,6 +43,7 @@ from discrep.core import platform
 from discrep.core.errors import HistoryCorruptError, UsageError
 from discrep.core.paths import STATE_DIR, join, parent
 from discrep.core.xattrs import read_xattrs
+from discrep.replica.dirs import syncfs
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,6 @@ def rollback(dest: bytes, cycle: int) -> int:
     n = undo(recs, _Target(dest, d, None))
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        from discrep.replica.sync import syncfs
         syncfs(fd)
     finally:
         os.close(fd)

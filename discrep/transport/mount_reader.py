@@ -6,7 +6,9 @@ included).  ``copy_ranges`` reads many ranges in parallel (a thread pool: over
 sshfs many requests are in flight on one connection, so round trips overlap)
 and writes each range into a local fd as it arrives.
 
-The SFTP reader of the SSH transport offers the same methods.
+MountReader and the SFTP reader of the SSH transport satisfy the replica's
+``replica.reader.Reader`` protocol (structurally: the transport does not import the
+replica).
 
 Thread-safety: all methods may be called from several threads; the fd cache
 and the byte counter are guarded by a lock.
@@ -42,6 +44,10 @@ def split_ranges(ranges: Iterable[Tuple[int, int]], chunk: int) -> List[Tuple[in
 
 
 class MountReader:
+    """Reads an export through the mount at ``mountpoint`` (see module doc)."""
+
+    cycle_dir: Optional[bytes] = None   # no streamed cycle's directory to read directly (see DirectDataReader)
+
     def __init__(self, mountpoint: str, *, workers: int = 8):
         self.mountpoint = os.fsencode(mountpoint)
         self.bytes_read = 0
@@ -60,7 +66,8 @@ class MountReader:
                 os.close(fd)
             self._fds.clear()
 
-    def _count(self, n: int) -> None:
+    def add_bytes_read(self, n: int) -> None:
+        """Count ``n`` bytes read from the export (here, or by another process on our behalf)."""
         with self._lock:
             self.bytes_read += n
 
@@ -97,16 +104,19 @@ class MountReader:
             return fd
 
     def read_all(self, rel: bytes) -> bytes:
-        fd = self._fd(rel)
+        return self._read(self._fd(rel), 0, None)
+
+    def _read(self, fd: int, offset: int, size: Optional[int]) -> bytes:
+        """``size`` bytes from ``offset`` (None: up to the end), fewer only at the end; counted."""
         parts: List[bytes] = []
-        off = 0
-        while True:
-            b = self._pread(fd, CHUNK, off)
+        got = 0
+        while size is None or got < size:
+            b = self._pread(fd, CHUNK if size is None else size - got, offset + got)
             if not b:
                 break
             parts.append(b)
-            off += len(b)
-        self._count(off)
+            got += len(b)
+        self.add_bytes_read(got)
         return b"".join(parts)
 
     @staticmethod
@@ -120,17 +130,7 @@ class MountReader:
             raise
 
     def pread(self, rel: bytes, size: int, offset: int) -> bytes:
-        fd = self._fd(rel)
-        out = []
-        got = 0
-        while got < size:
-            b = self._pread(fd, size - got, offset + got)
-            if not b:
-                break
-            out.append(b)
-            got += len(b)
-        self._count(got)
-        return b"".join(out)
+        return self._read(self._fd(rel), offset, size)
 
     def preads(self, reqs: Sequence[Tuple[bytes, int, int]]) -> List[bytes]:
         """Many (rel, offset, length) reads in parallel; results in request order."""

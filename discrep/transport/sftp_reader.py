@@ -1,7 +1,8 @@
 """Reading a cycle's export through paramiko SFTP (no sshfs, no FUSE needed on the replica).
 
-``SftpReader(sftp, root)`` offers the methods of ``reader.MountReader``
-(read_all, pread, preads, copy_ranges, bytes_read, close) over an SFTP session
+``SftpReader(sftp, root)`` offers the methods of ``mount_reader.MountReader`` (the
+replica's ``replica.reader.Reader`` protocol: read_all, pread, preads, copy_ranges,
+bytes_read, add_bytes_read, know_files, close) over an SFTP session
 that runs on the cycle's single paramiko connection.  Every call pipelines its
 requests: ``SFTPFile.readv`` sends all the (<= 32 KiB) read requests of a batch
 before waiting, so many ranges cost about one round trip plus the bytes.
@@ -37,6 +38,10 @@ def _lost(e: BaseException) -> TransportError:
 
 
 class SftpReader:
+    """Reads an export over SFTP below ``root`` (see module doc)."""
+
+    cycle_dir: Optional[bytes] = None   # nothing another process could read directly
+
     def __init__(self, sftp, root: str):
         self.sftp = sftp
         self.root = root.rstrip("/")
@@ -45,6 +50,14 @@ class SftpReader:
         self._files: Dict[bytes, Tuple[object, int]] = {}
         # callers may fan out through reader.pool (as with MountReader); calls still serialize on the lock
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="discrep-sftp")
+
+    def know_files(self, paths: Dict[int, bytes], live: Iterable[int] = ()) -> None:
+        """The cycle's file paths by manifest idx: every read goes through the export here."""
+
+    def add_bytes_read(self, n: int) -> None:
+        """Count ``n`` bytes read from the export."""
+        with self._lock:
+            self.bytes_read += n
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -117,14 +130,14 @@ class SftpReader:
             _, size = self._file(rel)
             chunks = [(o, min(PIECE, size - o)) for o in range(0, size, PIECE)]
             data = b"".join(self._readv(rel, chunks))
-            self.bytes_read += len(data)
+            self.add_bytes_read(len(data))
             return data
 
     def pread(self, rel: bytes, size: int, offset: int) -> bytes:
         with self._lock:
             chunks = [(o, min(PIECE, offset + size - o)) for o in range(offset, offset + size, PIECE)]
             data = b"".join(self._readv(rel, chunks))
-            self.bytes_read += len(data)
+            self.add_bytes_read(len(data))
             return data
 
     def preads(self, reqs: Sequence[Tuple[bytes, int, int]]) -> List[bytes]:
@@ -137,7 +150,7 @@ class SftpReader:
             for rel, idxs in by_file.items():
                 for i, data in zip(idxs, self._readv(rel, [(reqs[i][1], reqs[i][2]) for i in idxs])):
                     out[i] = data
-                    self.bytes_read += len(data)
+                    self.add_bytes_read(len(data))
         return out  # type: ignore[return-value]
 
     def copy_ranges(self, rel: bytes, ranges: Iterable[Tuple[int, int]], out_fd: int,
@@ -152,6 +165,6 @@ class SftpReader:
                 os.pwrite(out_fd, data, off)
                 if on_data is not None:
                     on_data(off, data)
-                self.bytes_read += n
+                self.add_bytes_read(n)
                 total += n
         return total

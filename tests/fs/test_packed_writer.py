@@ -1,4 +1,4 @@
-"""The first copy's packed-file hot path (fresh_worker.PackedWriter) against hostile and odd
+"""The first copy's packed-file hot path (packed.PackedWriter) against hostile and odd
 entries: it writes only what ``manifest.Entry`` would accept, hands anything unusual to the
 general path, and leaves nothing behind when it refuses (tier: fs)."""
 from __future__ import annotations
@@ -11,10 +11,11 @@ import blockdiff
 import pytest
 
 from discrep.core.errors import ManifestError, UnsafePathError
-from discrep.replica.worker import PackedWriter
+from discrep.replica.packed import PackedWriter
 from discrep.protocol.manifest import Entry
 from discrep.core.paths import parent
-from discrep.replica.sync import _Dirs
+from discrep.replica.dirs import DirFds
+from discrep.replica.owners import OwnerMap
 
 pytestmark = pytest.mark.fs
 
@@ -35,9 +36,10 @@ def writer(tmp_path: Path):
     dest = tmp_path / "dest"
     dest.mkdir()
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
-    dirs = _Dirs(fd)
+    dirs = DirFds(fd)
     try:
-        yield PackedWriter(lambda rel: dirs.get(parent(rel), create=True), dirs.dirty, numeric_ids=True), dest
+        yield PackedWriter(lambda rel: dirs.get(parent(rel), create=True), dirs.dirty,
+                           OwnerMap(numeric_ids=True)), dest
     finally:
         dirs.clear()
         os.close(fd)

@@ -1,0 +1,116 @@
+"""Byte ranges of one file from the export: batched, compressed range requests; holes.
+
+``fetch_ranges`` asks the export for the (aligned, merged) ranges of a file in a few
+``protocol.ranges`` batches -- each one file name the export answers with the compressed
+bytes -- read in parallel through the reader's pool, and cuts the answers back into the
+ranges wanted.  ``split_by_extents`` separates changed ranges of a sparse file into data and
+holes; ``LazySig`` is a new file's signature built from digests taken as its data arrived.
+
+Thread-safety: pure functions and values; the reads fan out to the reader's pool.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import blockdiff
+from blockdiff import framing
+
+from discrep.core.errors import ManifestError
+from discrep.core.paths import show
+from discrep.protocol import layout
+from discrep.protocol import ranges as rq
+from discrep.protocol.manifest import Entry
+from discrep.replica.reader import Reader
+
+Range = Tuple[int, int]
+
+
+def fetch_ranges(reader: Reader, e: Entry, want: List[Range]) -> Dict[int, bytes]:
+    """Byte ranges of file ``e``: {offset: bytes} for each wanted (offset, length)."""
+    if not want:
+        return {}
+    groups = rq.batches(_aligned(want, e.size))
+    names = [layout.range_request(e.idx, rq.encode(g)) for g in groups]
+    blobs = list(reader.pool.map(lambda n: framing.unpack(reader.read_all(n)), names))
+    return _cut(e, want, _pieces(e, groups, blobs))
+
+
+def _aligned(want: List[Range], size: int) -> List[Range]:
+    """``want`` widened to whole ``ranges.BLOCK`` blocks (not past ``size``), sorted and merged."""
+    bs = rq.BLOCK
+    aligned: List[Range] = []
+    for off, ln in sorted(want):
+        a, z = off - off % bs, min(-(-(off + ln) // bs) * bs, size)
+        if aligned and a <= aligned[-1][0] + aligned[-1][1]:
+            s0 = aligned[-1][0]
+            aligned[-1] = (s0, max(aligned[-1][0] + aligned[-1][1], z) - s0)
+        else:
+            aligned.append((a, z - a))
+    return aligned
+
+
+def _pieces(e: Entry, groups: Sequence[Sequence[Range]], blobs: List[bytes]) -> List[Tuple[int, bytes]]:
+    """(offset, bytes) of every contiguous run of ranges asked for, from each batch's answer: a range
+    larger than one batch was cut into pieces (ranges.batches), which are joined again here."""
+    runs: List[Tuple[int, int, List[bytes]]] = []     # (offset, length, pieces)
+    for g, blob in zip(groups, blobs):
+        pos = 0
+        for off, ln in g:
+            ln = min(ln, e.size - off)
+            piece = blob[pos:pos + ln]
+            if runs and runs[-1][0] + runs[-1][1] == off:
+                runs[-1] = (runs[-1][0], runs[-1][1] + len(piece), runs[-1][2] + [piece])
+            else:
+                runs.append((off, len(piece), [piece]))
+            pos += ln
+        if pos != len(blob):
+            raise ManifestError(f"range answer for {show(e.path)} has the wrong size")
+    return [(off, b"".join(pieces) if len(pieces) > 1 else pieces[0]) for off, _ln, pieces in runs]
+
+
+def _cut(e: Entry, want: List[Range], have: List[Tuple[int, bytes]]) -> Dict[int, bytes]:
+    out: Dict[int, bytes] = {}
+    j = 0
+    for off, ln in sorted(want):
+        while have[j][0] + len(have[j][1]) <= off:
+            j += 1
+        a, data = have[j]
+        piece = data[off - a:off - a + ln]
+        if len(piece) != ln:
+            raise ManifestError(f"range answer for {show(e.path)} is short")
+        out[off] = piece
+    return out
+
+
+def split_by_extents(ranges: List[Range], extents: List[Range]) -> Tuple[List[Range], List[Range]]:
+    """Split changed ranges into (parts inside data extents, parts inside holes)."""
+    data: List[Range] = []
+    holes: List[Range] = []
+    for off, ln in ranges:
+        end = off + ln
+        pos = off
+        for eo, el in extents:
+            ee = eo + el
+            if ee <= pos or eo >= end:
+                continue
+            if eo > pos:
+                holes.append((pos, eo - pos))
+            s, t = max(pos, eo), min(end, ee)
+            data.append((s, t - s))
+            pos = t
+        if pos < end:
+            holes.append((pos, end - pos))
+    return data, holes
+
+
+class LazySig:
+    """A new file's signature from its fine digests, taken as the data arrived (no reread)."""
+
+    def __init__(self, size: int, fine: bytearray):
+        self.size = size
+        self.fine = fine
+
+    def get(self) -> "blockdiff.Signature":
+        f = bytes(self.fine)
+        return blockdiff.Signature(self.size, blockdiff.FINE_SIZE, blockdiff.COARSE_FACTOR, f,
+                                   blockdiff.coarse_digests(f, blockdiff.COARSE_FACTOR))
