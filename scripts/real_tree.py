@@ -19,7 +19,6 @@ import shutil
 import sqlite3
 import subprocess
 import sysconfig
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +60,6 @@ def main() -> int:
         for off in (0, 300 << 20, 900 << 20):
             f.seek(off)
             f.write(rnd.randbytes(1 << 20))
-    t = time.time()
     r1 = replicate(src, dst)
     print("cycle 1:", json.dumps(r1))
     print("check 1:", check(src, dst) or "identical")
