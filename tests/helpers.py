@@ -261,8 +261,11 @@ def sweep_stale() -> List[str]:
             continue
         if not argv or not os.path.basename(argv[0]).startswith(b"sshd"):
             continue
-        hits = [a.decode(errors="surrogateescape") for a in argv if TEST_PREFIX.encode() in a]
-        if hits and is_stale(hits[0].split("=", 1)[-1]):
+        # sshd rewrites its title into argv[0] ("sshd: /usr/sbin/sshd -D -f /tmp/discrep-test-x/... [listener]"):
+        # look at each word, not each argv element, or a live session's sshd looks stale
+        words = [w.decode(errors="surrogateescape") for a in argv for w in a.split()]
+        hits = [w.split("=", 1)[-1] for w in words if TEST_PREFIX in w]
+        if hits and is_stale(hits[0]):
             try:
                 os.kill(int(proc.name), signal.SIGKILL)
                 done.append(f"kill sshd {proc.name}")
