@@ -53,7 +53,9 @@ from discrep.run.sources import SourceRoots, acked_cut, wait_stopped
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 6.0                 # SIGTERM -> SIGKILL for children at the stop
+GRACE_S = 6.0                 # SIGTERM -> SIGKILL for children at the stop (the whole stop stays under 10 s)
+HISTORY_EVERY_S = 60.0        # DEST/.discrep/history is measured after a cycle that changed files, else
+                              # at most this often (retention may have pruned it)
 TICK_S = 1.0                  # watchers and per-root metrics at least this often
 POLL_S = 0.1                  # journal polls for the early trigger
 QUIET_S = 0.25
@@ -183,7 +185,8 @@ class Service:
         self.metrics = Metrics()
         self.sources = SourceRoots(self.metrics)
         self.dest_locks: Dict[str, int] = {}
-        self.done: "queue.Queue[Tuple[str, CycleChild, Outcome, int, Optional[float]]]" = queue.Queue()
+        self.done: "queue.Queue[Tuple[str, CycleChild, Outcome, Optional[int], Optional[float]]]" = queue.Queue()
+        self.history_at: Dict[str, float] = {}
         self.workers: List[threading.Thread] = []
         self.waker = _Waker()
         self.stop_reason: Optional[str] = None
@@ -279,8 +282,9 @@ class Service:
                 log.warning("cycle of job %s did not stop in %.0fs: SIGKILL", s.job.name, self.grace_s)
                 s.child.kill()
         self.sources.kill()
+        end = time.monotonic() + 2.0
         for w in self.workers:
-            w.join(timeout=3)
+            w.join(timeout=max(0.0, end - time.monotonic()))
         wait_stopped(self.sources, 1.0)
         self._collect()
         self._save()
@@ -436,13 +440,16 @@ class Service:
             child.start()
         except (Error, OSError) as e:
             msg = str(e) if isinstance(e, Error) else f"cannot start the cycle: {e}"
-            self._finish(s, Outcome("error", error=msg, started=now, ended=time.time()), 0, None)
+            self._finish(s, Outcome("error", error=msg, started=now, ended=time.time()), None, None)
             return False
         s.child = child
         s.first_new = s.last_seen = None
         s.state.running, s.state.last_start, s.state.next_run = True, child.started, None
         log.info("job %s: cycle started (pid %d)", name, child.pid)
-        t = threading.Thread(target=self._wait_child, args=(name, child, s.dest), name=f"cycle-{name}",
+        measure = time.monotonic() - self.history_at.get(name, -HISTORY_EVERY_S) >= HISTORY_EVERY_S
+        if measure:
+            self.history_at[name] = time.monotonic()
+        t = threading.Thread(target=self._wait_child, args=(name, child, s.dest, measure), name=f"cycle-{name}",
                              daemon=True)
         self.workers = [w for w in self.workers if w.is_alive()] + [t]
         t.start()
@@ -450,14 +457,17 @@ class Service:
         self._save()
         return True
 
-    def _wait_child(self, name: str, child: CycleChild, dest: str) -> None:
-        """Worker thread: wait for the child, measure the replica, hand the outcome to the main loop."""
+    def _wait_child(self, name: str, child: CycleChild, dest: str, measure: bool) -> None:
+        """Worker thread: wait for the child, measure the replica, hand the outcome to the main loop.
+        (Reads ``stop_reason``, which only the main thread sets: no measuring while stopping.)"""
         try:
             o = child.wait()
         except Exception as e:  # never lose a finished cycle: report it as an error
             o = Outcome("error", error=f"waiting for the cycle failed: {e}", started=child.started, ended=time.time())
-        hb = history_bytes(dest)
-        src_time = replica_source_time(dest) if o.status in ("ok", "warning") else None
+        stopping = self.stop_reason is not None
+        changed = any(o.figures.get(k) for k in ("files_changed", "files_deleted", "files_renamed"))
+        hb = history_bytes(dest) if (measure or changed) and not stopping else None
+        src_time = replica_source_time(dest) if o.status in ("ok", "warning") and not stopping else None
         self.done.put((name, child, o, hb, src_time))
         self.waker.wake()
 
@@ -477,7 +487,7 @@ class Service:
                 self._release_locks()
                 self.sources.set_roots({x.root for x in self.slots.values() if x.root and not x.removed})
 
-    def _finish(self, s: _Slot, o: Outcome, hb: int, src_time: Optional[float]) -> None:
+    def _finish(self, s: _Slot, o: Outcome, hb: Optional[int], src_time: Optional[float]) -> None:
         """Book a finished cycle: state, metrics, log, the replica catalog for unreported errors."""
         st, name, now = s.state, s.job.name, time.time()
         st.running, st.last_end = False, o.ended
@@ -503,7 +513,7 @@ class Service:
             st.next_run = now + delay
             log.warning("job %s: cycle failed (%d in a row; retry in %.0fs): %s", name,
                         st.consecutive_failures, delay, o.error)
-            for line in o.stderr_tail[-5:]:
+            for line in [ln for ln in o.stderr_tail if not ln.startswith("discrep: error:")][-5:]:
                 log.info("job %s: %s", name, line)
             if not o.reported:
                 record_error(s.dest, o.error or "the cycle failed")
@@ -511,6 +521,7 @@ class Service:
             st.cycles[o.status] += 1
             self.totals[o.status] += 1
             self.metrics.cycle_done(name, o.status, o.figures, o.ended - o.started)
+        if hb is not None:
             self.metrics.set_history_bytes(name, hb)
         self._publish(name)
         self._save()

@@ -53,3 +53,15 @@ def test_systemd_analyze_verify(tmp_path):
                        timeout=60)
     problems = [ln for ln in p.stdout.splitlines() if "discrep.service" in ln]
     assert problems == [], p.stdout
+
+
+def test_readme_service_example_is_a_valid_jobs_file():
+    """The complete example in the README's "Running as a service" section passes the checks."""
+    import tomllib
+    from discrep.run.config import parse
+    readme = (UNIT.parents[1] / "README.md").read_text()
+    section = readme.split("## Running as a service", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = parse(tomllib.loads(block), "README.md")
+    assert set(cfg.jobs) == {"home", "www"} and cfg.metrics_listen == ("127.0.0.1", 9811)
+    assert cfg.jobs["home"].rpo_s == 3600 and cfg.jobs["www"].options.remote_source
