@@ -113,6 +113,7 @@ class DaemonProc:
         self.proc = subprocess.Popen([DISCREP, "-v", "daemon", "-c", str(config), "--state-dir", str(self.state)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._logf, env=e)
         self.seen: Dict[int, Tuple[str, str]] = {}
+        self.left: List[str] = []         # descendants still running right after the daemon exited
         self._stop_tracking = threading.Event()
         self._tracker = threading.Thread(target=self._track, daemon=True)
         self._tracker.start()
@@ -168,6 +169,7 @@ class DaemonProc:
         took = time.monotonic() - t0
         self._stop_tracking.set()
         self._tracker.join(5)
+        self.left = self.leftovers()      # before close() kills them (a failing test must not leak)
         self.wait_notify("STOPPING=1", timeout=0.5)
         return self.proc.returncode, took, out.decode(errors="replace")
 
@@ -187,6 +189,7 @@ class DaemonProc:
             self.proc.kill()
 
     def close(self) -> None:
+        """Stop it if the test did not; then kill whatever it left (recorded in ``left`` first)."""
         if self.proc.poll() is None:
             self.stop()
         self.kill()

@@ -165,7 +165,7 @@ def test_daemon_jobs_metrics_status_reload_stop(work_dir: Path):
     assert took < 10, f"stop took {took:.1f}s"
     assert any("STOPPING=1" in msg for msg in d.messages)
     assert any("RELOADING=1" in msg for msg in d.messages)
-    assert d.leftovers() == []
+    assert d.left == []
     assert any(" watch " in cmd for _s, cmd in d.seen.values())       # the tracker did see the children
     assert no_mounts_under(work_dir) == []
     assert not any(locks.held(str(p / ".discrep" / n)) for p in (a, c) for n in ("watcher.lock",))
@@ -240,7 +240,7 @@ def test_failing_job_backs_off_and_is_reported(work_dir: Path):
         code, took, _out = d.stop()
         d.close()
     assert code == 0 and took < 10
-    assert d.leftovers() == []
+    assert d.left == []
     assert oct(os.stat(d.state).st_mode & 0o777) == "0o700"
     doc = json.loads((d.state / "state.json").read_text())
     assert doc["jobs"]["bad"]["cycles"]["error"] >= 2
@@ -292,7 +292,7 @@ def test_killed_cycle_is_an_error_and_leaves_no_mount(work_dir: Path):
         code, took, _out = d.stop()
         d.close()
     assert code == 0 and took < 10
-    assert d.leftovers() == []
+    assert d.left == []
     assert no_mounts_under(work_dir) == []
 
 

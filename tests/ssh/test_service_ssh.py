@@ -61,7 +61,7 @@ def test_daemon_pulls_over_ssh_and_stops_clean(work_dir: Path, sshd: Sshd):
         d.close()
     assert code == 0, d.log_text()
     assert took < 10, f"stop took {took:.1f}s"
-    assert d.leftovers() == []
+    assert d.left == []
     assert mounts_under(work_dir) == []
 
     def remote_agents() -> list:
