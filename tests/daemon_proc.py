@@ -142,6 +142,21 @@ class DaemonProc:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def diagnose(self) -> str:
+        """For a failure message: the daemon's thread stacks (SIGUSR1 -> faulthandler), its log and
+        what each descendant process waits in."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
+        procs = []
+        for pid in descendants(self.proc.pid):
+            try:
+                wchan = Path(f"/proc/{pid}/wchan").read_text()
+            except OSError:
+                wchan = "?"
+            procs.append(f"{pid} [{wchan}] {cmdline(pid)[:120]}")
+        return self.log_text() + "\ndescendants:\n" + "\n".join(procs)
+
     def state_doc(self) -> Dict:
         try:
             return json.loads((self.state / "state.json").read_text())

@@ -17,6 +17,7 @@
   ends); a bad file is logged and the jobs loaded before are kept.  SIGTERM/SIGINT: children get
   SIGTERM, after ``grace_s`` SIGKILL (their process group; mounts under their temporary directory
   are then unmounted), and the daemon exits -- within ``grace_s`` + a few seconds.
+* SIGUSR1 writes every thread's stack to the log (faulthandler), for a daemon that seems stuck.
 * systemd: ``READY=1`` once running, ``RELOADING=1``/``READY=1`` around a reload, ``STOPPING=1`` at
   the stop, sent to ``$NOTIFY_SOCKET`` (``sd_notify``: a few lines with the socket module).
 * State: per job ``jobstate.JobState`` in ``STATE_DIR/state.json`` (written atomically), metrics
@@ -29,6 +30,7 @@ the outcome over through a queue; the metrics HTTP server reads the metrics in i
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import queue
@@ -49,7 +51,7 @@ from discrep.run.config import ConfigError, Job, JobsConfig, parse
 from discrep.run.daemon import record_error
 from discrep.run.jobstate import JobState
 from discrep.run.metrics import Metrics, history_bytes
-from discrep.run.sources import SourceRoots, acked_cut, wait_stopped
+from discrep.run.sources import SourceRoots, wait_stopped
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,6 @@ class _Slot:
     state: JobState
     child: Optional[CycleChild] = None
     removed: bool = False            # gone from the jobs file; dropped when its cycle ends
-    cut: int = 0                     # acked journal cut when the job last finished (local sources)
     first_new: Optional[float] = None
     last_seen: Optional[int] = None
     quiet_since: float = 0.0
@@ -214,6 +215,7 @@ class Service:
             if threading.current_thread() is threading.main_thread():
                 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     old[s] = signal.signal(s, self.on_signal)
+                faulthandler.register(signal.SIGUSR1, all_threads=True)   # kill -USR1: stacks to the log
             self._start()
             sd_notify(f"READY=1\nSTATUS=running {len(self.slots)} job(s)")
             log.info("daemon running: %d job(s) from %s, state in %s", len(self.slots), self.config_path,
@@ -227,6 +229,8 @@ class Service:
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)
+                if old:
+                    faulthandler.unregister(signal.SIGUSR1)
                 self._close()
         return {"stopped": self.stop_reason, "jobs": len(self.slots), "cycles": dict(self.totals),
                 "state_dir": self.state_dir}
@@ -265,7 +269,7 @@ class Service:
 
     def _stop(self) -> None:
         running = [s.child for s in self.slots.values() if s.child is not None]
-        log.info("stopping: %d running cycle(s), %d watcher(s)", len(running), len(self.sources.roots))
+        log.info("stopping: %d running cycle(s), %d watcher(s)", len(running), len(self.sources.watchers))
         for c in running:
             c.terminate()
         self.sources.terminate()
@@ -343,7 +347,6 @@ class Service:
             if slot.child is None:
                 slot.state.running = False
                 slot.state.next_run = first_run(job, slot.state, now)
-                slot.cut = acked_cut(slot.root) if slot.root else 0
             self._publish(name)
         self._listen(cfg)
         self.cfg = cfg
@@ -385,14 +388,15 @@ class Service:
             if not self._eager(s) or s.state.next_run is None or s.state.next_run <= now:
                 continue
             seq = self.sources.last_seq(s.root) if s.root else None
-            if seq is None or seq <= s.cut:
+            cut = self.sources.cut(s.root) if s.root else None
+            if seq is None or cut is None or seq <= cut:
                 continue
             if s.first_new is None:
                 s.first_new = mono
             if seq != s.last_seen:
                 s.last_seen, s.quiet_since = seq, mono
             if mono - s.quiet_since >= QUIET_S or mono - s.first_new >= EAGER_MAX_S:
-                log.debug("job %s: journal entries beyond seq %d: cycle now", s.job.name, s.cut)
+                log.debug("job %s: journal entries beyond seq %d: cycle now", s.job.name, cut)
                 s.state.next_run = now
 
     def _start_due(self, now: float) -> None:
@@ -464,6 +468,8 @@ class Service:
             o = child.wait()
         except Exception as e:  # never lose a finished cycle: report it as an error
             o = Outcome("error", error=f"waiting for the cycle failed: {e}", started=child.started, ended=time.time())
+        if o.status == "error" and not o.reported:     # the child died before it could record it
+            record_error(dest, o.error or "the cycle failed")
         stopping = self.stop_reason is not None
         changed = any(o.figures.get(k) for k in ("files_changed", "files_deleted", "files_renamed"))
         hb = history_bytes(dest) if (measure or changed) and not stopping else None
@@ -500,7 +506,8 @@ class Service:
             st.source_time = src_time or st.source_time
             st.consecutive_failures = 0
             st.next_run = max(now, s.job.next_run(o.started if s.job.schedule is None else now))
-            s.cut = acked_cut(s.root) if s.root else 0
+            if s.root:
+                self.sources.refresh_cut(s.root)      # no early trigger until the new cut is read
             log.info("job %s: cycle %s %s (%s): %s files changed, %s bytes read, %.1fs", name,
                      o.figures.get("cycle"), o.status, o.figures.get("change_source"),
                      o.figures.get("files_changed"), o.figures.get("bytes_transferred"), o.ended - o.started)
@@ -515,8 +522,6 @@ class Service:
                         st.consecutive_failures, delay, o.error)
             for line in [ln for ln in o.stderr_tail if not ln.startswith("discrep: error:")][-5:]:
                 log.info("job %s: %s", name, line)
-            if not o.reported:
-                record_error(s.dest, o.error or "the cycle failed")
         if o.status != "interrupted":
             st.cycles[o.status] += 1
             self.totals[o.status] += 1

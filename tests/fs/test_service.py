@@ -10,7 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import pytest
 
@@ -40,10 +40,11 @@ def write_config(path: Path, port: int, jobs: Dict[str, Dict[str, str]], max_con
     path.write_text("\n".join(lines) + "\n")
 
 
-def assert_identical(src: Path, dst: Path, timeout: float = 30.0) -> None:
+def assert_identical(src: Path, dst: Path, d: Optional[DaemonProc] = None, timeout: float = 30.0) -> None:
     """The replica matches the (no longer changing) source within ``timeout``: a change the watcher
     had not journaled when a cycle read its cut comes with the next cycle."""
-    wait_for(lambda: helpers.tree_equal(src, dst) == [], timeout, step=0.5)
+    if not wait_for(lambda: helpers.tree_equal(src, dst) == [], timeout, step=0.5) and d is not None:
+        pytest.fail(f"{dst} differs from {src}: {helpers.tree_equal(src, dst)}\n{d.diagnose()}")
     assert helpers.tree_equal(src, dst) == []
     assert helpers.python_tree_diff(src, dst) == []
 
@@ -88,8 +89,8 @@ def test_daemon_jobs_metrics_status_reload_stop(work_dir: Path):
         os.unlink(a / "top.txt")
         for i in range(3):
             (b / "d" / f"n{i}").write_bytes(b"%d" % i * 100)
-        assert_identical(a, ra)          # (the trees differed: so a cycle after the change is done)
-        assert_identical(b, rb)
+        assert_identical(a, ra, d)          # (the trees differed: so a cycle after the change is done)
+        assert_identical(b, rb, d)
         assert a.joinpath(".discrep", "watcher.lock").exists() and locks.held(str(a / ".discrep" / "watcher.lock"))
 
         # the cycle that brought the change is booked once its process has ended (after the commit)
@@ -150,7 +151,7 @@ def test_daemon_jobs_metrics_status_reload_stop(work_dir: Path):
         d.signal(signal.SIGHUP)
         assert wait_for(lambda: committed(rc) >= 1, 30), d.log_text()
         (c / "x" / "z").write_bytes(b"more")
-        assert_identical(c, rc)
+        assert_identical(c, rc, d)
         assert wait_for(lambda: sample(scrape(port), "discrep_cycles_total", job="c", result="ok") >= 2, 30)
         m = scrape(port)
         assert sample(m, "discrep_cycles_total", job="b", result="ok") is None
@@ -284,7 +285,7 @@ def test_killed_cycle_is_an_error_and_leaves_no_mount(work_dir: Path):
         # the dead export's mount goes (fusermount3's auto-unmount, or the daemon unmounts it)
         assert wait_for(lambda: not [m for m, _t, _s in helpers.mounts() if str(d.state) in m], 10)
         (src / "after").write_bytes(b"after the kill")
-        assert_identical(src, dst)
+        assert_identical(src, dst, d)
         m = scrape(port)
         assert sample(m, "discrep_cycles_total", job="j", result="error") >= 1
         assert sample(m, "discrep_consecutive_failures", job="j") == 0
