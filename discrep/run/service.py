@@ -186,7 +186,9 @@ class Service:
         self.metrics = Metrics()
         self.sources = SourceRoots(self.metrics)
         self.dest_locks: Dict[str, int] = {}
-        self.done: "queue.Queue[Tuple[str, CycleChild, Outcome, Optional[int], Optional[float]]]" = queue.Queue()
+        # (job, child, outcome, history bytes, source time) from workers; child and outcome None: _measure
+        self.done: "queue.Queue[Tuple[str, Optional[CycleChild], Optional[Outcome], Optional[int], Optional[float]]]" \
+            = queue.Queue()
         self.history_at: Dict[str, float] = {}
         self.workers: List[threading.Thread] = []
         self.waker = _Waker()
@@ -321,38 +323,39 @@ class Service:
     def _apply_config(self, cfg: JobsConfig, data: bytes, saved: Dict[str, JobState]) -> None:
         jobstate.write_atomic(self.snapshot, data)
         now = time.time()
-        for name, slot in list(self.slots.items()):
+        for name, old in list(self.slots.items()):
             if name not in cfg.jobs:
-                slot.removed = True
-                if slot.child is None:
+                old.removed = True
+                if old.child is None:
                     self._drop(name)
         for name, job in cfg.jobs.items():
-            slot = self.slots.get(name)
-            if slot is None:
-                st = saved.get(name) or JobState(first_seen=now)
-                slot = self.slots[name] = _Slot(job, st)
-                st.source_time = replica_source_time(slot.dest) or st.source_time
-                self.metrics.add_job(name, job.rpo_s, st.first_seen)
-                self.metrics.set_history_bytes(name, history_bytes(slot.dest))
-            elif slot.job != job:
-                changed_timing = (slot.job.every_s, slot.job.schedule) != (job.every_s, job.schedule)
-                slot.job = job
-                slot.removed = False
-                self.metrics.set_rpo(name, job.rpo_s)
-                if not changed_timing or slot.child is not None:
-                    continue
-            else:
-                slot.removed = False
-                continue
-            if slot.child is None:
-                slot.state.running = False
-                slot.state.next_run = first_run(job, slot.state, now)
-            self._publish(name)
+            self._apply_job(name, job, saved.get(name), now)
         self._listen(cfg)
         self.cfg = cfg
         self.sources.set_roots({s.root for s in self.slots.values() if s.root and not s.removed})
         self._release_locks()
         self._save()
+
+    def _apply_job(self, name: str, job: Job, saved: Optional[JobState], now: float) -> None:
+        """A job of a newly loaded jobs file: add it, or take its new definition (a running cycle goes
+        on with the old one; the next run is recomputed only when the timing changed)."""
+        slot = self.slots.get(name)
+        if slot is None:
+            st = saved or JobState(first_seen=now)
+            slot = self.slots[name] = _Slot(job, st)
+            self.metrics.add_job(name, job.rpo_s, st.first_seen)
+            threading.Thread(target=self._measure, args=(name, slot.dest), name=f"measure-{name}",
+                             daemon=True).start()
+        else:
+            changed_timing = (slot.job.every_s, slot.job.schedule) != (job.every_s, job.schedule)
+            slot.job, slot.removed = job, False
+            self.metrics.set_rpo(name, job.rpo_s)
+            if not changed_timing or slot.child is not None:
+                return
+        if slot.child is None:
+            slot.state.running = False
+            slot.state.next_run = first_run(job, slot.state, now)
+        self._publish(name)
 
     def _listen(self, cfg: JobsConfig) -> None:
         if self.cfg is not None and self.cfg.metrics_listen == cfg.metrics_listen:
@@ -477,6 +480,12 @@ class Service:
         self.done.put((name, child, o, hb, src_time))
         self.waker.wake()
 
+    def _measure(self, name: str, dest: str) -> None:
+        """Thread: the replica's newest recovery point and history size for a job just added (reading
+        the replica's catalog may wait for a lock: not in the main loop)."""
+        self.done.put((name, None, None, history_bytes(dest), replica_source_time(dest)))
+        self.waker.wake()
+
     def _collect(self) -> None:
         while True:
             try:
@@ -484,7 +493,14 @@ class Service:
             except queue.Empty:
                 return
             s = self.slots.get(name)
-            if s is None or s.child is not child:
+            if s is not None and o is None:           # a _measure result
+                if src_time is not None and (s.state.source_time or 0) < src_time:
+                    s.state.source_time = src_time
+                    self._publish(name)
+                if hb is not None:
+                    self.metrics.set_history_bytes(name, hb)
+                continue
+            if s is None or s.child is not child or o is None:
                 continue
             s.child = None
             self._finish(s, o, hb, src_time)
