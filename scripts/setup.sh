@@ -17,9 +17,13 @@ export DEBIAN_FRONTEND=noninteractive
 say() { echo "setup: $*"; }
 
 # alternatives separated by '|': the first one apt knows is installed
+# prometheus: for 'promtool' (tests/unit/test_monitoring.py checks and unit-tests the alert rules).  The
+# package also ships a prometheus server unit; no test needs it running (on a machine without systemd,
+# as in containers, nothing starts it).
 PACKAGES=(
   fuse3 "libfuse3-3|libfuse3-4" sshfs openssh-server openssh-client rsync btrfs-progs
   xfsprogs attr acl iproute2 util-linux kmod e2fsprogs python3-venv
+  prometheus
 )
 
 is_root() { [ "$(id -u)" -eq 0 ]; }

@@ -18,7 +18,10 @@ def register(sp: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
+    """One cycle; its figures (or its error) are recorded in the replica catalog as continuous mode
+    records them, so ``discrep status DEST`` shows them."""
     from discrep.run.config import load
+    from discrep.run.daemon import error_text, record_error, record_result
     from discrep.run.local import replicate_local
     from discrep.run.remote import replicate_remote
     cfg = load(a.config)
@@ -27,9 +30,14 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
         raise UsageError(f"no job {a.job!r} in {cfg.path}",
                          hint=f"jobs there: {', '.join(sorted(cfg.jobs)) or 'none'}")
     prog = common.progress_printer(a)
-    if job.options.remote_source:
-        return dict(replicate_remote(job.options, warnings, prog), job=job.name)
-    return dict(replicate_local(job.options, warnings, prog), job=job.name)
+    cycle = replicate_remote if job.options.remote_source else replicate_local
+    try:
+        res = cycle(job.options, warnings, prog)
+    except Exception as e:         # not KeyboardInterrupt: an interrupted cycle is no failure
+        record_error(job.options.dest, error_text(e))
+        raise
+    record_result(job.options.dest, res, len(warnings))
+    return dict(res, job=job.name)
 
 
 def show(a: argparse.Namespace, res: Dict[str, Any]) -> None:

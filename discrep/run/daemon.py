@@ -67,6 +67,8 @@ def daemon_running(dest: str) -> bool:
 
 def _set_meta(dest: str, items: Dict[str, str]) -> None:
     from discrep.replica.catalog import ReplicaCatalog
+    if not os.path.isdir(os.fsdecode(state_dir(os.fsencode(dest)))):
+        return                  # no replica there (yet): nothing to record into, and nothing to create
     try:
         cat = ReplicaCatalog(os.fsdecode(state_dir(os.fsencode(dest))))
     except Exception as e:  # the catalog itself is the problem: nothing to record into
@@ -75,8 +77,28 @@ def _set_meta(dest: str, items: Dict[str, str]) -> None:
     try:
         for k, v in items.items():
             cat.set_meta(k, v)
+    except Exception as e:
+        log.warning("cannot record into the replica catalog: %s", e)
     finally:
         cat.close()
+
+
+def error_text(e: BaseException) -> str:
+    """One line for a failed cycle: discrep errors as they print, others with their type."""
+    return str(e) if isinstance(e, Error) else f"{type(e).__name__}: {e}"
+
+
+def record_result(dest: str, res: Dict[str, Any], warnings: int) -> Dict[str, Any]:
+    """Record a finished cycle's figures in the replica catalog (meta ``last_cycle_stats``, read by
+    ``discrep status DEST``); returns them with ``warnings`` and ``finished_ns`` added."""
+    rec = dict(res, warnings=warnings, finished_ns=time.time_ns())
+    _set_meta(os.path.abspath(dest), {"last_cycle_stats": json.dumps(rec)})
+    return rec
+
+
+def record_error(dest: str, message: str) -> None:
+    """Record a failed cycle in the replica catalog (meta ``last_error`` and ``last_error_ns``)."""
+    _set_meta(os.path.abspath(dest), {"last_error": message, "last_error_ns": str(time.time_ns())})
 
 
 class _JournalPoll:
@@ -166,9 +188,9 @@ class _Loop:
     def failed(self, e: Exception) -> None:
         self.failures += 1
         self.consecutive += 1
-        self.last_err = f"{type(e).__name__}: {e}" if not isinstance(e, Error) else str(e)
+        self.last_err = error_text(e)
         log.warning("cycle failed (%d in a row): %s", self.consecutive, self.last_err)
-        _set_meta(self.dest, {"last_error": self.last_err, "last_error_ns": str(time.time_ns())})
+        record_error(self.dest, self.last_err)
         self.stop.wait(min(BACKOFF_MAX, BACKOFF_MIN * (2 ** (self.consecutive - 1))))
 
     def succeeded(self, res: Dict[str, Any], cw: WarningList) -> None:
@@ -176,8 +198,7 @@ class _Loop:
             self.warnings.add(w.path, w.message)
         self.cycles += 1
         self.consecutive = 0
-        self.last_res = dict(res, warnings=len(cw), finished_ns=time.time_ns())
-        _set_meta(self.dest, {"last_cycle_stats": json.dumps(self.last_res)})
+        self.last_res = record_result(self.dest, res, len(cw))
         log.info("cycle %s done (%s): %s files changed, %s bytes", res.get("cycle"),
                  res.get("change_source"), res.get("files_changed"), res.get("bytes_transferred"))
 

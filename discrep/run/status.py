@@ -10,6 +10,11 @@ figures (meta ``last_cycle_stats`` written by continuous mode, else the cycle
 row's stats), the last error (meta ``last_error``/``last_error_ns``), an
 interrupted cycle, and whether a continuous daemon holds ``daemon.lock``.
 
+Jobs (``discrep status -c FILE``, ``jobs_status``): per job of the jobs file what ``discrep daemon``
+recorded in its state file (``jobstate``: last success, last result and figures, last error, next
+run) with the replica's newest recovery point, the lag against it and whether the job's ``rpo`` is
+breached.  Problems worth a look (RPO breached, a failing job, no daemon) are listed in ``problems``.
+
 Read-only; thread-safety: runs in the caller's thread.
 """
 from __future__ import annotations
@@ -17,9 +22,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
-from discrep.core.errors import UsageError
+from discrep.core.errors import Error, UsageError
+from discrep.run.config import Job
+from discrep.run.jobstate import JobState
 
 
 def source_status(root: str) -> Dict[str, Any]:
@@ -102,3 +109,56 @@ def path_status(path: str) -> Dict[str, Any]:
     if is_rep:
         out["replica"] = replica_status(path)
     return out
+
+
+def _job_status(job: Job, st: JobState, now: float) -> Dict[str, Any]:
+    dest = os.path.abspath(job.options.dest)
+    rep: Optional[Dict[str, Any]] = None
+    if os.path.exists(os.path.join(dest, ".discrep", "replica.db")):
+        try:
+            rep = replica_status(dest)
+        except Error as e:
+            rep = {"error": str(e)}
+    src_ns = (rep or {}).get("source_time_ns")
+    ref = src_ns / 1e9 if src_ns else (st.source_time or st.first_seen or None)
+    now = max(now, time.time())
+    lag = round(max(0.0, now - ref), 3) if ref else None
+    breached = None if job.rpo_s is None or lag is None else lag > job.rpo_s
+    return {
+        "source": job.options.src, "dest": job.options.dest,
+        "every_s": job.every_s, "schedule": job.schedule, "rpo_s": job.rpo_s,
+        "last_cycle": (rep or {}).get("last_cycle", 0), "lag_s": lag, "rpo_breached": breached,
+        "last_success": st.last_success,
+        "last_success_age_s": None if st.last_success is None else round(now - st.last_success, 1),
+        "last_status": st.last_status, "last_result": st.last_result,
+        "last_error": st.last_error, "last_error_time": st.last_error_time,
+        "consecutive_failures": st.consecutive_failures, "cycles": st.cycles,
+        "running": st.running, "next_run": st.next_run,
+        "next_run_in_s": None if st.next_run is None else round(st.next_run - now, 1),
+        "interrupted_cycle": (rep or {}).get("interrupted_cycle"),
+    }
+
+
+def jobs_status(config_path: str, state_dir: str) -> Dict[str, Any]:
+    """Every job of the jobs file with what the daemon recorded (see the module doc)."""
+    from discrep.core import locks
+    from discrep.run.config import load
+    from discrep.run.jobstate import load as load_state
+    cfg = load(config_path)
+    state = load_state(state_dir)
+    daemon = locks.held(os.path.join(state_dir, "daemon.lock"))
+    now = time.time()
+    jobs = {n: _job_status(j, state["jobs"].get(n) or JobState(), now) for n, j in sorted(cfg.jobs.items())}
+    problems: List[str] = []
+    if not daemon:
+        problems.append(f"no daemon runs with state directory {state_dir} ('discrep daemon -c {cfg.path}', "
+                        f"or systemctl start discrep)")
+    for n, j in jobs.items():
+        if j["rpo_breached"]:
+            problems.append(f"job {n}: RPO breached: the newest recovery point is {j['lag_s']:.0f}s old, "
+                            f"rpo is {j['rpo_s']:.0f}s")
+        if j["consecutive_failures"]:
+            problems.append(f"job {n}: {j['consecutive_failures']} failed cycle(s) in a row: {j['last_error']}")
+    return {"config": cfg.path, "state_dir": os.path.abspath(state_dir),
+            "daemon": "running" if daemon else "stopped", "daemon_pid": state.get("daemon_pid") if daemon else None,
+            "jobs": jobs, "problems": problems}
