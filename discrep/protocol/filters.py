@@ -484,7 +484,7 @@ class _Builder:
             self.rules.clear()
             return
         if kind != DIR_MERGE:
-            return self._append(Rule(kind, pattern))
+            return self._append(Rule(kind, pattern, mods))
         if set(mods) - set("en-+") or mods.count("-") + mods.count("+") > 1:
             raise UsageError(f"dir-merge modifiers {mods!r} not supported",
                              hint="discrep supports e, n and one of - or + on dir-merge")
@@ -660,7 +660,10 @@ def _merge_rules(data: bytes, mods: str, dir_rel: bytes,
             if kind == DIR_MERGE:
                 raise UsageError(f"{where}dir-merge inside a merge file is not supported",
                                  hint=_HINT)
-            Rule(kind, pattern, extra)                      # validates
+            try:
+                Rule(kind, pattern, extra)                  # validates
+            except UsageError as exc:
+                raise UsageError(f"{where}{exc.args[0]}", hint=exc.hint) from None
         if len(pattern) > MAX_PATTERN or len(out) >= MAX_RULES:
             raise UsageError(f"{where}pattern too long or too many rules")
         out.append(_compile(pattern, kind == INCLUDE, dir_rel))
