@@ -338,12 +338,11 @@ def _compile(pattern: bytes, include: bool, dir_prefix: bytes = b"") -> _Compile
 
 # ------------------------------------------------------------------ rule values
 
-def _fsbytes(value: Union[str, bytes], what: str) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
+def _fsbytes(value: Union[str, bytes, "os.PathLike[str]"], what: str) -> bytes:
+    try:
         return os.fsencode(value)
-    raise UsageError(f"{what}: expected str or bytes, got {type(value).__name__}")
+    except TypeError:
+        raise UsageError(f"{what}: expected a str, bytes or path, got {type(value).__name__}")
 
 
 def _show(b: bytes) -> str:
@@ -747,7 +746,7 @@ class Filter:
         return tuple(out)
 
 
-def tree_merge_reader(root: Union[str, bytes]) -> MergeReader:
+def tree_merge_reader(root: Union[str, bytes, "os.PathLike[str]"]) -> MergeReader:
     """A ``read_merge`` for a directory tree at ``root``: a regular file's bytes, None
     when absent or a symlink (not followed), b"" for another file type (rsync reads a
     directory as empty).  Larger than MAX_RULE_FILE raises UsageError."""
