@@ -54,7 +54,7 @@ import pytest
 from hypothesis import HealthCheck, note, reject, settings
 from hypothesis import seed as hyp_seed
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 import helpers
 
@@ -78,12 +78,12 @@ def _env_float(name: str, default: float) -> float:
 
 LONG = bool(os.environ.get("DISCREP_MODEL_EXAMPLES", "").strip())
 EXAMPLES = _env_int("DISCREP_MODEL_EXAMPLES", 0)          # 0: the per-variant defaults below
-STEPS = _env_int("DISCREP_MODEL_STEPS", 24)
+STEPS = _env_int("DISCREP_MODEL_STEPS", 18)
 SEED = os.environ.get("DISCREP_MODEL_SEED", "").strip()
 DEFAULTS = {  # variant: (examples, wall-clock budget in s for starting new examples)
-    "scan": (3, 22.0),
-    "watch": (2, 22.0),
-    "crash": (2, 16.0),
+    "scan": (3, 12.0),
+    "watch": (2, 12.0),
+    "crash": (2, 12.0),
 }
 
 # ---------------------------------------------------------------------------- known bugs
@@ -100,7 +100,8 @@ def tolerated_exit(rc: int, stderr: str) -> Optional[str]:
         return None
     warns = [ln for ln in stderr.splitlines() if ln.startswith("discrep: warning:")]
     if warns and all(ln.endswith("cannot stat: Not a directory") for ln in warns):
-        return "bug 1 (link sibling at its base path, test_link_sibling_under_a_directory_swapped_with_a_file)"
+        return "bug 1 (link sibling at its base path, test_link_sibling_under_a_directory_swapped_with_a_file) " \
+               "or bug 4a (stale catalog rows, test_directory_replaced_by_a_file_warns_forever)"
     return None
 
 
@@ -167,6 +168,7 @@ class ModelMachine(RuleBasedStateMachine):
         self.ready = False
         self.in_rule = False
         self.failed_here = False
+        self.changed = False
         self.top: Optional[Path] = None
         self.watcher: Optional[subprocess.Popen] = None
         self.ops: List[str] = []
@@ -175,6 +177,11 @@ class ModelMachine(RuleBasedStateMachine):
         self.every = 3
         self.ncycle = 0
         self.committed: Optional[Path] = None     # crash variant: copy of SRC at the last committed cycle
+        self.last_files: Dict[bytes, Tuple[int, int]] = {}   # regular files at the last commit: (ino, nlink)
+        self.last_groups: Dict[int, set] = {}
+        self.last_full_dirs: set = set()        # directories that had entries at the last commit
+        self.dirs_removed: set = set()          # directories removed since the last commit
+        self.guarding = False
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -182,6 +189,8 @@ class ModelMachine(RuleBasedStateMachine):
         return self.RUN.variant
 
     def op(self, text: str) -> None:
+        if not text.startswith(("(", "--", " ")):
+            self.changed = True
         self.ops.append(text)
         self.RUN.ops += 1
         note(text)
@@ -236,8 +245,15 @@ class ModelMachine(RuleBasedStateMachine):
         except FileNotFoundError:
             pass
 
+    def note_dirs_removed(self, rel: bytes) -> None:
+        self.dirs_removed.add(rel)
+        self.dirs_removed.update(p for p, s in self.entries() if stat.S_ISDIR(s.st_mode) and is_under(p, rel))
+
     def stepped(self) -> None:
         """End of a changing rule: a cycle every ``self.every`` of them."""
+        if not self.changed:          # a rule that found nothing to do does not bring a cycle closer
+            return
+        self.changed = False
         self.since += 1
         self.RUN.steps_seen += 1
         if self.since >= self.every:
@@ -254,6 +270,7 @@ class ModelMachine(RuleBasedStateMachine):
             raise
 
     def replicate_ok(self, why: str) -> dict:
+        self.avoid_known_bugs()
         self.ncycle += 1
         self.RUN.cycles += 1
         self.op(f"-- cycle {self.ncycle} ({why})")
@@ -270,8 +287,7 @@ class ModelMachine(RuleBasedStateMachine):
             self.fail(f"replicate printed no JSON result: {p.stdout!r} {p.stderr!r}")
             raise
         self.check_equal(self.src, f"after cycle {self.ncycle} ({res.get('change_source')}, exit 0)")
-        if self.variant == "crash":
-            self.save_committed()
+        self.committed_now()
         return res
 
     def check_equal(self, want: Path, what: str) -> None:
@@ -280,6 +296,81 @@ class ModelMachine(RuleBasedStateMachine):
         if d1 or d2:
             self.fail(f"replica differs from {'the source' if want == self.src else want.name} {what}:\n"
                       f"rsync: {d1[:30]}\npython: {d2[:30]}")
+
+    def committed_now(self) -> None:
+        """The replica holds the source as it is now: remember its link groups (for the known-bug
+        guards) and, in the crash variant, keep a copy to compare a rolled-back replica with."""
+        self.last_files = {p: (s.st_ino, s.st_nlink) for p, s in self.entries() if stat.S_ISREG(s.st_mode)}
+        self.last_groups = {}
+        for p, (ino, _n) in self.last_files.items():
+            self.last_groups.setdefault(ino, set()).add(p)
+        self.last_full_dirs = {parent(p) for p, _s in self.entries() if b"/" in p}
+        self.dirs_removed = set()
+        if self.variant == "crash":
+            self.save_committed()
+
+    def avoid_known_bugs(self) -> None:
+        """Before a cycle (unless DISCREP_MODEL_STRICT): steer around the known, unfixed bugs whose
+        symptom is a wrong replica, with changes that are logged like every other operation."""
+        if STRICT or not self.last_files:
+            return
+        if not self.guarding:
+            self.guard_bug4()
+        self.guard_links()
+
+    def guard_bug4(self) -> None:
+        # bug 4: a directory replaced by a file or symlink: its old children are looked up through
+        # the new object; set the new object aside for one cycle (the removal is replicated first)
+        aside = []
+        for p in sorted(self.last_full_dirs | self.dirs_removed):
+            try:
+                st_ = os.lstat(self.full(p))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISDIR(st_.st_mode) or any(q != p and is_under(p, q) for q, _t in aside):
+                continue
+            tmp = join(parent(p), b".aside-%d" % len(aside))
+            os.rename(self.full(p), self.full(tmp))
+            aside.append((p, tmp))
+            self.op(f"rename {show(p)} -> {show(tmp)} (guard for known bug 4: a directory replaced by a "
+                    f"non-directory; put back after one cycle)")
+        if aside:
+            self.guarding = True
+            try:
+                self.replicate_ok("guard for known bug 4")
+            finally:
+                self.guarding = False
+            for p, tmp in reversed(aside):
+                os.rename(self.full(tmp), self.full(p))
+                self.op(f"rename {show(tmp)} -> {show(p)} (back)")
+
+    def guard_links(self) -> None:
+        files = {p: s for p, s in self.entries() if stat.S_ISREG(s.st_mode)}
+        by_ino: Dict[int, set] = {}
+        for p, s in files.items():
+            by_ino.setdefault(s.st_ino, set()).add(p)
+        # bug 3/3b: a name of a multiply-linked file got another inode while the old inode lives on
+        # under other names: the replica would patch (or re-stamp) the shared inode in place
+        for p, (ino, nlink) in sorted(self.last_files.items()):
+            s = files.get(p)
+            if nlink < 2 or s is None or s.st_ino == ino:
+                continue
+            for q in sorted(by_ino.get(ino, set()) - {p}):
+                if os.path.lexists(self.full(q)):
+                    os.unlink(self.full(q))
+                    self.op(f"rm {show(q)} (guard for known bug 3: {show(p)} no longer shares its inode)")
+        # bug 2 (journal): a link group whose set of names changed: touch every name
+        if self.variant == "watch":
+            files = {p: s for p, s in self.entries() if stat.S_ISREG(s.st_mode)}
+            by_ino = {}
+            for p, s in files.items():
+                by_ino.setdefault(s.st_ino, set()).add(p)
+            for ino, paths in sorted(by_ino.items()):
+                if len(paths) > 1 and paths != self.last_groups.get(ino):
+                    for q in sorted(paths):
+                        st_ = files[q]
+                        os.utime(self.full(q), ns=(st_.st_atime_ns, st_.st_mtime_ns))
+                    self.op(f"utime (same times) {sorted(paths)} (guard for known bug 2: link group changed)")
 
     def save_committed(self) -> None:
         new = self.top / f"committed{self.ncycle}"
@@ -293,6 +384,7 @@ class ModelMachine(RuleBasedStateMachine):
 
     def run_cycle(self, crash: Optional[Tuple[str, float]] = None, explicit_recover: bool = True) -> None:
         self.since = 0
+        self.changed = False
         if crash is None:
             res = self.replicate_ok("every %d steps" % self.every)
             if self.variant == "watch" and res.get("change_source") != "journal":
@@ -303,6 +395,7 @@ class ModelMachine(RuleBasedStateMachine):
 
     def crashed_cycle(self, how: str, arg: float, *, explicit_recover: bool) -> None:
         """Crash variant: a cycle killed at a barrier or from outside, then recovery and checks."""
+        self.avoid_known_bugs()
         self.ncycle += 1
         self.RUN.cycles += 1
         args = DISCREP + ["replicate", "--json", str(self.src), str(self.dst)]
@@ -315,7 +408,7 @@ class ModelMachine(RuleBasedStateMachine):
             if rc == 0 or tolerated_exit(rc, p.stderr):   # fewer barriers than k: the cycle completed
                 self.op(f"   (cycle {self.ncycle} completed before barrier {k})")
                 self.check_equal(self.src, f"after cycle {self.ncycle} (completed, exit 0)")
-                self.save_committed()
+                self.committed_now()
                 return
             if rc != -signal.SIGKILL:
                 self.fail(f"replicate with DISCREP_CRASH_AFTER_BARRIERS={k} exited {rc}\n{p.stderr}")
@@ -332,7 +425,7 @@ class ModelMachine(RuleBasedStateMachine):
             if rc == 0 or tolerated_exit(rc, errf.read_text(errors="replace")):
                 self.op(f"   (cycle {self.ncycle} completed before the kill)")
                 self.check_equal(self.src, f"after cycle {self.ncycle} (completed, exit 0)")
-                self.save_committed()
+                self.committed_now()
                 return
             if rc != -signal.SIGKILL:
                 self.fail(f"replicate exited {rc} (not killed)")
@@ -356,7 +449,7 @@ class ModelMachine(RuleBasedStateMachine):
             d_new = helpers.tree_equal(self.src, self.dst) + helpers.python_tree_diff(self.src, self.dst)
             if not d_new:
                 self.op("   (the killed cycle had committed)")
-                self.save_committed()
+                self.committed_now()
                 return
         self.fail(f"after the kill and recover, the replica is not the last committed cycle:\n{d_old[:30]}")
 
@@ -457,6 +550,7 @@ class ModelMachine(RuleBasedStateMachine):
                 self.check_watcher()
                 self.replicate_ok("final")
         finally:
+            self.log_example()
             try:
                 self.stop_watcher()
             finally:
@@ -465,6 +559,18 @@ class ModelMachine(RuleBasedStateMachine):
                     helpers.remove_tree(self.top)
                     if left:
                         raise AssertionError(f"could not unmount {left}")
+
+    def log_example(self) -> None:
+        """DISCREP_MODEL_LOG=FILE: one line per example (and its operations when it failed), for long runs."""
+        path = os.environ.get("DISCREP_MODEL_LOG")
+        if not path or self.top is None:
+            return
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} [{self.variant}] example {self.RUN.examples}: "
+                    f"{len(self.ops)} ops, {self.ncycle} cycles, "
+                    f"{'FAILED' if self.failed_here else 'ok' if not self.in_rule else 'error'}\n")
+            if self.failed_here or self.in_rule or os.environ.get("DISCREP_MODEL_LOG_OPS"):
+                f.writelines("    " + o + "\n" for o in self.ops)
 
     # ------------------------------------------------------------------ rules: content
     def _rule(self) -> None:
@@ -594,7 +700,9 @@ class ModelMachine(RuleBasedStateMachine):
         ents = self.entries()
         if len(ents) < 2:
             return self._done()
-        pa, pb = ents[a % len(ents)][0], ents[b % len(ents)][0]
+        pa = ents[a % len(ents)][0]
+        others = [p for p, _s in ents if p != pa]
+        pb = others[b % len(others)]
         if is_under(pa, pb) or is_under(pb, pa):
             self.op(f"(swap {show(pa)} {show(pb)}: nested)")
             return self._done()
@@ -605,6 +713,7 @@ class ModelMachine(RuleBasedStateMachine):
         self.op(f"swap {show(pa)} <-> {show(pb)} (via {show(tmp)})")
         self._done()
 
+    @precondition(lambda self: self.ready and len(self.entries()) > 4)
     @rule(which=picks)
     def delete(self, which: int) -> None:
         self._rule()
@@ -613,6 +722,7 @@ class ModelMachine(RuleBasedStateMachine):
             return self._done()
         rel, s = got
         if stat.S_ISDIR(s.st_mode):
+            self.note_dirs_removed(rel)
             shutil.rmtree(self.full(rel))
             self.op(f"rm -r {show(rel)}")
         else:
@@ -633,6 +743,7 @@ class ModelMachine(RuleBasedStateMachine):
         if to == have:
             to = kinds[(kinds.index(to) + 1) % 3]
         if have == "dir":
+            self.note_dirs_removed(rel)
             shutil.rmtree(self.full(rel))
         else:
             os.unlink(self.full(rel))
@@ -747,8 +858,27 @@ class ModelMachine(RuleBasedStateMachine):
 
 
 
+crash_plan = st.one_of(      # (the simplest plan kills at the first barrier)
+    st.tuples(st.just("barrier"), st.integers(1, 14), st.booleans()),
+    st.tuples(st.just("kill"), st.floats(0.4, 1.8), st.booleans()),
+    st.none(),
+)
+
+
 class CrashMachine(ModelMachine):
-    """The crash variant adds a rule whose cycle is killed (barrier k, or kill -9 after a delay)."""
+    """The crash variant: the regular cycles follow a drawn plan (normal, SIGKILL at barrier k, or
+    kill -9 after a delay; then ``discrep recover`` or not), and a rule runs a killed cycle at once."""
+
+    @initialize(plans=st.lists(crash_plan, min_size=1, max_size=10))
+    def crash_plans(self, plans) -> None:
+        self.plans = list(plans)
+
+    def run_cycle(self, crash: Optional[Tuple[str, float]] = None, explicit_recover: bool = True) -> None:
+        if crash is None and getattr(self, "plans", None):
+            plan = self.plans.pop(0)
+            if plan is not None:
+                crash, explicit_recover = (plan[0], float(plan[1])), plan[2]
+        super().run_cycle(crash, explicit_recover)
 
     @rule(how=st.sampled_from(["barrier", "barrier", "kill"]), k=st.integers(1, 14),
           delay=st.floats(0.4, 1.8), explicit_recover=st.booleans())

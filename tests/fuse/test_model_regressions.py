@@ -189,3 +189,59 @@ def test_break_hard_link_by_an_identical_copy(pair):
     os.chmod(src / "tmp", 0o600)
     os.rename(src / "tmp", src / "b")
     cycle_ok(src, dst)                            # replica: a is 0600 too, a and b still one inode
+
+
+# --------------------------------------------------------------------------- bug 4
+
+@pytest.mark.xfail(strict=True, reason="bug 4a: SourceCatalog.ack (source/catalog.py) applies the upsert of a path "
+                                       "that turned from a directory into a file without deleting the rows of "
+                                       "the old directory's children; every later catch-up scan touches those "
+                                       "stale paths and warns 'cannot stat: Not a directory': exit 1 forever")
+def test_directory_replaced_by_a_file_warns_forever(pair):
+    src, dst = pair
+    write(src / "d1" / "x", b"inside\n")
+    cycle_ok(src, dst)
+    (src / "d1" / "x").unlink()
+    (src / "d1").rmdir()
+    write(src / "d1", b"now a file\n")
+    cycle_ok(src, dst)
+    cycle_ok(src, dst)            # no change at all: exit 1, "d1/x: cannot stat: Not a directory"
+
+
+@pytest.mark.xfail(strict=True, reason="bug 4b: the stale rows of bug 4a under a directory replaced by a symlink to "
+                                       "a directory: the scan touches d1/x, the snapshot reads it THROUGH the "
+                                       "symlink (path-based lstat/open follow intermediate components), so a "
+                                       "file outside SRC lands in the cycle's pack, and the replica refuses the "
+                                       "manifest (exit 6) in every later cycle")
+def test_directory_replaced_by_a_symlink_to_an_outside_directory(pair, work_dir):
+    src, dst = pair
+    outside = work_dir / "outside"
+    write(outside / "x", b"SECRET: outside the source tree\n")
+    write(src / "d1" / "x", b"inside\n")
+    cycle_ok(src, dst)
+    (src / "d1" / "x").unlink()
+    (src / "d1").rmdir()
+    os.symlink(str(outside), src / "d1")
+    cycle_ok(src, dst)
+    try:
+        cycle_ok(src, dst)        # exit 6: "refusing to write d1/x: d1 on the replica is not a directory"
+    finally:
+        leaked = [os.path.join(d, f) for d, _ds, fs in os.walk(src / ".discrep") for f in fs
+                  if b"SECRET" in Path(d, f).read_bytes()]
+        assert leaked == [], f"bytes of a file outside SRC were captured into {leaked}"
+
+
+@pytest.mark.xfail(strict=True, reason="bug 4c: with the journal, a directory removed and replaced by a symlink to "
+                                       "its parent: the journaled delete of d1/x is looked up through the "
+                                       "symlink (it finds ./x), the manifest has both the symlink d1 and a file "
+                                       "d1/x, and the replica fails with FileNotFoundError (exit 2) in every "
+                                       "later cycle")
+def test_journal_directory_replaced_by_a_symlink_to_its_parent(watched):
+    src, dst, start = watched
+    write(src / "d1" / "x", b"inside\n")
+    write(src / "x", b"top-level x\n")
+    start()
+    (src / "d1" / "x").unlink()
+    (src / "d1").rmdir()
+    os.symlink(".", src / "d1")
+    cycle_ok(src, dst)            # exit 2: FileNotFoundError b'd1' in flush_installs
