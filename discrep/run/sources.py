@@ -27,7 +27,8 @@ from discrep.core.errors import Error
 from discrep.journal.store import Journal
 from discrep.run.children import WatcherChild
 from discrep.run.metrics import Metrics
-from discrep.source.build import acked_cycle, watcher_alive
+from discrep.source.build import watcher_alive
+from discrep.source.cycles import acked_cycle
 
 log = logging.getLogger(__name__)
 
