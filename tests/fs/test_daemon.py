@@ -62,8 +62,13 @@ def test_every_runs_cycles_locks_and_stops(work_dir):
             return json.loads(st.stdout.splitlines()[-1])["replica"]
         # the figures of a cycle are recorded just after its commit: status may show the commit
         # first (the catalog row's own stats), then the recorded figures
-        assert _wait(lambda: "change_source" in (status()["last_cycle_stats"] or {}))
-        rep = status()
+        seen = []
+
+        def recorded() -> bool:
+            seen.append(status())
+            return "change_source" in (seen[-1]["last_cycle_stats"] or {})
+        assert _wait(recorded)
+        rep = seen[-1]
         assert rep["daemon"] == "running" and rep["last_cycle"] >= 2
         assert rep["lag_s"] is not None and 0 <= rep["lag_s"] < 30
         assert rep["last_cycle_stats"]["change_source"] in ("scan", "journal")
