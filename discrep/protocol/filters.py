@@ -43,7 +43,9 @@ Semantics matched (rsync 3.x, checked against rsync itself by tests/fs/test_filt
 Not supported (``UsageError`` naming the rule; rsync would accept them): ``merge``/``.``,
 hide/show/protect/risk, modifiers on ``+``/``-``, dir-merge modifiers other than
 ``e n - +``, dir-merge names with ``/`` (rsync's parent-dir scan), merge rules inside a
-merge file.  Deliberate differences: patterns over ``MAX_PATTERN`` bytes raise instead
+merge file.  A merge-file line rsync rejects (e.g. a bare pattern in a plain dir-merge
+file) raises ``UsageError`` naming the file, where rsync stops with a syntax error.
+Deliberate differences: patterns over ``MAX_PATTERN`` bytes raise instead
 of being discarded with a message; ``tree_merge_reader`` does not follow a symlinked
 merge file (rsync follows one owned by root or the caller) and reads a non-regular one
 as empty; rsync prefixes anchored merge-file rules with the absolute source path, so
@@ -543,7 +545,7 @@ class FilterRules:
         ``[("--exclude", "*.o"), ("--filter", "dir-merge .discrepignore"),
         ("--include-from", "/etc/keep")]``.  Option names: ``exclude``, ``include``,
         ``exclude-from``, ``include-from``, ``filter`` (or ``f``), with or without
-        leading dashes.  ``read_file(path)`` reads a *-from file (default: open it)."""
+        leading dashes; the value is always separate (no ``--exclude=x``).  ``read_file(path)`` reads a *-from file (default: open it)."""
         build = _Builder()
         reader = read_file or _read_rule_file
         for opt, value in options:

@@ -108,7 +108,8 @@ def merge_lines(draw, tree: Tree, base: bytes, bare: bool) -> List[bytes]:
 @st.composite
 def conflict(draw, tree: Tree, lines: Dict[bytes, List[bytes]]) -> None:
     """Opposite verdicts on one name in a directory's merge file and in an ancestor's:
-    the nearer file must win (and with 'n' the ancestor's must not reach)."""
+    the nearer file must win (and with 'n' the ancestor's must not reach); or a '!' in
+    the nearer file that drops the ancestor's verdict."""
     deep = sorted(p for p in tree if p.count(b"/") >= 1)
     if not deep:
         return
@@ -118,10 +119,11 @@ def conflict(draw, tree: Tree, lines: Dict[bytes, List[bytes]]) -> None:
     far = draw(st.integers(0, near - 1))
     name = draw(component(path.rpartition(b"/")[2]))
     kind = draw(st.booleans())
+    clear = draw(st.integers(0, 2)) == 0
     for d, inc in ((dirs[far], kind), (dirs[near], not kind)):
         got = lines.setdefault(d, [])
         at = draw(st.integers(0, len(got))) if draw(st.integers(0, 2)) == 0 else 0
-        got.insert(at, (b"+ " if inc else b"- ") + name)
+        got.insert(at, b"!" if clear and d == dirs[near] else (b"+ " if inc else b"- ") + name)
 
 
 @st.composite
