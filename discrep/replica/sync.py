@@ -41,6 +41,7 @@ from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.dest import STAGE_REL
 from discrep.replica.history import prune, rollback
 from discrep.replica.options import ReplicaOptions
+from discrep.replica.plan import check_max_delete
 from discrep.replica.owners import OwnerMap
 from discrep.replica.reader import Reader, StreamedCycle
 from discrep.replica.stats import Progress, SyncStats
@@ -160,6 +161,8 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
         reader.know_files({e.idx: e.path for e in entries if e.op == "file"})
         owners.map_entries(entries)
     _map_root_owner(header, owners)
+    if not streamed:
+        check_max_delete(cat, dest, bool(header.get("full")), entries, opts)
     cat.begin(cycle, base, int(header.get("created_ns", 0)))
     ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
     try:
