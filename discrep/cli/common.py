@@ -110,6 +110,7 @@ def summary(res: Dict[str, Any]) -> str:
     return (f"cycle {res['cycle']} (base {res['base']}, {res.get('change_source', '?')}, "
             f"{res.get('snapshot', '?')} snapshot): {res['files_changed']} files changed, "
             f"{res['files_renamed']} renamed, {res['files_deleted']} deleted, "
+            + (f"{res['files_repaired']} repaired, " if res.get("files_repaired") else "") +
             f"{res['bytes_transferred']} bytes read through the export, "
             f"{res['bytes_written']} bytes written, {res['duration_s']:.2f}s")
 

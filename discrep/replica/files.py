@@ -54,6 +54,7 @@ class FilePatcher:
         self.base_of = base_of                       # path in the base cycle (before this cycle's moves)
         self.data_override: Dict[int, bytes] = {}    # file idx -> where to read it instead of .discrep/data/
         self.link_names: Dict[bytes, List[bytes]] = {}  # primary path -> its hard links in this manifest
+        self.checksum = False                        # sign DEST's actual bytes instead of trusting the catalog
 
     def apply(self, e: Entry) -> None:
         """Bring file ``e`` (not a hard link) to its new content and metadata."""
@@ -61,7 +62,7 @@ class FilePatcher:
         # in a directory this cycle made, nothing older can be there (unless moved in: dropped)
         new_dir = dest.fresh or (parent(e.path) in dest.created and e.path not in dest.dropped)
         st = None if new_dir else dest.dirs.lstat(e.path)
-        old = self._trusted_old(e, st)
+        old = self._actual_old(e, st) if self.checksum else self._trusted_old(e, st)
         old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
         if old_sig is not None and ((e.h is not None and old_sig.whole_digest() == e.h and old.size == e.size)
                                     or (e.size == 0 and old.size == 0)):
@@ -84,6 +85,26 @@ class FilePatcher:
         if (row.ino, row.size, row.mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns):
             return None
         return row
+
+    def _actual_old(self, e: Entry, st: Optional[os.stat_result]) -> Optional[CatalogRow]:
+        """--checksum: the old copy as its bytes in DEST are (signed now, not taken from the
+        catalog); a copy whose bytes or stat differ from the catalog's record counts as repaired."""
+        if st is None or not statmod.S_ISREG(st.st_mode):
+            return None
+        row = self.cat.get(self.base_of(e.path))
+        known = blockdiff.Signature.from_bytes(row.sig) if row is not None and row.sig is not None else None
+        geometry = (known.block_size, known.factor) if known is not None else \
+            (blockdiff.FINE_SIZE, blockdiff.COARSE_FACTOR)
+        fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=self.dest.dirs.get(parent(e.path)))
+        try:
+            sig = blockdiff.sign_fd(fd, st.st_size, *geometry)
+        finally:
+            os.close(fd)
+        if known is not None and row is not None and row.kind == "file" and (
+                (row.ino, row.size, row.mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns)
+                or known.whole_digest() != sig.whole_digest() or known.file_size != sig.file_size):
+            self.stats.files_repaired += 1
+        return CatalogRow.file(e.path, st.st_size, st.st_mtime_ns, st.st_ino, sig.to_bytes())
 
     def unchanged(self, e: Entry, sig: "blockdiff.Signature") -> None:
         """The content is the old copy's: metadata only, where it differs."""
