@@ -54,7 +54,9 @@ def add_replica_args(sp: argparse.ArgumentParser, force_help: str) -> None:
                          "N%% of the replica's entries; a deleted directory counts its contents (-1: no limit)")
     sp.add_argument("-c", "--checksum", action="store_true",
                     help="compare every file's actual bytes in DEST with the source (not the catalog's "
-                         "signatures) and repair what differs, like rsync -c")
+                         "signatures) and repair what differs, like rsync -c (a full cycle with replicate; "
+                         "the cycle's files with sync). Without it, a file changed in DEST with its size and "
+                         "mtime kept is not noticed; 'verify DEST --scrub' finds such files")
 
 
 def add_keep_args(sp: argparse.ArgumentParser, last_help: str, within_help: str) -> None:

@@ -34,6 +34,9 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     opts = common.cycle_options(a)
     if opts.replica.dry_run:
         return _dry_run(opts.src, opts.dest, opts.remote_source or opts.every is not None)
+    if opts.replica.checksum and opts.remote_source:
+        raise UsageError("--checksum works for a local SRC for now",
+                         hint="run 'discrep verify DEST --scrub' on the replica host to find damaged files")
     prog = common.progress_printer(a)
     if opts.every is not None:
         return run_every(opts, warnings, prog)
