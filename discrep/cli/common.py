@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
+from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.transport.options import TRANSPORTS, SshOptions
@@ -48,6 +49,14 @@ def add_replica_args(sp: argparse.ArgumentParser, force_help: str) -> None:
                   "also keep recovery points younger than this (7d, 12h)")
     sp.add_argument("--numeric-ids", action="store_true",
                     help="keep owner and group numbers as they are (default: map by name, like rsync)")
+    sp.add_argument("--max-delete", metavar="N[%]",
+                    help="refuse a cycle (exit 19, nothing changed) that would delete more than N entries, or "
+                         "N%% of the replica's entries; a deleted directory counts its contents (-1: no limit)")
+    sp.add_argument("-c", "--checksum", action="store_true",
+                    help="compare every file's actual bytes in DEST with the source (not the catalog's "
+                         "signatures) and repair what differs, like rsync -c (a full cycle with replicate; "
+                         "the cycle's files with sync). Without it, a file changed in DEST with its size and "
+                         "mtime kept is not noticed; 'verify DEST --scrub' finds such files")
 
 
 def add_keep_args(sp: argparse.ArgumentParser, last_help: str, within_help: str) -> None:
@@ -56,9 +65,30 @@ def add_keep_args(sp: argparse.ArgumentParser, last_help: str, within_help: str)
 
 
 def replica_options(a: argparse.Namespace) -> ReplicaOptions:
+    count, pct = parse_max_delete(getattr(a, "max_delete", None))
     return ReplicaOptions(keep_last=a.keep_last,
                           keep_within_s=parse_duration(a.keep_within) if a.keep_within else None,
-                          numeric_ids=a.numeric_ids, force=a.force)
+                          numeric_ids=a.numeric_ids, force=a.force, max_delete=count, max_delete_pct=pct,
+                          checksum=bool(getattr(a, "checksum", False)), dry_run=bool(getattr(a, "dry_run", False)))
+
+
+def parse_max_delete(text: Optional[str]) -> Tuple[Optional[int], Optional[float]]:
+    """'--max-delete' as (count, percent): '100' -> (100, None), '5%' -> (None, 5.0), '-1'/None -> no limit."""
+    if text is None:
+        return None, None
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            pct = float(t[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            return None, pct
+        n = int(t)
+    except ValueError:
+        raise UsageError(f"bad --max-delete {text!r}", hint="use a count (100), a percentage (5%) or -1") from None
+    if n < -1:
+        raise UsageError(f"bad --max-delete {text!r}", hint="use a count (100), a percentage (5%) or -1")
+    return (None if n == -1 else n), None
 
 
 def add_ssh_args(sp: argparse.ArgumentParser) -> None:
@@ -82,6 +112,7 @@ def summary(res: Dict[str, Any]) -> str:
     return (f"cycle {res['cycle']} (base {res['base']}, {res.get('change_source', '?')}, "
             f"{res.get('snapshot', '?')} snapshot): {res['files_changed']} files changed, "
             f"{res['files_renamed']} renamed, {res['files_deleted']} deleted, "
+            + (f"{res['files_repaired']} repaired, " if res.get("files_repaired") else "") +
             f"{res['bytes_transferred']} bytes read through the export, "
             f"{res['bytes_written']} bytes written, {res['duration_s']:.2f}s")
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Dict
 
 from discrep.cli import common
-from discrep.core.errors import WarningList
+from discrep.core.errors import UsageError, WarningList
 
 NAME = "replicate"
 HELP = "run one cycle: SRC -> DEST (the first run is the full copy)"
@@ -18,6 +19,9 @@ def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("dest", metavar="DEST", help="replica directory (created if missing)")
     common.add_snapshot_arg(sp, "snapshot provider (default auto: btrfs subvolume > reflink clones > verified copy)")
     common.add_replica_args(sp, "allow a first cycle into a non-empty DEST (entries not in SRC are deleted)")
+    sp.add_argument("-n", "--dry-run", action="store_true",
+                    help="print what a cycle would apply, itemized like rsync -i, and change nothing: no cycle "
+                         "is built on the source, nothing is written in DEST (local sources)")
     sp.add_argument("--every", type=float, metavar="SECONDS",
                     help="continuous mode: run a cycle every SECONDS (sooner when the journal has entries)")
     common.add_ssh_args(sp)
@@ -28,6 +32,11 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     from discrep.run.local import replicate_local
     from discrep.run.remote import replicate_remote
     opts = common.cycle_options(a)
+    if opts.replica.dry_run:
+        return _dry_run(opts.src, opts.dest, opts.remote_source or opts.every is not None)
+    if opts.replica.checksum and opts.remote_source:
+        raise UsageError("--checksum works for a local SRC for now",
+                         hint="run 'discrep verify DEST --scrub' on the replica host to find damaged files")
     prog = common.progress_printer(a)
     if opts.every is not None:
         return run_every(opts, warnings, prog)
@@ -36,5 +45,21 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     return replicate_local(opts, warnings, prog)
 
 
+def _dry_run(src: str, dest: str, unsupported: bool) -> Dict[str, Any]:
+    from discrep.run.dryrun import dry_run
+    from discrep.run.local import check_pair
+    if unsupported:
+        raise UsageError("--dry-run works for a local SRC, once (not with --every or a remote SRC) for now")
+    check_pair(os.path.abspath(src), os.path.abspath(dest))
+    return dry_run(os.fsencode(os.path.abspath(src)), os.fsencode(os.path.abspath(dest))).result()
+
+
 def show(a: argparse.Namespace, res: Dict[str, Any]) -> None:
+    if res.get("dry_run"):
+        for line in res["items"]:
+            print(common.printable(line))
+        print(f"dry run: {res['created']} created, {res['changed']} changed (~{res['bytes_to_fetch']} bytes "
+              f"to fetch), {res['metadata_only']} metadata only, {res['deleted']} deleted, {res['renamed']} "
+              f"renamed; nothing was changed")
+        return
     print(common.summary(res))

@@ -34,11 +34,13 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     finally:
         reader.close()
     return {"cycle": st.cycle, "base": st.base, "files_changed": st.files_changed,
-            "files_deleted": st.files_deleted, "files_renamed": st.files_renamed,
+            "files_deleted": st.files_deleted, "files_renamed": st.files_renamed, "files_repaired": st.files_repaired,
             "bytes_transferred": st.bytes_transferred, "bytes_written": st.bytes_written,
             "duration_s": round(st.duration_s, 3), "already_committed": st.already_committed}
 
 
 def show(a: argparse.Namespace, res: Dict[str, Any]) -> None:
     print(f"cycle {res['cycle']}: {res['files_changed']} files changed, {res['bytes_transferred']} bytes "
-          f"read, {res['bytes_written']} written" + (" (already committed)" if res["already_committed"] else ""))
+          f"read, {res['bytes_written']} written"
+          + (f", {res['files_repaired']} repaired" if res.get("files_repaired") else "")
+          + (" (already committed)" if res["already_committed"] else ""))

@@ -142,6 +142,12 @@ class DiskFullError(DestinationError):
     hint = "free space on the replica filesystem, then run the same command again"
 
 
+class MaxDeleteError(Error):
+    """A cycle would delete more entries than ``--max-delete`` allows; nothing was changed."""
+
+    exit_code = 19
+
+
 class Interrupted(Error):
     """SIGINT/SIGTERM stopped the run; the replica stays at its last committed cycle."""
 

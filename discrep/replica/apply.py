@@ -81,6 +81,9 @@ class Applier:
         self.packs = PackSource(reader, n_packs, prefetch=bool(header.get("full")) and cat.is_empty())
         self.files = FilePatcher(reader, self.dest, cat, self.meta, self.packs, self.stats, self.rows,
                                  self.moves.base_of)
+        for e in entries:
+            if e.op == "file" and e.link is not None:
+                self.files.link_names.setdefault(e.link, []).append(e.path)
 
     def close(self) -> None:
         self.dest.close()

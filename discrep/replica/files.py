@@ -53,6 +53,8 @@ class FilePatcher:
         self.rows = rows
         self.base_of = base_of                       # path in the base cycle (before this cycle's moves)
         self.data_override: Dict[int, bytes] = {}    # file idx -> where to read it instead of .discrep/data/
+        self.link_names: Dict[bytes, List[bytes]] = {}  # primary path -> its hard links in this manifest
+        self.checksum = False                        # sign DEST's actual bytes instead of trusting the catalog
 
     def apply(self, e: Entry) -> None:
         """Bring file ``e`` (not a hard link) to its new content and metadata."""
@@ -60,7 +62,7 @@ class FilePatcher:
         # in a directory this cycle made, nothing older can be there (unless moved in: dropped)
         new_dir = dest.fresh or (parent(e.path) in dest.created and e.path not in dest.dropped)
         st = None if new_dir else dest.dirs.lstat(e.path)
-        old = self._trusted_old(e, st)
+        old = self._actual_old(e, st) if self.checksum else self._trusted_old(e, st)
         old_sig = blockdiff.Signature.from_bytes(old.sig) if old else None
         if old_sig is not None and ((e.h is not None and old_sig.whole_digest() == e.h and old.size == e.size)
                                     or (e.size == 0 and old.size == 0)):
@@ -84,6 +86,26 @@ class FilePatcher:
             return None
         return row
 
+    def _actual_old(self, e: Entry, st: Optional[os.stat_result]) -> Optional[CatalogRow]:
+        """--checksum: the old copy as its bytes in DEST are (signed now, not taken from the
+        catalog); a copy whose bytes or stat differ from the catalog's record counts as repaired."""
+        if st is None or not statmod.S_ISREG(st.st_mode):
+            return None
+        row = self.cat.get(self.base_of(e.path))
+        known = blockdiff.Signature.from_bytes(row.sig) if row is not None and row.sig is not None else None
+        geometry = (known.block_size, known.factor) if known is not None else \
+            (blockdiff.FINE_SIZE, blockdiff.COARSE_FACTOR)
+        fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=self.dest.dirs.get(parent(e.path)))
+        try:
+            sig = blockdiff.sign_fd(fd, st.st_size, *geometry)
+        finally:
+            os.close(fd)
+        if known is not None and row is not None and row.kind == "file" and (
+                (row.ino, row.size, row.mtime_ns) != (st.st_ino, st.st_size, st.st_mtime_ns)
+                or known.whole_digest() != sig.whole_digest() or known.file_size != sig.file_size):
+            self.stats.files_repaired += 1
+        return CatalogRow.file(e.path, st.st_size, st.st_mtime_ns, st.st_ino, sig.to_bytes())
+
     def unchanged(self, e: Entry, sig: "blockdiff.Signature") -> None:
         """The content is the old copy's: metadata only, where it differs."""
         self.stats.files_unchanged += 1
@@ -91,6 +113,9 @@ class FilePatcher:
         fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=pfd)
         try:
             if not self.meta.matches(e, fd):
+                if self.shared_elsewhere(e, fd):   # other names share the inode: a copy of its own
+                    self._write_new(e, lambda nfd: _clone(fd, nfd, e.size), sig.to_bytes())
+                    return
                 self.dest.log_meta(e.path, fd)
                 self.dest.log.barrier()
                 self.meta.apply_fd(e, fd)
@@ -98,6 +123,20 @@ class FilePatcher:
         finally:
             os.close(fd)
         self.rows.append(CatalogRow.file(e.path, e.size, e.mtime_ns, st.st_ino, sig.to_bytes()))
+
+    def shared_elsewhere(self, e: Entry, fd: int) -> bool:
+        """The inode open at ``fd`` (``e.path`` in DEST) has names that this cycle does not change
+        with it: another replicated name whose hard link the source broke, or a history ``keep/``
+        entry.  Such an inode is never changed in place (data or metadata)."""
+        st = os.fstat(fd)
+        if st.st_nlink <= 1:
+            return False
+        mine = 0
+        for rel in [e.path] + self.link_names.get(e.path, []):
+            other = self.dest.dirs.lstat(rel)
+            if other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                mine += 1
+        return mine < st.st_nlink
 
     def _from_pack(self, e: Entry) -> None:
         k, off = e.pack
@@ -221,8 +260,12 @@ class FilePatcher:
         holes: List[Tuple[int, int]] = []
         if e.extents is not None:
             ranges, holes = split_by_extents(ranges, e.extents)
+        new_sig = blockdiff.Signature(e.size, bs, factor, fine, blockdiff.coarse_digests(fine, factor))
         fd = os.open(basename(e.path), os.O_RDWR | O_FILE, dir_fd=self.dest.dirs.get(parent(e.path)))
         try:
+            if self.shared_elsewhere(e, fd):   # break the hard link: patch a copy of its own
+                self._write_new(e, lambda nfd: self._patch_fd(e, fd, nfd, ranges, holes), new_sig.to_bytes())
+                return
             self._save_old(e, fd, ranges + holes)
             if e.size < old_sig.file_size:
                 os.ftruncate(fd, e.size)
@@ -243,8 +286,19 @@ class FilePatcher:
             ino = os.fstat(fd).st_ino
         finally:
             os.close(fd)
-        new_sig = blockdiff.Signature(e.size, bs, factor, fine, blockdiff.coarse_digests(fine, factor))
         self.rows.append(CatalogRow.file(e.path, e.size, e.mtime_ns, ino, new_sig.to_bytes()))
+
+    def _patch_fd(self, e: Entry, ofd: int, fd: int, ranges: List[Tuple[int, int]],
+                  holes: List[Tuple[int, int]]) -> int:
+        """A staged copy of the old file (``ofd``) with ``ranges`` fetched and ``holes`` zeroed."""
+        _clone(ofd, fd, min(e.size, os.fstat(ofd).st_size))
+        n = 0
+        for off, data in fetch_ranges(self.reader, e, ranges).items():
+            os.pwrite(fd, data, off)
+            n += len(data)
+        for off, ln in holes:
+            os.pwrite(fd, bytes(ln), off)
+        return n
 
     def _save_old(self, e: Entry, fd: int, changed: List[Tuple[int, int]]) -> None:
         """Write-ahead: the old bytes a patch overwrites (and a cut tail) go to the undo log first."""
@@ -287,6 +341,18 @@ class FilePatcher:
             self._write_new(e, fill, None)
         finally:
             os.close(ofd)
+
+
+def _clone(ofd: int, fd: int, size: int) -> int:
+    """New file ``fd`` gets the first ``size`` bytes of ``ofd`` (a reflink where possible)."""
+    try:
+        platform.reflink(ofd, fd)
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+        return size
+    except (platform.NotSupported, OSError):
+        os.ftruncate(fd, 0)
+        return platform.copy_range(ofd, fd, size)
 
 
 def _sig_bytes(sig: Sig, fd: int, size: int) -> bytes:

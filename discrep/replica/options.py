@@ -18,3 +18,7 @@ class ReplicaOptions:
     keep_within_s: Optional[float] = None  # also keep points younger than this
     numeric_ids: bool = False              # keep owner numbers (default: map by name, like rsync)
     force: bool = False                    # allow a first cycle into a non-empty DEST
+    max_delete: Optional[int] = None       # refuse a cycle deleting more entries (None: no limit)
+    max_delete_pct: Optional[float] = None  # ... or more than this percentage of the replica's entries
+    checksum: bool = False                 # compare DEST's actual bytes, not the catalog's signatures
+    dry_run: bool = False                  # say what the cycle would do; change nothing

@@ -41,6 +41,7 @@ from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.dest import STAGE_REL
 from discrep.replica.history import prune, rollback
 from discrep.replica.options import ReplicaOptions
+from discrep.replica.plan import check_max_delete
 from discrep.replica.owners import OwnerMap
 from discrep.replica.reader import Reader, StreamedCycle
 from discrep.replica.stats import Progress, SyncStats
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 def result_fields(stats: SyncStats) -> dict:
     """The replica's figures in a cycle result (--json): one place for local and remote cycles."""
     return {"files_changed": stats.files_changed, "files_unchanged": stats.files_unchanged,
+            "files_repaired": stats.files_repaired,
             "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
             "dirs_created": stats.dirs, "symlinks": stats.symlinks,
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
@@ -160,8 +162,11 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
         reader.know_files({e.idx: e.path for e in entries if e.op == "file"})
         owners.map_entries(entries)
     _map_root_owner(header, owners)
+    if not streamed:
+        check_max_delete(cat, dest, bool(header.get("full")), entries, opts)
     cat.begin(cycle, base, int(header.get("created_ns", 0)))
     ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
+    ap.files.checksum = opts.checksum and not fresh
     try:
         stats = StreamApplier(ap, stream, owners).run() if streamed and stream is not None else ap.run()
         _commit(ap, reader, header, t0)

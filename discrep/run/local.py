@@ -90,6 +90,8 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
         raise FuseUnavailableError("/dev/fuse is missing")
     rcycle = prepare_dest(dest, force=opts.replica.force)
     cycles.settle_source(bsrc, rcycle)
+    if opts.replica.checksum and rcycle:
+        cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
     built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings)
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:

@@ -5,17 +5,25 @@ side and compares type, mode, owner, mtime_ns, size, bytes, symlink targets,
 xattrs and hard-link structure.  It reads both trees in full: it is the
 expensive, independent answer, not the catalog's opinion.
 
+``scrub(DEST)`` (``verify DEST --scrub``) needs no source: it checks the replica's files
+against the signatures its own catalog recorded (hand edits, bit rot).
+
 Thread-safety: single-threaded.
 """
 from __future__ import annotations
 
 import os
 import stat as statmod
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from discrep.core.paths import join, show
+import blockdiff
+
+from discrep.core.errors import DestinationError
+from discrep.core.paths import join, show, state_dir
 from discrep.core.walk import walk
 from discrep.core.xattrs import read_xattrs
+from discrep.replica.catalog import ReplicaCatalog
+from discrep.replica.sync import replica_lock
 
 
 def _same_bytes(a: bytes, b: bytes) -> bool:
@@ -83,3 +91,49 @@ def compare_trees(src: bytes, dest: bytes, *, limit: int = 100) -> List[str]:
                 pass
             diffs.append(f"extra on replica: {show(rel)}")
     return diffs
+
+
+def scrub(dest: bytes, *, limit: int = 100) -> Tuple[int, List[str]]:
+    """``verify DEST --scrub``: sign every file the replica's catalog records, from its actual
+    bytes in DEST, and compare with the catalog's signature (hand edits, bit rot); no source
+    needed.  Returns (files checked, damaged paths, at most ``limit``).  Reads only; holds DEST's
+    lock so that no cycle changes files under it."""
+    if not os.path.exists(join(state_dir(dest), b"replica.db")):
+        raise DestinationError(f"{os.fsdecode(dest)} is not a discrep replica")
+    damaged: List[str] = []
+    n = 0
+    with replica_lock(dest):
+        cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
+        try:
+            rows = cat.con.execute("SELECT path, sig FROM files WHERE kind = 'file' AND sig IS NOT NULL "
+                                   "ORDER BY path").fetchall()
+        finally:
+            cat.close()
+        for path, sig in rows:
+            n += 1
+            why = _scrub_one(join(dest, bytes(path)), blockdiff.Signature.from_bytes(bytes(sig)))
+            if why:
+                damaged.append(f"{why}: {show(bytes(path))}")
+                if len(damaged) >= limit:
+                    break
+    return n, damaged
+
+
+def _scrub_one(full: bytes, known: "blockdiff.Signature") -> Optional[str]:
+    """What is wrong with the file at ``full`` against its recorded signature (None: nothing)."""
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "not a readable file"
+    try:
+        st = os.fstat(fd)
+        if not statmod.S_ISREG(st.st_mode):
+            return "not a file"
+        if st.st_size != known.file_size:
+            return "size differs"
+        actual = blockdiff.sign_fd(fd, st.st_size, known.block_size, known.factor)
+        return None if actual.whole_digest() == known.whole_digest() else "content differs"
+    finally:
+        os.close(fd)

@@ -28,8 +28,6 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 4: B is patched in place and its old hard-link partner A "
-                                        "(not in the manifest) changes with it")
 def test_breaking_a_hard_link_on_the_source_leaves_the_other_name_alone(work_dir: Path):
     src, dst = work_dir / "src", work_dir / "dst"
     src.mkdir()
