@@ -35,6 +35,7 @@ from discrep.core import errors
 from discrep.core.errors import Error, ManifestError, TransportError
 
 HINT = "install the same discrep version on both hosts"
+MAX_PATH = 4096                 # longest path an event may name
 WARNING_PREFIX = "discrep: warning: "
 
 M = TypeVar("M", bound="Message")
@@ -79,6 +80,7 @@ class Message:
     KEY: ClassVar[str] = ""        # "cmd" or "event"
     SENDER: ClassVar[str] = ""     # who sends this kind of message
     NAME: ClassVar[str] = ""       # the message's name on the wire
+    PATHS: ClassVar[Tuple[str, ...]] = ()   # fields that name a path on the source (see check_path)
 
     def encode(self) -> str:
         """The message as one JSON line (with its newline)."""
@@ -105,8 +107,29 @@ class Message:
             if not _is_type(v, hints[f.name]):
                 raise ManifestError(f"{cls.KEY} {cls.NAME!r}: field {f.name!r} is not {_describe(hints[f.name])} "
                                     f"({v!r:.60})", hint=HINT)
+            if f.name in cls.PATHS and v is not None:
+                check_path(v, f"{cls.KEY} {cls.NAME!r}: field {f.name!r}")
             kw[f.name] = v
         return cls(**kw)
+
+
+def check_path(path: str, what: str) -> str:
+    """``path`` if it is a sane absolute path on the source: no NUL, no '.' or '..' component,
+    at most MAX_PATH long; else ManifestError naming ``what``."""
+    if not path.startswith("/") or len(path) > MAX_PATH or "\0" in path or \
+            any(c in (".", "..") for c in path.split("/")):
+        raise ManifestError(f"{what} is not a plain absolute path ({path!r:.80})", hint=HINT)
+    return path
+
+
+def below(path: Optional[str], base: str, what: str) -> str:
+    """``path`` relative to ``base`` (both checked by ``check_path``), which it must lie strictly
+    below; else ManifestError: the source named a path outside its state directory."""
+    p = check_path(path or "", what).rstrip("/")
+    b = check_path(base, "the base directory").rstrip("/")
+    if not p.startswith(b + "/") or len(p) == len(b) + 1:
+        raise ManifestError(f"{what} {path!r:.80} is not below {base!r:.80}", hint=HINT)
+    return p[len(b) + 1:]
 
 
 def _describe(tp: Any) -> str:
@@ -206,6 +229,7 @@ class Event(Message):
 class Hello(Event):
     """The agent runs: the source's state directory and the export's parent directory."""
     NAME: ClassVar[str] = "hello"
+    PATHS: ClassVar[Tuple[str, ...]] = ("state_dir", "dir")
     state_dir: str
     dir: str
 
@@ -216,6 +240,7 @@ class Segment(Event):
     segment 0 also carries the cycle ``header``, the ``snapshot`` path and (unless the build
     walks as it streams) ``totals`` ``{"files", "bytes"}``."""
     NAME: ClassVar[str] = "seg"
+    PATHS: ClassVar[Tuple[str, ...]] = ("dir", "snapshot")
     seg: int
     packs: int
     entries: int
@@ -229,6 +254,7 @@ class Segment(Event):
 class Built(Event):
     """Cycle ``cycle`` is built (journal cut, snapshot at ``path``, manifest)."""
     NAME: ClassVar[str] = "built"
+    PATHS: ClassVar[Tuple[str, ...]] = ("path",)
     cycle: int
     base: int
     entries: int
@@ -242,6 +268,7 @@ class Built(Event):
 class Ready(Event):
     """The cycle's FUSE export is mounted at ``mountpoint``."""
     NAME: ClassVar[str] = "ready"
+    PATHS: ClassVar[Tuple[str, ...]] = ("mountpoint",)
     mountpoint: str
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tupl
 from discrep.core.errors import TransportError, WarningList
 from discrep.protocol import layout
 from discrep.protocol.agent_messages import (HINT, Built, Command, Event, Export, Failed, Ready, Segment, Verified,
-                                             Verify, parse_warning)
+                                             Verify, below, parse_warning)
 from discrep.protocol.manifest import Entry, read_segment
 from discrep.transport.ssh import Connection, HostConfig, q
 
@@ -175,12 +175,12 @@ class CycleStream:
 
     pack_rel = layout.CYCLE_DIR + layout.PACK_FILE
 
-    def __init__(self, first: Segment, agent: AgentClient, reader: StreamReader, export_base: str):
+    def __init__(self, first: Segment, agent: AgentClient, reader: StreamReader, state_dir: str):
         if first.header is None:
             raise TransportError("the source agent streamed a cycle without its header", hint=HINT)
         self.header: Dict[str, Any] = first.header
         self.totals: Dict[str, Any] = first.totals or {}
-        self._agent, self._reader, self._export_base = agent, reader, export_base
+        self._agent, self._reader, self._state_dir = agent, reader, state_dir
         self._q: "queue.Queue[Union[Segment, Built, BaseException]]" = queue.Queue()
         self._q.put(first)
         self._n = 0
@@ -252,11 +252,11 @@ class CycleStream:
         return layout.CYCLE_DIR + layout.REDO_FILE % idx
 
     def export(self) -> str:
-        """Have the agent mount the built cycle's export; its directory for the reader."""
+        """Have the agent mount the built cycle's export; its directory below the state dir, for the reader."""
         self.finish()
         if self.ready is None:
             t = time.monotonic()
             self._agent.send(Export())
             self.ready = self._agent.expect(Ready)
             log.info("the source exported the streamed cycle in %.2fs", time.monotonic() - t)
-        return self._export_base + "/" + self.ready.mountpoint.rsplit("/", 1)[1]
+        return below(self.ready.mountpoint, self._state_dir, "the export's mountpoint")
