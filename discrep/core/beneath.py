@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import struct
 from typing import List, Optional
 
@@ -87,7 +88,12 @@ def _walk(dirfd: int, parts: List[bytes], flags: int) -> int:
     cur = dirfd
     try:
         for p in parts[:-1]:
-            nxt = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+            try:
+                nxt = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+            except NotADirectoryError:   # O_DIRECTORY|O_NOFOLLOW on a symlink says ENOTDIR
+                if stat.S_ISLNK(os.stat(p, dir_fd=cur, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, "a symlink") from None
+                raise
             if cur != dirfd:
                 os.close(cur)
             cur = nxt

@@ -45,7 +45,7 @@ E = TypeVar("E", bound=Event)
 def agent_command(exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool, totals: bool) -> str:
     """The remote command line that starts the agent and its first cycle."""
     return (f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} "
-            f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}{q(src)}")
+            f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}-- {q(src)}")
 
 
 class AgentClient:
