@@ -31,7 +31,7 @@ from discrep.core.errors import TransportError, WarningList
 from discrep.protocol import layout
 from discrep.protocol.agent_messages import (HINT, Built, Command, Event, Export, Failed, Ready, Segment, Verified,
                                              Verify, below, parse_warning)
-from discrep.protocol.manifest import Entry, read_segment
+from discrep.protocol.manifest import FRAME_SLACK, MAX_MANIFEST_BYTES, MAX_SEGMENT_BYTES, Entry, read_segment
 from discrep.transport.ssh import Connection, HostConfig, q
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class StreamReader(Protocol):
 
     want_export: Optional[Callable[[], str]]
 
-    def read_all(self, rel: bytes) -> bytes: ...
+    def read_all(self, rel: bytes, max_size: int = MAX_MANIFEST_BYTES) -> bytes: ...
 
 
 class CycleStream:
@@ -222,7 +222,8 @@ class CycleStream:
 
     def raw(self, n: int) -> Iterator[Dict[str, Any]]:
         """Segment ``n``'s raw entry dicts (not validated yet)."""
-        return read_segment(self._reader.read_all(layout.CYCLE_DIR + layout.SEGMENT_FILE % n), n)
+        data = self._reader.read_all(layout.CYCLE_DIR + layout.SEGMENT_FILE % n, MAX_SEGMENT_BYTES + FRAME_SLACK)
+        return read_segment(data, n)
 
     def entries(self, n: int) -> List[Entry]:
         """Segment ``n``'s validated entries."""

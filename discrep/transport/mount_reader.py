@@ -26,11 +26,12 @@ from discrep.core.beneath import EscapeError, open_beneath
 from discrep.core.errors import ManifestError, TransportError
 from discrep.core.paths import show
 from discrep.protocol import layout
+from discrep.protocol.manifest import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 * 1024 * 1024
-READ_ALL_MAX = 1 << 30       # the largest whole file read_all returns unless told a bound
+READ_ALL_MAX = MAX_MANIFEST_BYTES   # the largest whole file read_all returns unless told a bound
 LOST_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ECONNRESET)
 LOST_HINT = "the replica stays at its last committed cycle; run again"
 RANDOM_ACCESS = layout.RANDOM_ACCESS_PREFIXES
