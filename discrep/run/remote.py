@@ -36,6 +36,8 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type, Union, cast
 
+from blockdiff.errors import BlockdiffError
+
 from discrep.core import errors as errmod
 from discrep.core.beneath import open_beneath
 from discrep.core.errors import Error, LiveReadError, ManifestError, TransportError, WarningList
@@ -277,12 +279,15 @@ class RemoteSession:
                          stream=stream)
             if stream is not None:
                 stream.finish()
-        except (OSError, Error) as e:
-            # a vanished export looks like a missing file or EIO from the reader: tell the real cause
+        except (OSError, Error, BlockdiffError) as e:
+            # a vanished export looks like a missing file, EIO or a short read from the reader: a lost
+            # connection is checked first, then data from the source that blockdiff cannot parse is malformed
             lost = _lost_reason(self.conn, self.agent, self.mount)
             if lost:
                 raise TransportError(f"{lost} during the cycle ({e})",
                                      hint="the replica stays at its last committed cycle; run again") from None
+            if isinstance(e, BlockdiffError):
+                raise ManifestError(f"the source sent data that cannot be parsed: {e}") from None
             raise
         built = stream.built if stream is not None else first
         if not isinstance(built, Built):

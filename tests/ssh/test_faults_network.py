@@ -49,8 +49,6 @@ def _leftovers(sshd: Sshd) -> list:
         time.sleep(0.2)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 5: an empty read from a dying sshfs is an unexpected "
-                                        "FrameError (exit 2), not the lost-connection error (exit 11)")
 def test_link_dropped_during_an_incremental(sshd: Sshd, work_dir: Path) -> None:
     helpers.require_fuse()
     helpers.require_tool("sshfs")
