@@ -5,9 +5,12 @@ talk in JSON lines over one SSH exec channel.  Every line is one message, encode
 decoded here and nowhere else:
 
 * a **command** (replica -> agent) is ``{"cmd": NAME, ...fields}``: ``cycle``, ``ack``,
-  ``export``, ``verify``, ``done``, ``bye``;
+  ``export``, ``verify``, ``done``, ``bye``, ``ping``;
 * an **event** (agent -> replica) is ``{"event": NAME, ...fields}``: ``hello``, ``seg``,
-  ``built``, ``ready``, ``verified``, ``acked``, ``ended``, ``error``.
+  ``built``, ``ready``, ``verified``, ``acked``, ``ended``, ``error``, ``alive``.
+  ``ping`` and ``alive`` are heartbeats: each side sends one every few seconds, so a peer
+  that is silent for the session's ``--timeout`` is gone (a stalled network).
+  Path fields (``PATHS``) are checked on decode: absolute, no '.', '..' or NUL, bounded.
 
 Each message is a frozen dataclass; ``encode()`` gives its line (fields that are None are
 left out), ``Event.decode(line)`` / ``Command.decode(line)`` give the message back and
@@ -210,7 +213,13 @@ class Bye(Command):
     NAME: ClassVar[str] = "bye"
 
 
-COMMANDS: Dict[str, Type[Command]] = {c.NAME: c for c in (StartCycle, Ack, Export, Verify, Done, Bye)}
+@dataclass(frozen=True)
+class Ping(Command):
+    """The replica is alive (sent every few seconds: an agent that hears nothing for its timeout ends)."""
+    NAME: ClassVar[str] = "ping"
+
+
+COMMANDS: Dict[str, Type[Command]] = {c.NAME: c for c in (StartCycle, Ack, Export, Verify, Done, Bye, Ping)}
 
 
 # -- events: agent -> replica --------------------------------------------------
@@ -316,8 +325,14 @@ class Failed(Event):
         return TransportError(msg)
 
 
+@dataclass(frozen=True)
+class Alive(Event):
+    """The agent is alive and working (sent every few seconds while it builds or verifies)."""
+    NAME: ClassVar[str] = "alive"
+
+
 EVENTS: Dict[str, Type[Event]] = {c.NAME: c for c in (Hello, Segment, Built, Ready, Verified, Acked, Ended,
-                                                      Failed)}
+                                                      Failed, Alive)}
 
 
 # -- warnings: agent stderr ----------------------------------------------------

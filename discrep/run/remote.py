@@ -147,6 +147,7 @@ class RemoteSession:
         self.dest = os.path.abspath(opts.dest)
         self.exe = opts.ssh.remote_discrep or "discrep"
         self.cfg = resolve(self.user, self.host, opts.ssh.ssh_config)
+        self.cfg.io_timeout = float(opts.ssh.timeout)
         self.transport = _choose_transport(opts.ssh.transport or "auto")
         self.snapshot_kind = opts.snapshot or "auto"
         self.conn: Optional[Connection] = None
@@ -179,7 +180,8 @@ class RemoteSession:
         self.conn.connect()
         if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
-        self.agent = AgentClient(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals)
+        self.agent = AgentClient(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals,
+                                 timeout=self.cfg.io_timeout)
         hello = self.agent.expect(Hello)
         below(hello.dir, hello.state_dir, "the agent's export directory")
         self.state_dir, self.remote_dir = hello.state_dir, hello.dir
@@ -299,7 +301,7 @@ class RemoteSession:
         try:
             t_ack = time.monotonic()
             self._agent().send(Ack(cycle=n))
-            self._agent().expect(Acked, timeout=60)
+            self._agent().expect(Acked)
             log.info("remote cycle %d: acknowledged in %.2fs", n, time.monotonic() - t_ack)
         except (TransportError, OSError, socket.error, EOFError) as e:
             warnings.add(f"{self.cfg.alias}:{self.rpath}", f"cycle {n} is committed on the replica but the source "

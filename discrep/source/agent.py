@@ -40,18 +40,20 @@ Thread-safety: single-threaded (the export is served by a child process).
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import fuse_export
 
-from discrep.core.errors import Error, FuseUnavailableError, SourceError, WarningList
+from discrep.core.errors import Error, FuseUnavailableError, SourceError, TransportError, WarningList
 from discrep.core.paths import enc
-from discrep.protocol.agent_messages import (Ack, Acked, Built, Bye, Command, Done, Ended, Event, Export, Failed,
+from discrep.protocol.agent_messages import (Ack, Acked, Alive, Built, Bye, Command, Done, Ended, Event, Export, Failed,
                                              Hello, Ready, StartCycle, UnknownMessage, Verified, Verify,
                                              warning_line)
 from discrep.source.build import BuiltCycle, build_cycle
@@ -61,11 +63,30 @@ from discrep.source.export import make_view
 
 
 class AgentOutput:
-    """The agent's only writer: events to stdout (one JSON line each, flushed), warnings to stderr."""
+    """The agent's only writer: events to stdout (one JSON line each, flushed), warnings to stderr.
+    A heartbeat thread (``beat``) says ``alive`` every ``interval`` seconds; a lock keeps lines whole."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def say(self, event: Event) -> None:
-        sys.stdout.write(event.encode())
-        sys.stdout.flush()
+        with self._lock:
+            sys.stdout.write(event.encode())
+            sys.stdout.flush()
+
+    def beat(self, interval: float) -> None:
+        """Say ``alive`` every ``interval`` seconds until ``stop`` (or stdout is gone)."""
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.say(Alive())
+                except (OSError, ValueError):
+                    return
+        threading.Thread(target=run, daemon=True, name="discrep-agent-alive").start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def warn(self, warnings: WarningList) -> None:
         """Write and forget the warnings collected so far."""
@@ -75,13 +96,17 @@ class AgentOutput:
 
 
 def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList,
-              stream: bool = False, totals: bool = True) -> int:
-    """Serve the replica on stdin/stdout until ``bye`` or EOF; the process's exit code."""
+              stream: bool = False, totals: bool = True, timeout: Optional[float] = None) -> int:
+    """Serve the replica on stdin/stdout until ``bye`` or EOF; the process's exit code.  With
+    ``timeout``: say ``alive`` every timeout/4 s, and end (exit 11) after ``timeout`` s without a line
+    from the replica (a stalled network: the replica sends ``ping`` every few seconds)."""
     def hang_up(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, hang_up)
     out = AgentOutput()
+    if timeout:
+        out.beat(max(0.5, timeout / 4))
     agent: Optional[_Agent] = None
     try:
         try:
@@ -92,7 +117,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             agent.hello()
             if replica_cycle is not None:
                 agent.cycle(replica_cycle, stream, totals)
-            agent.serve(sys.stdin)
+            agent.serve(read_lines(sys.stdin.buffer.fileno(), timeout))
             return 0
         except Error as e:
             out.say(Failed.of(e))
@@ -100,8 +125,29 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
     except (KeyboardInterrupt, BrokenPipeError):
         return 130
     finally:
+        out.stop()
         if agent is not None:
             agent.close()
+
+
+def read_lines(fd: int, timeout: Optional[float]) -> Iterator[str]:
+    """The lines of ``fd`` until EOF; TransportError after ``timeout`` s without any input."""
+    buf = b""
+    while True:
+        if timeout:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                raise TransportError(f"no word from the replica for {timeout:.0f}s: the connection is stalled",
+                                     hint="the built cycle stays for the next run to settle")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            if buf:
+                yield buf.decode(errors="replace")
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode(errors="replace") + "\n"
 
 
 class _Agent:

@@ -87,3 +87,64 @@ def test_link_dropped_during_an_incremental(sshd: Sshd, work_dir: Path) -> None:
         assert helpers.tree_equal(src, dst) == []
     finally:
         fwd.close()
+
+
+def test_link_stalled_during_a_first_copy(sshd: Sshd, work_dir: Path) -> None:
+    """Issue 14 item 3: a stalled network fails the cycle with exit 11 within --timeout and a
+    margin (not after an hour), on both hosts: no agent, mount or export dir is left behind."""
+    helpers.require_fuse()
+    helpers.require_tool("sshfs")
+    rng = random.Random(7)
+    src, dst = work_dir / "src", work_dir / "dst"
+    src.mkdir()
+    (src / "img").write_bytes(rng.randbytes(32 << 20))
+    for i in range(50):
+        (src / f"f{i}").write_bytes(rng.randbytes(3000))
+    fwd = Forwarder(sshd.port)
+    timeout = 8
+    try:
+        cfg = _config_through(sshd, fwd, work_dir)
+        fwd.trickle(2 << 20)
+        p = _replicate(cfg, sshd, src, dst, "--timeout", str(timeout))
+        deadline = time.monotonic() + 120
+        while fwd.bytes_down < (2 << 20) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fwd.stall()
+        t = time.monotonic()
+        try:
+            out, err = p.communicate(timeout=timeout * 3 + 30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            pytest.fail(f"the cycle still ran {timeout * 3 + 30}s after the network stalled")
+        took = time.monotonic() - t
+        assert p.returncode == 11, f"exit {p.returncode}: {err}"
+        assert took < timeout * 3 + 30, took
+        assert sorted(x.name for x in dst.iterdir()) in ([], [".discrep"]), "DEST is not its last committed cycle"
+        fwd.resume()
+        fwd.trickle(None)
+        assert _leftovers(sshd) == []
+        assert _agents_of(src) == []
+        p = _replicate(cfg, sshd, src, dst)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert helpers.tree_equal(src, dst) == []
+    finally:
+        fwd.close()
+
+
+def _agents_of(src: Path) -> list:
+    """``discrep agent`` processes serving ``src`` (waits up to 30 s for them to end)."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"agent" in cmd and str(src).encode() in cmd:
+                found.append(int(d.name))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
