@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any, Dict
 
 from discrep.cli import common
@@ -28,4 +30,10 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     from discrep.source.agent import run_agent
     rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals,
                    timeout=a.timeout)
-    raise SystemExit(rc)
+    # no interpreter shutdown: it would wait for a stuck export child forever (its cleanup is bounded)
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)

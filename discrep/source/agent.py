@@ -43,6 +43,7 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -60,6 +61,8 @@ from discrep.source.build import BuiltCycle, build_cycle
 from discrep.source.cycles import ack_cycle, settle_source
 from discrep.source.deferred import close_deferred, settle_deferred
 from discrep.source.export import make_view
+
+UNMOUNT_WAIT = 3.0   # seconds for one unmount attempt or one wait for the export child
 
 
 class AgentOutput:
@@ -130,6 +133,45 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             agent.close()
 
 
+def _fusermount(mnt: str, lazy: bool) -> None:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmds = [[tool, "-uz" if lazy else "-u", "-q", mnt]] if tool else []
+    cmds.append(["umount"] + (["-l"] if lazy else []) + [mnt])
+    for cmd in cmds:
+        try:
+            subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=UNMOUNT_WAIT)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if not fuse_export.mounted(mnt):
+            return
+
+
+def stop_export(export: fuse_export.BackgroundExport) -> None:
+    """Unmount ``export`` and end its child within about 20 s whatever holds it: an unmount, a lazy
+    one (``-uz``) if the mount is busy (a file open on it) or slow, then the child is ended by pid
+    (SIGTERM, SIGKILL) -- the agent must never outlive its session waiting for it."""
+    mnt = os.fsdecode(export.mountpoint)
+    proc = export.proc
+    if fuse_export.mounted(mnt):
+        _fusermount(mnt, lazy=False)
+    if fuse_export.mounted(mnt):
+        _fusermount(mnt, lazy=True)
+    if proc is not None:
+        proc.join(UNMOUNT_WAIT)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not proc.is_alive() or proc.pid is None:
+                break
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            proc.join(UNMOUNT_WAIT)
+        export.proc = None
+    if fuse_export.mounted(mnt):     # the child was killed with the mount still there
+        _fusermount(mnt, lazy=True)
+
+
 def read_lines(fd: int, timeout: Optional[float]) -> Iterator[str]:
     """The lines of ``fd`` until EOF; TransportError after ``timeout`` s without any input."""
     buf = b""
@@ -170,9 +212,13 @@ class _Agent:
         self.out.say(Hello(state_dir=self.state_dir, dir=self.workdir))
 
     def close(self) -> None:
-        """Unmount the export, remove the working directory."""
+        """Unmount the export, end its child, remove the working directory: bounded (see
+        ``stop_export``), and not interrupted by a hang-up arriving meanwhile."""
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         if self.export is not None:
-            self.export.stop()
+            stop_export(self.export)
+            self.export = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def serve(self, lines: Iterable[str]) -> None:
@@ -256,5 +302,5 @@ class _Agent:
         if self.built is not None:
             close_deferred(self.built)           # (settled ones are closed already)
         if self.export is not None:
-            self.export.stop()
+            stop_export(self.export)
             self.export = None

@@ -4,6 +4,7 @@ exactly its last committed cycle (independent check), no mount or temp directory
 next run completes."""
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -148,3 +149,46 @@ def _agents_of(src: Path) -> list:
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+def test_agent_ends_when_its_export_is_busy(sshd: Sshd, work_dir: Path) -> None:
+    """Issue 14 item 4: the replica disconnects while a process on the source holds a file open on
+    the export: the agent still ends within a bounded time, leaving no mount, export dir or child."""
+    helpers.require_fuse()
+    helpers.require_tool("sshfs")
+    rng = random.Random(9)
+    src, dst = work_dir / "src", work_dir / "dst"
+    src.mkdir()
+    (src / "img").write_bytes(rng.randbytes(24 << 20))
+    fwd = Forwarder(sshd.port)
+    held = -1
+    try:
+        cfg = _config_through(sshd, fwd, work_dir)
+        p = _replicate(cfg, sshd, src, dst)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        with open(src / "img", "r+b") as f:
+            for i in range(0, 24 << 20, 64 << 10):
+                f.seek(i)
+                f.write(rng.randbytes(4096))
+        fwd.trickle(1 << 20)
+        p = _replicate(cfg, sshd, src, dst)
+        deadline = time.monotonic() + 120
+        mnts: list = []
+        while not mnts and p.poll() is None and time.monotonic() < deadline:
+            mnts = [m for m in mounts_under(src / ".discrep")]
+            time.sleep(0.05)
+        assert mnts, "the export never appeared"
+        held = os.open(mnts[0], os.O_RDONLY | os.O_DIRECTORY)   # the export is busy now
+        fwd.drop()
+        p.communicate(timeout=120)
+        assert p.returncode == 11
+        t = time.monotonic()
+        assert _agents_of(src) == [], "the agent did not end"
+        assert mounts_under(src / ".discrep") == []
+        assert list((src / ".discrep").glob("export.*")) == []
+        assert time.monotonic() - t < 30
+    finally:
+        if held >= 0:
+            os.close(held)
+        fwd.close()
