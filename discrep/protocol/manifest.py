@@ -188,6 +188,7 @@ class ManifestWriter:
 MAX_MANIFEST_BYTES = 1 << 30   # a whole manifest, decompressed (a source's word is bounded)
 MAX_SEGMENT_BYTES = 64 << 20   # one streamed manifest segment, decompressed (~8192 entries)
 MAX_PACK_BYTES = 32 << 20      # one pack of small files, decompressed (the source packs 8 MiB + one file)
+MAX_FILE_SIZE = 1 << 46        # the largest file size a manifest may declare (64 TiB)
 DECOMPRESS_PIECE = 4 << 20
 FRAME_SLACK = 4096             # a compressed frame may be this much larger than its content
 
@@ -369,7 +370,7 @@ class Entry:
         """A file's fields: size, idx, and the optional h, pack, extents, link, cbt, live."""
         get = raw.get
         v = get("size")
-        self.size = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "size")
+        self.size = v if type(v) is int and 0 <= v <= MAX_FILE_SIZE else _int(raw, "size", hi=MAX_FILE_SIZE + 1)
         v = get("idx")
         self.idx = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "idx")
         h = get("h")

@@ -35,7 +35,13 @@ is cleaned up like "bye": the export is unmounted, the built cycle stays for
 the next run to settle.  Warnings go to stderr as ``discrep: warning: ...``.
 Everything the agent writes goes through one ``AgentOutput``.
 
-Thread-safety: single-threaded (the export is served by a child process).
+With ``--timeout`` the agent says ``alive`` every timeout/4 s and ends (exit 11) when the
+replica has sent nothing (its ``ping`` included) for that long.  Cleanup is bounded
+(``stop_export``: unmount, lazy unmount, the export child ended by pid) and ignores further
+hang-up signals, so the agent never outlives its session.
+
+Thread-safety: single-threaded but for the heartbeat thread, which only writes through
+``AgentOutput`` (a lock keeps lines whole); the export is served by a child process.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ replica applies segments while the source still builds the rest (replica.sync /
 replica.stream use it).
 
 Thread-safety: an ``AgentClient`` is used by one thread at a time (its stderr thread
-only appends to a list).  ``CycleStream`` runs one helper thread that reads the agent's
+only appends to a list; its ping thread only ``send``s, under a lock).  Every wait on the
+agent ends after the session's timeout without a line (the agent says ``alive`` while busy).  ``CycleStream`` runs one helper thread that reads the agent's
 announcements until ``built``; see its doc.
 """
 from __future__ import annotations

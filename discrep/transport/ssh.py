@@ -14,8 +14,13 @@ unknown key is refused with ``HostKeyError`` unless StrictHostKeyChecking is
 a changed key is refused unless StrictHostKeyChecking is ``no``.  No password is
 ever taken: authentication uses ssh-agent and key files only.
 
+Liveness (``--timeout``, ``HostConfig.io_timeout``): a watchdog thread per connection asks
+the server for an answer every few seconds; no answer for ``io_timeout`` seconds closes the
+connection, so every read on it fails (exit 11) instead of waiting on a stalled network.
+
 Thread-safety: a ``Connection`` may run commands from several threads (paramiko
-channels are independent); ``close`` must be called once, from the owner.
+channels are independent); ``close`` must be called once, from the owner; the watchdog
+thread (and its probe threads) only read the transport and may close it.
 """
 from __future__ import annotations
 

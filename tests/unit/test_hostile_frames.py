@@ -99,3 +99,11 @@ def test_mutated_frames_are_refused_or_bounded(pos: int, byte: int, cap: int) ->
             assert len(mf.unpack_frame(b"\x01" + data, cap, "x")) <= cap
         except ManifestError:
             pass
+
+
+def test_declared_sizes_over_the_cap_are_refused() -> None:
+    ok = {"op": "file", "path": "f", "mode": 0o644, "mtime_ns": 0, "uid": 0, "gid": 0,
+          "size": mf.MAX_FILE_SIZE, "idx": 0}
+    assert mf.Entry(ok).size == mf.MAX_FILE_SIZE
+    with pytest.raises(ManifestError):
+        mf.Entry({**ok, "size": mf.MAX_FILE_SIZE + 1})
