@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any, Dict
 
 from discrep.cli import common
@@ -18,11 +20,20 @@ def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--replica-cycle", type=int, help="serve this first cycle at once")
     common.add_snapshot_arg(sp)
     sp.add_argument("--stream", action="store_true", help="announce manifest segments while building")
+    sp.add_argument("--timeout", type=float, default=None,
+                    help="say alive every timeout/4 s; end after this many seconds without a word from the replica")
     sp.add_argument("--no-totals", dest="totals", action="store_false",
                     help="a streamed first copy starts at once instead of counting the tree first")
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     from discrep.source.agent import run_agent
-    rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals)
-    raise SystemExit(rc)
+    rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals,
+                   timeout=a.timeout)
+    # no interpreter shutdown: it would wait for a stuck export child forever (its cleanup is bounded)
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)

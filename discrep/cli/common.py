@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
-from discrep.transport.options import TRANSPORTS, SshOptions
+from discrep.transport.options import DEFAULT_TIMEOUT, TRANSPORTS, SshOptions
 
 Progress = Callable[..., None]
 
@@ -99,12 +99,22 @@ def add_ssh_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", default="auto", choices=list(TRANSPORTS),
                    help="how the replica reads the export: sshfs mount, or built-in paramiko SFTP reader "
                         "(default auto: sshfs when available)")
+    g.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="fail the cycle (exit 11) when a connection to the source makes no progress for this "
+                        f"long (like rsync's --timeout; default {DEFAULT_TIMEOUT:.0f})")
+
+
+def _seconds(text: str) -> float:
+    v = parse_duration(text)
+    if not 1 <= v <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 1 second and 1 day")
+    return v
 
 
 def cycle_options(a: argparse.Namespace) -> CycleOptions:
     return CycleOptions(src=a.src, dest=a.dest, snapshot=a.snapshot, replica=replica_options(a),
                         ssh=SshOptions(remote_discrep=a.remote_discrep, ssh_config=a.ssh_config,
-                                       transport=a.transport),
+                                       transport=a.transport, timeout=a.timeout),
                         every=a.every)
 
 

@@ -5,9 +5,12 @@ talk in JSON lines over one SSH exec channel.  Every line is one message, encode
 decoded here and nowhere else:
 
 * a **command** (replica -> agent) is ``{"cmd": NAME, ...fields}``: ``cycle``, ``ack``,
-  ``export``, ``verify``, ``done``, ``bye``;
+  ``export``, ``verify``, ``done``, ``bye``, ``ping``;
 * an **event** (agent -> replica) is ``{"event": NAME, ...fields}``: ``hello``, ``seg``,
-  ``built``, ``ready``, ``verified``, ``acked``, ``ended``, ``error``.
+  ``built``, ``ready``, ``verified``, ``acked``, ``ended``, ``error``, ``alive``.
+  ``ping`` and ``alive`` are heartbeats: each side sends one every few seconds, so a peer
+  that is silent for the session's ``--timeout`` is gone (a stalled network).
+  Path fields (``PATHS``) are checked on decode: absolute, no '.', '..' or NUL, bounded.
 
 Each message is a frozen dataclass; ``encode()`` gives its line (fields that are None are
 left out), ``Event.decode(line)`` / ``Command.decode(line)`` give the message back and
@@ -35,6 +38,7 @@ from discrep.core import errors
 from discrep.core.errors import Error, ManifestError, TransportError
 
 HINT = "install the same discrep version on both hosts"
+MAX_PATH = 4096                 # longest path an event may name
 WARNING_PREFIX = "discrep: warning: "
 
 M = TypeVar("M", bound="Message")
@@ -79,6 +83,7 @@ class Message:
     KEY: ClassVar[str] = ""        # "cmd" or "event"
     SENDER: ClassVar[str] = ""     # who sends this kind of message
     NAME: ClassVar[str] = ""       # the message's name on the wire
+    PATHS: ClassVar[Tuple[str, ...]] = ()   # fields that name a path on the source (see check_path)
 
     def encode(self) -> str:
         """The message as one JSON line (with its newline)."""
@@ -105,8 +110,29 @@ class Message:
             if not _is_type(v, hints[f.name]):
                 raise ManifestError(f"{cls.KEY} {cls.NAME!r}: field {f.name!r} is not {_describe(hints[f.name])} "
                                     f"({v!r:.60})", hint=HINT)
+            if f.name in cls.PATHS and v is not None:
+                check_path(v, f"{cls.KEY} {cls.NAME!r}: field {f.name!r}")
             kw[f.name] = v
         return cls(**kw)
+
+
+def check_path(path: str, what: str) -> str:
+    """``path`` if it is a sane absolute path on the source: no NUL, no '.' or '..' component,
+    at most MAX_PATH long; else ManifestError naming ``what``."""
+    if not path.startswith("/") or len(path) > MAX_PATH or "\0" in path or \
+            any(c in (".", "..") for c in path.split("/")):
+        raise ManifestError(f"{what} is not a plain absolute path ({path!r:.80})", hint=HINT)
+    return path
+
+
+def below(path: Optional[str], base: str, what: str) -> str:
+    """``path`` relative to ``base`` (both checked by ``check_path``), which it must lie strictly
+    below; else ManifestError: the source named a path outside its state directory."""
+    p = check_path(path or "", what).rstrip("/")
+    b = check_path(base, "the base directory").rstrip("/")
+    if not p.startswith(b + "/") or len(p) == len(b) + 1:
+        raise ManifestError(f"{what} {path!r:.80} is not below {base!r:.80}", hint=HINT)
+    return p[len(b) + 1:]
 
 
 def _describe(tp: Any) -> str:
@@ -187,7 +213,13 @@ class Bye(Command):
     NAME: ClassVar[str] = "bye"
 
 
-COMMANDS: Dict[str, Type[Command]] = {c.NAME: c for c in (StartCycle, Ack, Export, Verify, Done, Bye)}
+@dataclass(frozen=True)
+class Ping(Command):
+    """The replica is alive (sent every few seconds: an agent that hears nothing for its timeout ends)."""
+    NAME: ClassVar[str] = "ping"
+
+
+COMMANDS: Dict[str, Type[Command]] = {c.NAME: c for c in (StartCycle, Ack, Export, Verify, Done, Bye, Ping)}
 
 
 # -- events: agent -> replica --------------------------------------------------
@@ -206,6 +238,7 @@ class Event(Message):
 class Hello(Event):
     """The agent runs: the source's state directory and the export's parent directory."""
     NAME: ClassVar[str] = "hello"
+    PATHS: ClassVar[Tuple[str, ...]] = ("state_dir", "dir")
     state_dir: str
     dir: str
 
@@ -216,6 +249,7 @@ class Segment(Event):
     segment 0 also carries the cycle ``header``, the ``snapshot`` path and (unless the build
     walks as it streams) ``totals`` ``{"files", "bytes"}``."""
     NAME: ClassVar[str] = "seg"
+    PATHS: ClassVar[Tuple[str, ...]] = ("dir", "snapshot")
     seg: int
     packs: int
     entries: int
@@ -229,6 +263,7 @@ class Segment(Event):
 class Built(Event):
     """Cycle ``cycle`` is built (journal cut, snapshot at ``path``, manifest)."""
     NAME: ClassVar[str] = "built"
+    PATHS: ClassVar[Tuple[str, ...]] = ("path",)
     cycle: int
     base: int
     entries: int
@@ -242,6 +277,7 @@ class Built(Event):
 class Ready(Event):
     """The cycle's FUSE export is mounted at ``mountpoint``."""
     NAME: ClassVar[str] = "ready"
+    PATHS: ClassVar[Tuple[str, ...]] = ("mountpoint",)
     mountpoint: str
 
 
@@ -289,8 +325,14 @@ class Failed(Event):
         return TransportError(msg)
 
 
+@dataclass(frozen=True)
+class Alive(Event):
+    """The agent is alive and working (sent every few seconds while it builds or verifies)."""
+    NAME: ClassVar[str] = "alive"
+
+
 EVENTS: Dict[str, Type[Event]] = {c.NAME: c for c in (Hello, Segment, Built, Ready, Verified, Acked, Ended,
-                                                      Failed)}
+                                                      Failed, Alive)}
 
 
 # -- warnings: agent stderr ----------------------------------------------------

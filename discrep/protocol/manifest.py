@@ -37,6 +37,8 @@ import stat as statmod
 from typing import Any, Dict, Iterator, List, Optional, Tuple  # noqa: F401
 
 import pyzstd
+from blockdiff import framing
+from blockdiff.errors import FrameError
 
 from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.core.paths import check_rel, dec, enc
@@ -183,24 +185,60 @@ class ManifestWriter:
         self._raw.close()
 
 
-def read_segment(data: bytes, n: int) -> Iterator[Dict[str, Any]]:
+MAX_MANIFEST_BYTES = 1 << 30   # a whole manifest, decompressed (a source's word is bounded)
+MAX_SEGMENT_BYTES = 64 << 20   # one streamed manifest segment, decompressed (~8192 entries)
+MAX_PACK_BYTES = 32 << 20      # one pack of small files, decompressed (the source packs 8 MiB + one file)
+MAX_FILE_SIZE = 1 << 46        # the largest file size a manifest may declare (64 TiB)
+DECOMPRESS_PIECE = 4 << 20
+FRAME_SLACK = 4096             # a compressed frame may be this much larger than its content
+
+
+def decompress_bounded(data: bytes, max_size: int, what: str) -> bytes:
+    """The zstd frames of ``data`` (one or more, concatenated), decompressed: never more than
+    ``max_size`` + 1 bytes are produced; ManifestError when there would be more, when the data
+    is not zstd or ends inside a frame."""
+    if not data:
+        raise ManifestError(f"{what} is empty")
+    d = pyzstd.EndlessZstdDecompressor()
+    parts: List[bytes] = []
+    got = 0
+    try:
+        while True:     # in pieces: a bomb is refused having produced max_size + 1 bytes, not more
+            piece = d.decompress(data if not parts else b"", min(DECOMPRESS_PIECE, max_size + 1 - got))
+            parts.append(piece)
+            got += len(piece)
+            if got > max_size:
+                raise ManifestError(f"{what} decompresses to more than {max_size} bytes")
+            if d.needs_input or not piece:
+                break
+    except pyzstd.ZstdError as e:
+        raise ManifestError(f"{what} is not valid zstd: {e}") from None
+    if not d.at_frame_edge:
+        raise ManifestError(f"{what} ends inside a zstd frame")
+    return b"".join(parts)
+
+
+def unpack_frame(frame: bytes, max_size: int, what: str) -> bytes:
+    """``blockdiff.framing.unpack`` of a frame the source sent: at most ``max_size`` bytes; a
+    malformed frame (empty, corrupt, too large) is a ManifestError."""
+    try:
+        return framing.unpack(frame, max_size)
+    except FrameError as e:
+        raise ManifestError(f"{what}: {e}") from None
+
+
+def read_segment(data: bytes, n: int, max_size: int = MAX_SEGMENT_BYTES) -> Iterator[Dict[str, Any]]:
     """Raw entry dicts of manifest segment ``n`` (see ManifestWriter.cut); segment 0's header
     line is checked and skipped."""
     if n == 0:
-        return read_lines(data)[1]
-    try:
-        raw = pyzstd.decompress(data)
-    except pyzstd.ZstdError as e:
-        raise ManifestError(f"manifest segment {n} is not valid zstd: {e}") from None
+        return read_lines(data, max_size)[1]
+    raw = decompress_bounded(data, max_size, f"manifest segment {n}")
     return _parse_lines(raw.rstrip(b"\n"), f"segment {n} line ", 1)
 
 
-def read_lines(data: bytes) -> Tuple[Dict[str, Any], Iterator[Dict[str, Any]]]:
+def read_lines(data: bytes, max_size: int = MAX_MANIFEST_BYTES) -> Tuple[Dict[str, Any], Iterator[Dict[str, Any]]]:
     """Parse a manifest blob: (header, iterator of raw entry dicts)."""
-    try:
-        raw = pyzstd.decompress(data)
-    except pyzstd.ZstdError as e:
-        raise ManifestError(f"manifest is not valid zstd: {e}") from None
+    raw = decompress_bounded(data, max_size, "the manifest")
     stream = io.BytesIO(raw)
     first = stream.readline()
     try:
@@ -332,7 +370,7 @@ class Entry:
         """A file's fields: size, idx, and the optional h, pack, extents, link, cbt, live."""
         get = raw.get
         v = get("size")
-        self.size = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "size")
+        self.size = v if type(v) is int and 0 <= v <= MAX_FILE_SIZE else _int(raw, "size", hi=MAX_FILE_SIZE + 1)
         v = get("idx")
         self.idx = v if type(v) is int and 0 <= v < 2 ** 63 else _int(raw, "idx")
         h = get("h")

@@ -13,13 +13,12 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 import blockdiff
-from blockdiff import framing
 
 from discrep.core.errors import ManifestError
 from discrep.core.paths import show
 from discrep.protocol import layout
 from discrep.protocol import ranges as rq
-from discrep.protocol.manifest import Entry
+from discrep.protocol.manifest import FRAME_SLACK, Entry, unpack_frame
 from discrep.replica.reader import Reader
 
 Range = Tuple[int, int]
@@ -30,8 +29,10 @@ def fetch_ranges(reader: Reader, e: Entry, want: List[Range]) -> Dict[int, bytes
     if not want:
         return {}
     groups = rq.batches(_aligned(want, e.size))
-    names = [layout.range_request(e.idx, rq.encode(g)) for g in groups]
-    blobs = list(reader.pool.map(lambda n: framing.unpack(reader.read_all(n)), names))
+    reqs = [(layout.range_request(e.idx, rq.encode(g)), sum(min(ln, e.size - off) for off, ln in g)) for g in groups]
+    what = f"the answer to a range request of {show(e.path)}"
+    blobs = list(reader.pool.map(
+        lambda r: unpack_frame(reader.read_all(r[0], r[1] + FRAME_SLACK), r[1], what), reqs))
     return _cut(e, want, _pieces(e, groups, blobs))
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Callable, Dict, Set
 
-from blockdiff import framing
 
 from discrep.protocol import layout
+from discrep.protocol.manifest import FRAME_SLACK, MAX_PACK_BYTES, unpack_frame
 from discrep.replica.reader import Reader
 
 PACK_AHEAD = 3               # packs read ahead on a first copy
@@ -67,4 +67,5 @@ class PackSource:
             self._ahead.pop(k, None)
 
     def _read(self, k: int) -> bytes:
-        return framing.unpack(self.reader.read_all(self.pack_rel % k))
+        return unpack_frame(self.reader.read_all(self.pack_rel % k, MAX_PACK_BYTES + FRAME_SLACK), MAX_PACK_BYTES,
+                            f"pack {k}")

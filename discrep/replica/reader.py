@@ -14,7 +14,7 @@ from __future__ import annotations
 from concurrent.futures import Executor
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
-from discrep.protocol.manifest import Entry
+from discrep.protocol.manifest import MAX_MANIFEST_BYTES, Entry
 
 Ranges = Iterable[Tuple[int, int]]
 
@@ -35,8 +35,9 @@ class Reader(Protocol):
     def bytes_read(self) -> int:
         """Bytes read from the export so far (what the cycle cost on the wire)."""
 
-    def read_all(self, rel: bytes) -> bytes:
-        """The whole export file ``rel``."""
+    def read_all(self, rel: bytes, max_size: int = MAX_MANIFEST_BYTES) -> bytes:
+        """The whole export file ``rel``; ManifestError if it holds more than ``max_size`` bytes
+        (by default the largest manifest, 1 GiB)."""
 
     def pread(self, rel: bytes, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes of ``rel`` at ``offset`` (short only at its end)."""

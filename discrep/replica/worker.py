@@ -42,13 +42,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 
-from blockdiff import framing
 
 from discrep.core import errors
 from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.core.paths import parent, show
 from discrep.protocol import layout
-from discrep.protocol.manifest import Entry, read_segment
+from discrep.protocol.manifest import MAX_PACK_BYTES, Entry, read_segment, unpack_frame
 from discrep.replica.catalog import CatalogRow
 from discrep.replica.dirs import DirFds, NotADir
 from discrep.replica.owners import OwnerMap
@@ -174,7 +173,8 @@ class SegmentApplier:
     def want_packs(self, lo: int, hi: int) -> None:
         for k in range(lo, hi):
             if k not in self.packs:
-                self.packs[k] = self.pool.submit(lambda k=k: framing.unpack(self._read(layout.PACK_FILE % k)))
+                self.packs[k] = self.pool.submit(lambda k=k: unpack_frame(self._read(layout.PACK_FILE % k),
+                                                                          MAX_PACK_BYTES, f"pack {k}"))
 
     def segment(self, n: int, lo: int, hi: int) -> SegmentDone:
         self.want_packs(lo, hi)

@@ -36,11 +36,14 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple, Type, Union, cast
 
+from blockdiff.errors import BlockdiffError
+
 from discrep.core import errors as errmod
+from discrep.core.beneath import open_beneath
 from discrep.core.errors import Error, LiveReadError, ManifestError, TransportError, WarningList
 from discrep.core.paths import show
 from discrep.protocol import layout
-from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle
+from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle, below
 from discrep.replica.sync import holds_only_state, result_fields, sync
 from discrep.replica.options import ReplicaOptions
 from discrep.run.local import prepare_dest
@@ -57,22 +60,24 @@ class DirectDataReader(MountReader):
     (``<export>/.discrep/...``), but ``.discrep/data/<idx>`` is read straight from the immutable
     snapshot file it aliases (``<snapshot>/<path>``), skipping the source's Python FUSE hop
     (measured: export 333-516 MB/s vs the snapshot's filesystem at GB/s).  Falls back to the
-    export's alias when the snapshot file cannot be opened.
+    export's alias when the snapshot file cannot be opened.  Every path is relative to the mount's
+    root and opened strictly beneath it (core.beneath): whatever the agent names, no read leaves it.
     """
 
-    def __init__(self, root_mnt: str, export_dir: str, snapshot_path: str, cycle_dir: str = "", **kw):
-        super().__init__(root_mnt.rstrip("/") + export_dir, **kw)
+    def __init__(self, root_mnt: str, export_rel: str, snapshot_rel: str, cycle_rel: str = "", **kw):
+        super().__init__(root_mnt, base=os.fsencode(export_rel), **kw)
         self.root_mnt = root_mnt.rstrip("/")
-        self.snap = os.fsencode(self.root_mnt) + os.fsencode(snapshot_path)
-        self.cycle_dir = os.fsencode(self.root_mnt) + os.fsencode(cycle_dir)
+        self.snap = os.fsencode(snapshot_rel).strip(b"/")
+        self.cycle_rel = os.fsencode(cycle_rel).strip(b"/")
+        self.cycle_dir = os.fsencode(self.root_mnt) + b"/" + self.cycle_rel if self.cycle_rel else None
         self.paths: Dict[int, bytes] = {}
         self.live: Set[int] = set()        # files the source lets us read live (snapshot symlinks)
         self.want_export: Optional[Callable[[], str]] = None   # a streamed cycle: export on first need
         self._export_lock = threading.Lock()
 
-    def set_export(self, export_dir: str) -> None:
+    def set_export(self, export_rel: str) -> None:
         """The export is mounted (a streamed cycle starts reading before it is)."""
-        self.mountpoint = os.fsencode(self.root_mnt + export_dir)
+        self.base = os.fsencode(export_rel).strip(b"/")
         self.want_export = None
 
     def know_files(self, paths: Dict[int, bytes], live: Iterable[int] = ()) -> None:
@@ -82,18 +87,15 @@ class DirectDataReader(MountReader):
     def _open(self, rel: bytes) -> int:
         if rel.startswith(layout.CYCLE_DIR):   # a streamed cycle's segments and packs, written before announced
             name = rel[len(layout.CYCLE_DIR):]
-            if b"/" in name or not name:
+            if b"/" in name or not name or not self.cycle_rel:
                 raise ManifestError(f"bad cycle file name {show(name)}")
-            try:
-                return os.open(self.cycle_dir + b"/" + name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as e:
-                raise TransportError(f"cannot read {show(name)} of the cycle on the source: {e.strerror}") from None
+            return self.open_below(self.cycle_rel, name)
         if rel.startswith(layout.DATA_PREFIX):
             name = rel.rsplit(b"/", 1)[1]
             p = self.paths.get(int(name)) if name.isdigit() else None
             if p is not None:
                 try:
-                    return os.open(self.snap + b"/" + p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    return open_beneath(self.root_fd, self.snap + b"/" + p)
                 except OSError as e:
                     if int(name) in self.live:   # the export has no better copy: the source settles it
                         raise LiveReadError(f"cannot open {show(p)} on the source: {e.strerror}") from None
@@ -145,6 +147,7 @@ class RemoteSession:
         self.dest = os.path.abspath(opts.dest)
         self.exe = opts.ssh.remote_discrep or "discrep"
         self.cfg = resolve(self.user, self.host, opts.ssh.ssh_config)
+        self.cfg.io_timeout = float(opts.ssh.timeout)
         self.transport = _choose_transport(opts.ssh.transport or "auto")
         self.snapshot_kind = opts.snapshot or "auto"
         self.conn: Optional[Connection] = None
@@ -177,8 +180,10 @@ class RemoteSession:
         self.conn.connect()
         if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
-        self.agent = AgentClient(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals)
+        self.agent = AgentClient(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals,
+                                 timeout=self.cfg.io_timeout)
         hello = self.agent.expect(Hello)
+        below(hello.dir, hello.state_dir, "the agent's export directory")
         self.state_dir, self.remote_dir = hello.state_dir, hello.dir
         if self.mount_thread is not None and not self.mount_thread.is_alive() and self.mount_err:
             self.mount.stop()
@@ -249,21 +254,22 @@ class RemoteSession:
     def _open_reader(self, first: Union[Segment, Built], marks: Dict[str, float]
                      ) -> Tuple[Any, Optional[CycleStream]]:
         """The reader of the cycle (and the stream, for a streamed one); its export is ready."""
-        export_base = "/" + self.remote_dir.rsplit("/", 1)[1]
+        export_rel = below(self.remote_dir, self.state_dir, "the agent's export directory")
         if isinstance(first, Segment):
             self._mount_ready()
-            reader = DirectDataReader(self.local_dir, export_base + "/.", _below_state(first.snapshot),
-                                      cycle_dir=_below_state(first.dir))
-            stream = CycleStream(first, self._agent(), reader, export_base)
+            reader = DirectDataReader(self.local_dir, export_rel, below(first.snapshot, self.state_dir, "the snapshot"),
+                                      cycle_rel=below(first.dir, self.state_dir, "the cycle directory"))
+            stream = CycleStream(first, self._agent(), reader, self.state_dir)
             marks["snap"] = marks["ready"] = time.monotonic()
             return reader, stream
         marks["snap"] = time.monotonic()
+        snap_rel = below(first.path, self.state_dir, "the snapshot") if self.transport == "sshfs" else ""
         ready = self._agent().expect(Ready)
         marks["ready"] = time.monotonic()
-        mnt_name = ready.mountpoint.rsplit("/", 1)[1]
+        mnt_rel = below(ready.mountpoint, self.remote_dir, "the export's mountpoint")
         if self.transport == "sshfs":
             self._mount_ready()
-            return DirectDataReader(self.local_dir, export_base + "/" + mnt_name, _below_state(first.path)), None
+            return DirectDataReader(self.local_dir, export_rel + "/" + mnt_rel, snap_rel), None
         from discrep.transport.sftp_reader import SftpReader
         return SftpReader(self.conn.sftp(), ready.mountpoint), None
 
@@ -275,12 +281,15 @@ class RemoteSession:
                          stream=stream)
             if stream is not None:
                 stream.finish()
-        except (OSError, Error) as e:
-            # a vanished export looks like a missing file or EIO from the reader: tell the real cause
+        except (OSError, Error, BlockdiffError) as e:
+            # a vanished export looks like a missing file, EIO or a short read from the reader: a lost
+            # connection is checked first, then data from the source that blockdiff cannot parse is malformed
             lost = _lost_reason(self.conn, self.agent, self.mount)
             if lost:
                 raise TransportError(f"{lost} during the cycle ({e})",
                                      hint="the replica stays at its last committed cycle; run again") from None
+            if isinstance(e, BlockdiffError):
+                raise ManifestError(f"the source sent data that cannot be parsed: {e}") from None
             raise
         built = stream.built if stream is not None else first
         if not isinstance(built, Built):
@@ -292,7 +301,7 @@ class RemoteSession:
         try:
             t_ack = time.monotonic()
             self._agent().send(Ack(cycle=n))
-            self._agent().expect(Acked, timeout=60)
+            self._agent().expect(Acked)
             log.info("remote cycle %d: acknowledged in %.2fs", n, time.monotonic() - t_ack)
         except (TransportError, OSError, socket.error, EOFError) as e:
             warnings.add(f"{self.cfg.alias}:{self.rpath}", f"cycle {n} is committed on the replica but the source "
@@ -313,11 +322,6 @@ class RemoteSession:
                 self.conn.close()
             self.conn = self.agent = self.mount = self.mount_thread = None
             self.local_dir = None
-
-
-def _below_state(path: Optional[str]) -> str:
-    """``/rel`` of a source path below ``SRC/.discrep`` (the sshfs mount's root)."""
-    return "/" + ((path or "").split("/.discrep/", 1)[-1] or "nonexistent")
 
 
 def _log_times(built: Built, streamed: bool, marks: Dict[str, float]) -> None:

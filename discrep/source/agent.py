@@ -35,23 +35,32 @@ is cleaned up like "bye": the export is unmounted, the built cycle stays for
 the next run to settle.  Warnings go to stderr as ``discrep: warning: ...``.
 Everything the agent writes goes through one ``AgentOutput``.
 
-Thread-safety: single-threaded (the export is served by a child process).
+With ``--timeout`` the agent says ``alive`` every timeout/4 s and ends (exit 11) when the
+replica has sent nothing (its ``ping`` included) for that long.  Cleanup is bounded
+(``stop_export``: unmount, lazy unmount, the export child ended by pid) and ignores further
+hang-up signals, so the agent never outlives its session.
+
+Thread-safety: single-threaded but for the heartbeat thread, which only writes through
+``AgentOutput`` (a lock keeps lines whole); the export is served by a child process.
 """
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import fuse_export
 
-from discrep.core.errors import Error, FuseUnavailableError, SourceError, WarningList
+from discrep.core.errors import Error, FuseUnavailableError, SourceError, TransportError, WarningList
 from discrep.core.paths import enc
-from discrep.protocol.agent_messages import (Ack, Acked, Built, Bye, Command, Done, Ended, Event, Export, Failed,
+from discrep.protocol.agent_messages import (Ack, Acked, Alive, Built, Bye, Command, Done, Ended, Event, Export, Failed,
                                              Hello, Ready, StartCycle, UnknownMessage, Verified, Verify,
                                              warning_line)
 from discrep.source.build import BuiltCycle, build_cycle
@@ -59,13 +68,34 @@ from discrep.source.cycles import ack_cycle, settle_source
 from discrep.source.deferred import close_deferred, settle_deferred
 from discrep.source.export import make_view
 
+UNMOUNT_WAIT = 3.0   # seconds for one unmount attempt or one wait for the export child
+
 
 class AgentOutput:
-    """The agent's only writer: events to stdout (one JSON line each, flushed), warnings to stderr."""
+    """The agent's only writer: events to stdout (one JSON line each, flushed), warnings to stderr.
+    A heartbeat thread (``beat``) says ``alive`` every ``interval`` seconds; a lock keeps lines whole."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def say(self, event: Event) -> None:
-        sys.stdout.write(event.encode())
-        sys.stdout.flush()
+        with self._lock:
+            sys.stdout.write(event.encode())
+            sys.stdout.flush()
+
+    def beat(self, interval: float) -> None:
+        """Say ``alive`` every ``interval`` seconds until ``stop`` (or stdout is gone)."""
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.say(Alive())
+                except (OSError, ValueError):
+                    return
+        threading.Thread(target=run, daemon=True, name="discrep-agent-alive").start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def warn(self, warnings: WarningList) -> None:
         """Write and forget the warnings collected so far."""
@@ -75,13 +105,17 @@ class AgentOutput:
 
 
 def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList,
-              stream: bool = False, totals: bool = True) -> int:
-    """Serve the replica on stdin/stdout until ``bye`` or EOF; the process's exit code."""
+              stream: bool = False, totals: bool = True, timeout: Optional[float] = None) -> int:
+    """Serve the replica on stdin/stdout until ``bye`` or EOF; the process's exit code.  With
+    ``timeout``: say ``alive`` every timeout/4 s, and end (exit 11) after ``timeout`` s without a line
+    from the replica (a stalled network: the replica sends ``ping`` every few seconds)."""
     def hang_up(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, hang_up)
     out = AgentOutput()
+    if timeout:
+        out.beat(max(0.5, timeout / 4))
     agent: Optional[_Agent] = None
     try:
         try:
@@ -92,7 +126,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             agent.hello()
             if replica_cycle is not None:
                 agent.cycle(replica_cycle, stream, totals)
-            agent.serve(sys.stdin)
+            agent.serve(read_lines(sys.stdin.buffer.fileno(), timeout))
             return 0
         except Error as e:
             out.say(Failed.of(e))
@@ -100,8 +134,68 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
     except (KeyboardInterrupt, BrokenPipeError):
         return 130
     finally:
+        out.stop()
         if agent is not None:
             agent.close()
+
+
+def _fusermount(mnt: str, lazy: bool) -> None:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmds = [[tool, "-uz" if lazy else "-u", "-q", mnt]] if tool else []
+    cmds.append(["umount"] + (["-l"] if lazy else []) + [mnt])
+    for cmd in cmds:
+        try:
+            subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=UNMOUNT_WAIT)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if not fuse_export.mounted(mnt):
+            return
+
+
+def stop_export(export: fuse_export.BackgroundExport) -> None:
+    """Unmount ``export`` and end its child within about 20 s whatever holds it: an unmount, a lazy
+    one (``-uz``) if the mount is busy (a file open on it) or slow, then the child is ended by pid
+    (SIGTERM, SIGKILL) -- the agent must never outlive its session waiting for it."""
+    mnt = os.fsdecode(export.mountpoint)
+    proc = export.proc
+    if fuse_export.mounted(mnt):
+        _fusermount(mnt, lazy=False)
+    if fuse_export.mounted(mnt):
+        _fusermount(mnt, lazy=True)
+    if proc is not None:
+        proc.join(UNMOUNT_WAIT)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not proc.is_alive() or proc.pid is None:
+                break
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            proc.join(UNMOUNT_WAIT)
+        export.proc = None
+    if fuse_export.mounted(mnt):     # the child was killed with the mount still there
+        _fusermount(mnt, lazy=True)
+
+
+def read_lines(fd: int, timeout: Optional[float]) -> Iterator[str]:
+    """The lines of ``fd`` until EOF; TransportError after ``timeout`` s without any input."""
+    buf = b""
+    while True:
+        if timeout:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                raise TransportError(f"no word from the replica for {timeout:.0f}s: the connection is stalled",
+                                     hint="the built cycle stays for the next run to settle")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            if buf:
+                yield buf.decode(errors="replace")
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode(errors="replace") + "\n"
 
 
 class _Agent:
@@ -124,9 +218,13 @@ class _Agent:
         self.out.say(Hello(state_dir=self.state_dir, dir=self.workdir))
 
     def close(self) -> None:
-        """Unmount the export, remove the working directory."""
+        """Unmount the export, end its child, remove the working directory: bounded (see
+        ``stop_export``), and not interrupted by a hang-up arriving meanwhile."""
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         if self.export is not None:
-            self.export.stop()
+            stop_export(self.export)
+            self.export = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def serve(self, lines: Iterable[str]) -> None:
@@ -210,5 +308,5 @@ class _Agent:
         if self.built is not None:
             close_deferred(self.built)           # (settled ones are closed already)
         if self.export is not None:
-            self.export.stop()
+            stop_export(self.export)
             self.export = None

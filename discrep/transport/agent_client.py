@@ -15,7 +15,8 @@ replica applies segments while the source still builds the rest (replica.sync /
 replica.stream use it).
 
 Thread-safety: an ``AgentClient`` is used by one thread at a time (its stderr thread
-only appends to a list).  ``CycleStream`` runs one helper thread that reads the agent's
+only appends to a list; its ping thread only ``send``s, under a lock).  Every wait on the
+agent ends after the session's timeout without a line (the agent says ``alive`` while busy).  ``CycleStream`` runs one helper thread that reads the agent's
 announcements until ``built``; see its doc.
 """
 from __future__ import annotations
@@ -29,36 +30,48 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tupl
 
 from discrep.core.errors import TransportError, WarningList
 from discrep.protocol import layout
-from discrep.protocol.agent_messages import (HINT, Built, Command, Event, Export, Failed, Ready, Segment, Verified,
-                                             Verify, parse_warning)
-from discrep.protocol.manifest import Entry, read_segment
+from discrep.protocol.agent_messages import (HINT, Alive, Built, Command, Event, Export, Failed, Ping, Ready, Segment,
+                                             Verified, Verify, below, parse_warning)
+from discrep.protocol.manifest import FRAME_SLACK, MAX_MANIFEST_BYTES, MAX_SEGMENT_BYTES, Entry, read_segment
 from discrep.transport.ssh import Connection, HostConfig, q
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 120.0   # seconds for the remote export to come up
-VERIFY_TIMEOUT = 3600.0  # seconds for the source to check (and maybe copy) files it let us read live
+DEFAULT_TIMEOUT = 60.0  # seconds without a line from the agent (it says ``alive`` every timeout/4 s)
 
 E = TypeVar("E", bound=Event)
 
 
-def agent_command(exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool, totals: bool) -> str:
+def agent_command(exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool, totals: bool,
+                  timeout: float = DEFAULT_TIMEOUT) -> str:
     """The remote command line that starts the agent and its first cycle."""
-    return (f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} "
-            f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}{q(src)}")
+    return (f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} --timeout {float(timeout)} "
+            f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}-- {q(src)}")
 
 
 class AgentClient:
     """The source's ``discrep agent`` on one exec channel (JSON lines, see source.agent)."""
 
     def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool = False,
-                 totals: bool = True):
+                 totals: bool = True, timeout: float = DEFAULT_TIMEOUT):
         self.conn = conn
-        self.ch = conn.start(agent_command(exe, src, rcycle, snapshot_kind, stream, totals))
+        self.timeout = timeout
+        self.ch = conn.start(agent_command(exe, src, rcycle, snapshot_kind, stream, totals, timeout))
         self.out = self.ch.makefile("rb")
         self._stderr: List[bytes] = []
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
         self._t = threading.Thread(target=self._read_err, daemon=True, name="discrep-agent-stderr")
         self._t.start()
+        threading.Thread(target=self._ping, daemon=True, name="discrep-agent-ping").start()
+
+    def _ping(self) -> None:
+        """``ping`` every timeout/4 s: the agent ends when it hears nothing for its timeout."""
+        while not self._stop.wait(max(0.5, self.timeout / 4)):
+            try:
+                self.send(Ping())
+            except Exception:  # the channel is gone: the reads notice
+                return
 
     def _read_err(self) -> None:
         try:
@@ -69,12 +82,15 @@ class AgentClient:
         except Exception:  # connection gone: what we have is enough
             pass
 
-    def expect(self, kind: Type[E], timeout: float = READY_TIMEOUT) -> E:
+    def expect(self, kind: Type[E], timeout: Optional[float] = None) -> E:
         """The agent's next event, which must be a ``kind``."""
         return cast(E, self.expect_any((kind,), timeout))
 
-    def expect_any(self, kinds: Tuple[Type[Event], ...], timeout: float = READY_TIMEOUT) -> Event:
-        """The agent's next event, which must be one of ``kinds`` (an ``error`` event raises its error)."""
+    def expect_any(self, kinds: Tuple[Type[Event], ...], timeout: Optional[float] = None) -> Event:
+        """The agent's next event, which must be one of ``kinds`` (an ``error`` event raises its error);
+        ``alive`` events are skipped; TransportError after ``timeout`` (default: the session's) s
+        without any line."""
+        timeout = timeout or self.timeout
         self.ch.settimeout(timeout)
         try:
             while True:
@@ -85,6 +101,8 @@ class AgentClient:
                 if not line.startswith(b"{"):
                     continue
                 event = Event.decode(line)
+                if isinstance(event, Alive):
+                    continue
                 if isinstance(event, Failed):
                     self._t.join(1)
                     raise event.to_error(self.conn.cfg.alias)
@@ -113,7 +131,8 @@ class AgentClient:
                               f"{self.stderr_tail()}")
 
     def send(self, cmd: Command) -> None:
-        self.ch.sendall(cmd.encode().encode())
+        with self._send_lock:
+            self.ch.sendall(cmd.encode().encode())
 
     def exited(self) -> bool:
         """The agent process has ended."""
@@ -134,6 +153,7 @@ class AgentClient:
 
     def close(self, timeout: float = 10.0) -> None:
         """EOF to the agent: it unmounts the export and removes its directory; wait, then close."""
+        self._stop.set()
         try:
             if self.conn.transport_alive() and not self.ch.closed:
                 self.ch.shutdown_write()
@@ -157,7 +177,7 @@ class StreamReader(Protocol):
 
     want_export: Optional[Callable[[], str]]
 
-    def read_all(self, rel: bytes) -> bytes: ...
+    def read_all(self, rel: bytes, max_size: int = MAX_MANIFEST_BYTES) -> bytes: ...
 
 
 class CycleStream:
@@ -175,12 +195,12 @@ class CycleStream:
 
     pack_rel = layout.CYCLE_DIR + layout.PACK_FILE
 
-    def __init__(self, first: Segment, agent: AgentClient, reader: StreamReader, export_base: str):
+    def __init__(self, first: Segment, agent: AgentClient, reader: StreamReader, state_dir: str):
         if first.header is None:
             raise TransportError("the source agent streamed a cycle without its header", hint=HINT)
         self.header: Dict[str, Any] = first.header
         self.totals: Dict[str, Any] = first.totals or {}
-        self._agent, self._reader, self._export_base = agent, reader, export_base
+        self._agent, self._reader, self._state_dir = agent, reader, state_dir
         self._q: "queue.Queue[Union[Segment, Built, BaseException]]" = queue.Queue()
         self._q.put(first)
         self._n = 0
@@ -222,7 +242,8 @@ class CycleStream:
 
     def raw(self, n: int) -> Iterator[Dict[str, Any]]:
         """Segment ``n``'s raw entry dicts (not validated yet)."""
-        return read_segment(self._reader.read_all(layout.CYCLE_DIR + layout.SEGMENT_FILE % n), n)
+        data = self._reader.read_all(layout.CYCLE_DIR + layout.SEGMENT_FILE % n, MAX_SEGMENT_BYTES + FRAME_SLACK)
+        return read_segment(data, n)
 
     def entries(self, n: int) -> List[Entry]:
         """Segment ``n``'s validated entries."""
@@ -243,7 +264,7 @@ class CycleStream:
         source.agent ``verify``).  Returns (entries to read again from ``redo_rel``, paths to drop)."""
         self.finish()
         self._agent.send(Verify())
-        msg = self._agent.expect(Verified, timeout=VERIFY_TIMEOUT)
+        msg = self._agent.expect(Verified)
         return [Entry(r) for r in msg.redo], [Entry({"op": "delete", "path": p}).path for p in msg.gone]
 
     @staticmethod
@@ -252,11 +273,11 @@ class CycleStream:
         return layout.CYCLE_DIR + layout.REDO_FILE % idx
 
     def export(self) -> str:
-        """Have the agent mount the built cycle's export; its directory for the reader."""
+        """Have the agent mount the built cycle's export; its directory below the state dir, for the reader."""
         self.finish()
         if self.ready is None:
             t = time.monotonic()
             self._agent.send(Export())
             self.ready = self._agent.expect(Ready)
             log.info("the source exported the streamed cycle in %.2fs", time.monotonic() - t)
-        return self._export_base + "/" + self.ready.mountpoint.rsplit("/", 1)[1]
+        return below(self.ready.mountpoint, self._state_dir, "the export's mountpoint")

@@ -22,12 +22,18 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from discrep.core.beneath import EscapeError, open_beneath
 from discrep.core.errors import ManifestError, TransportError
+from discrep.core.paths import show
 from discrep.protocol import layout
+from discrep.protocol.manifest import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 * 1024 * 1024
+READ_ALL_MAX = MAX_MANIFEST_BYTES   # the largest whole file read_all returns unless told a bound
+LOST_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ECONNRESET)
+LOST_HINT = "the replica stays at its last committed cycle; run again"
 RANDOM_ACCESS = layout.RANDOM_ACCESS_PREFIXES
 
 
@@ -48,8 +54,14 @@ class MountReader:
 
     cycle_dir: Optional[bytes] = None   # no streamed cycle's directory to read directly (see DirectDataReader)
 
-    def __init__(self, mountpoint: str, *, workers: int = 8):
+    def __init__(self, mountpoint: str, *, workers: int = 8, base: bytes = b""):
         self.mountpoint = os.fsencode(mountpoint)
+        self.base = base.strip(b"/")        # every read is below mountpoint/base, opened beneath the mount
+        try:
+            self.root_fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise TransportError(f"cannot open the export at {show(self.mountpoint)}: {e.strerror}",
+                                 hint=LOST_HINT) from None
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: Dict[bytes, int] = {}
@@ -65,6 +77,9 @@ class MountReader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            if self.root_fd >= 0:
+                os.close(self.root_fd)
+                self.root_fd = -1
 
     def add_bytes_read(self, n: int) -> None:
         """Count ``n`` bytes read from the export (here, or by another process on our behalf)."""
@@ -73,12 +88,21 @@ class MountReader:
 
     def _open(self, rel: bytes) -> int:
         """Open export file ``rel`` (subclasses may read some files from elsewhere)."""
+        return self.open_below(self.base, rel)
+
+    def open_below(self, base: bytes, rel: bytes) -> int:
+        """Open ``base/rel`` strictly beneath the mount (no '..', no symlink: core.beneath)."""
         try:
-            return os.open(self.mountpoint + b"/" + rel, os.O_RDONLY | os.O_CLOEXEC)
+            return open_beneath(self.root_fd, base + b"/" + rel if base else rel)
+        except EscapeError:
+            raise ManifestError(f"the source named a path outside its export: {show(base + b'/' + rel)}") from None
         except FileNotFoundError:
-            raise ManifestError(f"the export has no {os.fsdecode(rel)}") from None
+            raise ManifestError(f"the export has no {show(rel)}") from None
         except OSError as e:
-            raise TransportError(f"cannot open {os.fsdecode(rel)} on the export: {e.strerror}") from None
+            if e.errno in LOST_ERRNOS:
+                raise TransportError(f"the export went away while opening {show(rel)}: {e.strerror}",
+                                     hint=LOST_HINT) from None
+            raise TransportError(f"cannot open {show(rel)} on the export: {e.strerror}") from None
 
     def _fd(self, rel: bytes) -> int:
         """A cached fd of ``rel`` (at most ~64 open)."""
@@ -103,15 +127,23 @@ class MountReader:
             self._fds[rel] = fd
             return fd
 
-    def read_all(self, rel: bytes) -> bytes:
-        return self._read(self._fd(rel), 0, None)
+    def read_all(self, rel: bytes, max_size: int = READ_ALL_MAX) -> bytes:
+        """The whole file ``rel``; ManifestError if it holds more than ``max_size`` bytes."""
+        data = self._read(self._fd(rel), 0, None, max_size)
+        if len(data) > max_size:
+            raise ManifestError(f"export file {show(rel)} is larger than {max_size} bytes")
+        return data
 
-    def _read(self, fd: int, offset: int, size: Optional[int]) -> bytes:
-        """``size`` bytes from ``offset`` (None: up to the end), fewer only at the end; counted."""
+    def _read(self, fd: int, offset: int, size: Optional[int], limit: Optional[int] = None) -> bytes:
+        """``size`` bytes from ``offset`` (None: up to the end, but at most ``limit`` + 1), fewer only at
+        the end; counted."""
         parts: List[bytes] = []
         got = 0
         while size is None or got < size:
-            b = self._pread(fd, CHUNK if size is None else size - got, offset + got)
+            want = size - got if size is not None else CHUNK if limit is None else min(CHUNK, limit + 1 - got)
+            if want <= 0:
+                break
+            b = self._pread(fd, want, offset + got)
             if not b:
                 break
             parts.append(b)
@@ -124,9 +156,8 @@ class MountReader:
         try:
             return os.pread(fd, size, off)
         except OSError as e:
-            if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ECONNRESET):
-                raise TransportError(f"the export went away while reading: {e.strerror}",
-                                     hint="the replica stays at its last committed cycle; run again") from None
+            if e.errno in LOST_ERRNOS:
+                raise TransportError(f"the export went away while reading: {e.strerror}", hint=LOST_HINT) from None
             raise
 
     def pread(self, rel: bytes, size: int, offset: int) -> bytes:

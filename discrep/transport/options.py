@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 TRANSPORTS = ("auto", "sshfs", "sftp")
+DEFAULT_TIMEOUT = 60.0    # rsync's --timeout: seconds a connection may make no progress
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class SshOptions:
     remote_discrep: str = "discrep"        # discrep executable on the source host (rsync's --rsync-path)
     ssh_config: Optional[str] = None       # OpenSSH client config (default ~/.ssh/config)
     transport: str = "auto"                # how the export is read: sshfs mount or paramiko SFTP
+    timeout: float = DEFAULT_TIMEOUT       # seconds without progress on a connection that fail the cycle
 
 
 def is_remote(spec: str) -> bool:

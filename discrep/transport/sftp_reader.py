@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from discrep.transport.mount_reader import split_ranges
+from discrep.transport.mount_reader import READ_ALL_MAX, split_ranges
 from discrep.core.errors import ManifestError, TransportError
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,12 @@ class SftpReader:
         except IOError as e:
             raise TransportError(f"cannot read {os.fsdecode(rel)} from the export: {e}") from None
 
-    def read_all(self, rel: bytes) -> bytes:
+    def read_all(self, rel: bytes, max_size: int = READ_ALL_MAX) -> bytes:
+        """The whole file ``rel``; ManifestError if it holds more than ``max_size`` bytes."""
         with self._lock:
             _, size = self._file(rel)
+            if size > max_size:
+                raise ManifestError(f"export file {os.fsdecode(rel)} is larger than {max_size} bytes")
             chunks = [(o, min(PIECE, size - o)) for o in range(0, size, PIECE)]
             data = b"".join(self._readv(rel, chunks))
             self.add_bytes_read(len(data))

@@ -14,8 +14,13 @@ unknown key is refused with ``HostKeyError`` unless StrictHostKeyChecking is
 a changed key is refused unless StrictHostKeyChecking is ``no``.  No password is
 ever taken: authentication uses ssh-agent and key files only.
 
+Liveness (``--timeout``, ``HostConfig.io_timeout``): a watchdog thread per connection asks
+the server for an answer every few seconds; no answer for ``io_timeout`` seconds closes the
+connection, so every read on it fails (exit 11) instead of waiting on a stalled network.
+
 Thread-safety: a ``Connection`` may run commands from several threads (paramiko
-channels are independent); ``close`` must be called once, from the owner.
+channels are independent); ``close`` must be called once, from the owner; the watchdog
+thread (and its probe threads) only read the transport and may close it.
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ class HostConfig:
     proxy_command: Optional[str] = None
     connect_timeout: float = 15.0
     server_alive_interval: int = 15
+    io_timeout: float = 60.0        # --timeout: seconds without an answer that declare the connection dead
     config_file: Optional[str] = None  # the file read (passed as -F to ssh/sshfs), None if none
 
     @property
@@ -215,6 +221,8 @@ class Connection:
         self.client = None
         self._closed = False
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.dead: Optional[str] = None     # why the watchdog closed the connection
 
     # -- connect -----------------------------------------------------
     def connect(self) -> "Connection":
@@ -277,16 +285,43 @@ class Connection:
             msg = str(e) or type(e).__name__
             raise TransportError(f"cannot connect to {cfg.describe()}: {msg}",
                                  hint=f"check that 'ssh{_f_opt(cfg)} {cfg.alias}' works") from None
-        t = client.get_transport()
-        if cfg.server_alive_interval:
-            t.set_keepalive(cfg.server_alive_interval)
         self.client = client
+        self._watch = threading.Thread(target=self._watchdog, args=(client.get_transport(),), daemon=True,
+                                       name="discrep-ssh-watchdog")
+        self._watch.start()
         return self
+
+    def alive_interval(self) -> float:
+        """Seconds between two liveness probes: a dead peer is noticed within ``io_timeout`` + this."""
+        return max(0.5, min(float(self.cfg.server_alive_interval or 15), self.cfg.io_timeout / 4))
+
+    def _watchdog(self, t) -> None:
+        """Ask the server for an answer (``keepalive@openssh.com``, which it must answer) every
+        ``alive_interval`` s; no answer within ``io_timeout`` s closes the connection, which every
+        channel read then reports (paramiko's own keepalive never declares a peer dead)."""
+        while not self._closed and t.is_active():
+            answered = threading.Event()
+
+            def probe() -> None:
+                try:
+                    t.global_request("keepalive@openssh.com", wait=True)
+                except Exception:  # the transport is closing: the loop ends
+                    pass
+                answered.set()
+            threading.Thread(target=probe, daemon=True, name="discrep-ssh-probe").start()
+            if not answered.wait(self.cfg.io_timeout):
+                if not self._closed:
+                    self.dead = f"no answer from {self.cfg.describe()} for {self.cfg.io_timeout:.0f}s"
+                    log.warning("%s: closing the connection", self.dead)
+                    t.close()
+                return
+            self._stop.wait(self.alive_interval())
 
     def transport(self):
         t = self.client.get_transport() if self.client else None
         if t is None or not t.is_active():
-            raise TransportError(f"the SSH connection to {self.cfg.describe()} was lost",
+            raise TransportError(f"the SSH connection to {self.cfg.describe()} was lost"
+                                 + (f" ({self.dead})" if self.dead else ""),
                                  hint="the replica stays at its last committed cycle; run again")
         return t
 
@@ -339,6 +374,7 @@ class Connection:
             if self._closed:
                 return
             self._closed = True
+        self._stop.set()
         if self.client is not None:
             try:
                 self.client.close()

@@ -76,13 +76,16 @@ class SshfsMount:
         cfg = self.cfg
         exe = shutil.which("sshfs") or "sshfs"
         cmd = [exe, "-f"]
+        # no answer for about io_timeout seconds (--timeout) ends ssh, and sshfs fails its reads
+        alive = max(1, min(cfg.server_alive_interval or 15, int(cfg.io_timeout // 3)))
+        count = max(1, int(cfg.io_timeout // alive))
         if cfg.config_file:
             cmd += ["-F", cfg.config_file]
         target = (f"{cfg.spec_user}@" if cfg.spec_user else "") + \
             (f"[{cfg.alias}]" if ":" in cfg.alias else cfg.alias) + ":" + self.remote_dir
         opts = ["ro", "kernel_cache", "Ciphers=^aes128-gcm@openssh.com",
-                "Compression=no", "BatchMode=yes", f"ServerAliveInterval={cfg.server_alive_interval or 15}",
-                "ServerAliveCountMax=3", f"ConnectTimeout={int(cfg.connect_timeout)}",
+                "Compression=no", "BatchMode=yes", f"ServerAliveInterval={alive}",
+                f"ServerAliveCountMax={count}", f"ConnectTimeout={int(cfg.connect_timeout)}",
                 "entry_timeout=60", "attr_timeout=60", "dcache_timeout=60",
                 "follow_symlinks"]
         if not cfg.config_file:

@@ -86,20 +86,24 @@ def _escape(work_dir: Path, target: Path) -> str:
     return "/" + "../" * 12 + str(target).lstrip("/")
 
 
-@pytest.mark.parametrize("event, field, transport", [
-    pytest.param("seg", "snapshot", "sshfs", marks=pytest.mark.xfail(
-        strict=True, reason="issue 13 item 1: the replica joins the agent's snapshot path under its mount "
-                            "without refusing '..' and copies its own files into DEST")),
-    ("seg", "dir", "sshfs"),
-    ("built", "path", "sshfs"), ("ready", "mountpoint", "sftp"), ("hello", "dir", "sshfs"),
-])
-def test_event_paths_never_leave_the_mount(sshd: Sshd, work_dir: Path, scene, event, field, transport):
+PATH_FIELDS = [("seg", "snapshot", "sshfs"), ("seg", "dir", "sshfs"), ("built", "path", "sshfs"),
+               ("built", "path", "sftp"), ("ready", "mountpoint", "sshfs"), ("ready", "mountpoint", "sftp"),
+               ("hello", "dir", "sshfs"), ("hello", "state_dir", "sshfs"), ("hello", "dir", "sftp"),
+               ("hello", "state_dir", "sftp")]
+
+
+@pytest.mark.parametrize("form", ["dotdot", "outside", "nul"])
+@pytest.mark.parametrize("event, field, transport", PATH_FIELDS)
+def test_event_paths_never_leave_the_mount(sshd: Sshd, work_dir: Path, scene, event, field, transport, form):
+    """Every path-bearing field of every event, lying with '..', with a path outside the source's
+    state directory, or with a NUL: the replica refuses it or ignores it, never reads its own files."""
     helpers.require_fuse()
     helpers.require_tool("sshfs")
     src, dst, canary = scene
     before = tree_digest(canary)
-    value = _escape(work_dir, canary) if field != "mountpoint" else str(canary)
-    if event == "built":     # an incremental cycle: first a clean first copy
+    value = {"dotdot": _escape(work_dir, canary), "outside": str(canary),
+             "nul": str(src / ".discrep") + "/\0/" + _escape(work_dir, canary)}[form]
+    if event in ("built", "ready"):     # an incremental cycle (exported): first a clean first copy
         r0 = _run(sshd, REMOTE_DISCREP, src, dst, "--transport", transport)
         assert r0.returncode == 0, r0.stderr
         (src / "big").write_bytes(b"t" * len(SECRET))
