@@ -146,6 +146,12 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
     if cycle == last:
         return SyncStats(cycle=cycle, base=base, already_committed=True,
                          bytes_transferred=reader.bytes_read, duration_s=time.monotonic() - t0)
+    if cycle < last or cycle <= 0:     # full or not: a committed recovery point is never rewritten
+        raise CycleMismatchError(
+            f"the export is cycle {cycle}, but {os.fsdecode(dest)} has committed cycle {last} already: a "
+            f"cycle number must exceed the last committed one",
+            hint="the source's state was reset or replaced: 'discrep reset SRC' starts a new full cycle "
+                 "numbered after the replica's")
     if not header.get("full") and base != last:
         raise CycleMismatchError(
             f"the export is cycle {cycle} built on cycle {base}, but {os.fsdecode(dest)} is at cycle {last}",
