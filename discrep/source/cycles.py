@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional, Tuple, TypeVar
 from discrep.core import locks
 from discrep.core.errors import SourceError
 from discrep.core.paths import join, state_dir
+from discrep.core.statedir import StateDir
 from discrep.journal.store import Journal
 from discrep.source import snapshot as snapmod
 from discrep.source.catalog import CycleRec, SourceCatalog
@@ -33,9 +34,10 @@ T = TypeVar("T")
 
 @contextmanager
 def source_lock(root: bytes) -> Iterator[None]:
-    with locks.holding(join(state_dir(root), b"source.lock"),
-                       f"another discrep run is building or acknowledging a cycle of {os.fsdecode(root)}",
-                       hint="wait for it to finish"):
+    with StateDir(root, error=SourceError) as sd, \
+            locks.holding(sd.file("source.lock"),
+                          f"another discrep run is building or acknowledging a cycle of {os.fsdecode(root)}",
+                          hint="wait for it to finish"):
         yield
 
 
