@@ -220,6 +220,8 @@ class _Target:
             if not name or b"/" in name or name in (b".", b"..") or b"\0" in name:
                 raise HistoryCorruptError(f"history record names a bad keep entry {p!r}")
             return self.keep_fd, name
+        if not b:
+            return self.root_fd, b"."        # the tree's top directory itself (its metadata)
         try:
             check_rel(b)
         except UnsafePathError as e:
@@ -297,6 +299,8 @@ def _set_meta(dfd: int, name: bytes, m: Dict) -> None:
 
 def _remove(dfd: int, name: bytes) -> None:
     """Remove ``name`` in ``dfd`` (a directory with all below it; no symlink followed)."""
+    if name == b".":
+        raise HistoryCorruptError("a history record would remove the top directory", hint=_PLANTED)
     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     if statmod.S_ISDIR(st.st_mode):
         shutil.rmtree(name, dir_fd=dfd)
