@@ -185,6 +185,15 @@ class ReplicaCatalog:
             except _Unstage:
                 pass
 
+    def rebuild(self, cycles: Iterable[Tuple[int, int]], rows: Iterable[CatalogRow]) -> None:
+        """Fill an empty catalog (``repair-state``): committed ``(cycle, committed_ns)`` and rows."""
+        with transaction(self.con):
+            if self.con.execute("SELECT 1 FROM cycles LIMIT 1").fetchone() is not None or not self.is_empty():
+                raise ValueError("the catalog to rebuild is not empty")
+            self.con.executemany("INSERT INTO cycles(cycle, base, state, source_time_ns, committed_ns, stats) "
+                                 "VALUES (?, NULL, 'committed', 0, ?, '{\"repaired\": true}')", cycles)
+            self.con.executemany(_INSERT, rows)
+
     def abandon(self, cycle: int) -> None:
         self.con.execute("DELETE FROM cycles WHERE cycle = ? AND state = 'applying'", (cycle,))
 
