@@ -156,3 +156,21 @@ def test_planted_source_catalog_snapshot_path_is_not_removed(work_dir: Path):
     assert p.returncode != 0
     assert "nothing was removed" in p.stderr, p.stderr
     assert digest(canary) == before
+
+
+@pytest.mark.parametrize("cmd", ["snapshot", "reset"])
+def test_source_state_dir_symlinked_elsewhere_is_refused(work_dir: Path, cmd: str):
+    """SRC/.discrep swapped for a symlink: no snapshot is removed or made there, no lock file."""
+    src = work_dir / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    canary = _canary(work_dir)
+    for n in range(1, 4):
+        (canary / "snapshots" / str(n)).mkdir(parents=True)
+        (canary / "snapshots" / str(n) / "keep").write_bytes(b"k")
+    os.symlink(canary, src / ".discrep")
+    before = digest(canary)
+    p = run(cmd, str(src))
+    assert p.returncode != 0
+    assert "not a plain directory" in p.stderr, p.stderr
+    assert digest(canary) == before
