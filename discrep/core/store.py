@@ -2,8 +2,11 @@
 
 Every store is a WAL database with ``synchronous=FULL`` and a long busy timeout, opened in
 autocommit mode (``isolation_level=None``: each store issues its own transactions, through
-``transaction``).  ``open_store`` creates the state directory, opens the file, applies the
-schema, and turns a damaged file into the caller's error class with a hint.  Every store has a
+``transaction``).  ``open_store`` opens the file inside a checked state directory
+(``core.statedir.StateDir``, or the path of one: ``ROOT/.discrep``), created ``0600``, runs
+``PRAGMA quick_check`` on it (a truncated or damaged file is found at once, not as an odd
+error later), applies the schema, and turns a damaged file into the caller's error class with a
+hint that names the file; a full disk is said as such.  Every store has a
 ``meta (k TEXT PRIMARY KEY, v TEXT)`` table; ``get_meta``/``set_meta`` read and write it.
 ``prefix_end`` bounds a subtree in a path-keyed table.
 
@@ -15,9 +18,10 @@ import errno
 import os
 import sqlite3
 from contextlib import contextmanager
-from typing import Iterator, Optional, Type
+from typing import Iterator, Optional, Type, Union
 
 from discrep.core.errors import Error
+from discrep.core.statedir import StateDir
 
 SQLITE_FULL = 13                 # sqlite3 result code: database or disk is full
 META_SCHEMA = "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);"
@@ -32,20 +36,44 @@ def connect(db_path: str) -> sqlite3.Connection:
     return con
 
 
-def open_store(state_dir: str, filename: str, schema: str, error: Type[Error], what: str,
+def state_of(state: Union[StateDir, str], error: Type[Error]) -> StateDir:
+    """``state`` itself, or the StateDir opened from its path ``ROOT/.discrep`` (the caller owns it)."""
+    if isinstance(state, StateDir):
+        return state
+    return StateDir(os.fsencode(os.path.dirname(os.path.abspath(state))), error=error)
+
+
+def open_store(state: StateDir, filename: str, schema: str, error: Type[Error], what: str,
                hint: Optional[str] = None) -> "tuple[str, sqlite3.Connection]":
-    """(path, connection) of ``state_dir/filename`` with ``schema`` applied; a file SQLite cannot
-    read raises ``error("<what> <path> is unreadable: ...", hint=hint)``."""
-    os.makedirs(state_dir, exist_ok=True)
-    path = os.path.join(state_dir, filename)
+    """(path, connection) of ``filename`` in the checked state dir with ``schema`` applied; a file
+    SQLite cannot read raises ``error("<what> <file> is damaged: ...", hint=hint)``."""
+    path = state.file(filename)
+    shown = os.path.join(os.fsdecode(state.root), ".discrep", filename)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if is_disk_full(e):
+            raise error(f"{what} {shown} cannot be written: the disk is full",
+                        hint="free space on that filesystem, then run again") from e
+        raise error(f"{what} {shown} cannot be opened: {e.strerror}") from e
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    con = None
     try:
         con = connect(path)
+        check = con.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check[0] if check else '?'}")
         con.executescript(schema)
     except sqlite3.DatabaseError as e:
+        if con is not None:
+            con.close()
         if is_disk_full(e):       # a full disk is not a damaged file: say what to do about it
-            raise error(f"{what} {path} cannot be written: the disk is full",
+            raise error(f"{what} {shown} cannot be written: the disk is full",
                         hint="free space on that filesystem, then run again") from e
-        raise error(f"{what} {path} is unreadable: {e}", hint=hint) from e
+        raise error(f"{what} {shown} is damaged ({e})", hint=hint) from e
     return path, con
 
 

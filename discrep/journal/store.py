@@ -30,10 +30,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 from discrep.core.errors import JournalError
-from discrep.core.store import META_SCHEMA, get_meta, open_store, set_meta, transaction
+from discrep.core.statedir import StateDir
+from discrep.core.store import META_SCHEMA, get_meta, open_store, set_meta, state_of, transaction
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,22 @@ class Entry:
 class Journal:
     """Append / read / trim journal entries and the gap marker."""
 
-    def __init__(self, state_dir: str):
-        self.path, self.con = open_store(
-            state_dir, "journal.db", _SCHEMA, JournalError, "journal",
-            hint="move it aside; the next run rebuilds it with a catch-up scan")
+    def __init__(self, state: "Union[StateDir, str]"):
+        self.state = state_of(state, JournalError)
+        self._owns_state = self.state is not state
+        try:
+            self.path, self.con = open_store(
+                self.state, "journal.db", _SCHEMA, JournalError, "journal",
+                hint="move it aside; the next run rebuilds it with a catch-up scan")
+        except BaseException:
+            if self._owns_state:
+                self.state.close()
+            raise
 
     def close(self) -> None:
         self.con.close()
+        if self._owns_state:
+            self.state.close()
 
     # -- writing -------------------------------------------------------
     def append(self, op: str, path: bytes, old_path: Optional[bytes] = None,

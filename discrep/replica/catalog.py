@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import time
 from contextlib import ExitStack
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from discrep.core.errors import DestinationError
-from discrep.core.store import get_meta, open_store, prefix_end, set_meta, transaction
+from discrep.core.statedir import StateDir
+from discrep.core.store import get_meta, open_store, prefix_end, set_meta, state_of, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -71,13 +72,30 @@ def _subtree(path: bytes) -> Tuple[bytes, bytes, bytes]:
     return path, path + b"/", prefix_end(path)
 
 
+REPAIR_HINT = "run 'discrep repair-state DEST': it rebuilds the catalog from DEST and keeps its recovery points"
+
+
 class ReplicaCatalog:
-    def __init__(self, state_dir: str):
-        self.path, self.con = open_store(state_dir, "replica.db", _SCHEMA, DestinationError, "replica catalog")
+    """``replica.db`` in DEST's checked state dir; ``state`` is that StateDir (or its path
+    ``DEST/.discrep``: then the catalog opens and owns it).  History and stage are reached
+    through ``self.state``."""
+
+    def __init__(self, state: Union[StateDir, str]):
+        self.state = state_of(state, DestinationError)
+        self._owns_state = self.state is not state
+        try:
+            self.path, self.con = open_store(self.state, "replica.db", _SCHEMA, DestinationError,
+                                             "replica catalog", hint=REPAIR_HINT)
+        except BaseException:
+            if self._owns_state:
+                self.state.close()
+            raise
         self._staged: Optional[ExitStack] = None    # the open transaction of staged rows
 
     def close(self) -> None:
         self.con.close()
+        if self._owns_state:
+            self.state.close()
 
     def get(self, path: bytes) -> Optional[CatalogRow]:
         r = self.con.execute("SELECT path, kind, size, mtime_ns, ino, sig FROM files WHERE path = ?",
@@ -103,7 +121,9 @@ class ReplicaCatalog:
             "ORDER BY cycle")]
 
     def begin(self, cycle: int, base: int, source_time_ns: int) -> None:
-        self.con.execute("INSERT OR REPLACE INTO cycles(cycle, base, state, source_time_ns) VALUES (?,?,?,?)",
+        if cycle <= self.last_committed():
+            raise ValueError(f"cycle {cycle} is not after the last committed cycle")
+        self.con.execute("INSERT INTO cycles(cycle, base, state, source_time_ns) VALUES (?,?,?,?)",
                          (cycle, base, "applying", source_time_ns))
 
     def commit(self, cycle: int, *, full: bool, moves: Iterable[Tuple[bytes, bytes]],
@@ -164,6 +184,15 @@ class ReplicaCatalog:
                     raise _Unstage()
             except _Unstage:
                 pass
+
+    def rebuild(self, cycles: Iterable[Tuple[int, int]], rows: Iterable[CatalogRow]) -> None:
+        """Fill an empty catalog (``repair-state``): committed ``(cycle, committed_ns)`` and rows."""
+        with transaction(self.con):
+            if self.con.execute("SELECT 1 FROM cycles LIMIT 1").fetchone() is not None or not self.is_empty():
+                raise ValueError("the catalog to rebuild is not empty")
+            self.con.executemany("INSERT INTO cycles(cycle, base, state, source_time_ns, committed_ns, stats) "
+                                 "VALUES (?, NULL, 'committed', 0, ?, '{\"repaired\": true}')", cycles)
+            self.con.executemany(_INSERT, rows)
 
     def abandon(self, cycle: int) -> None:
         self.con.execute("DELETE FROM cycles WHERE cycle = ? AND state = 'applying'", (cycle,))

@@ -26,14 +26,38 @@ import stat as statmod
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from discrep.core.errors import ManifestError, UnsafePathError
-from discrep.core.paths import STATE_DIR, basename, enc, join, parent, show
+from discrep.core.paths import STATE_DIR, basename, enc, parent, show
+from discrep.core.statedir import StateDir
 from discrep.core.xattrs import read_xattrs
 from discrep.replica.dirs import O_FILE, DirFds, NotADir, syncfs
 from discrep.replica.history import KEEP, UndoLog, encode_meta
 
 STAGE_REL = STATE_DIR + b"/stage"
+STAGE = b"stage"             # its name in the state dir
 INSTALL_BATCH = 256          # installs per barrier
 _Install = Tuple[bytes, bytes, Optional[bytes], bool]    # staged name, path, kept old object's name, new
+
+
+def _fresh_stage(state: StateDir) -> int:
+    """fd of a new, empty stage directory in the checked state dir (an old one is removed)."""
+    try:
+        shutil.rmtree(STAGE, dir_fd=state.fd)
+    except FileNotFoundError:
+        pass
+    except NotADirectoryError:
+        os.unlink(STAGE, dir_fd=state.fd)
+    os.mkdir(STAGE, 0o700, dir_fd=state.fd)
+    return os.open(STAGE, os.O_RDONLY | os.O_DIRECTORY | O_FILE, dir_fd=state.fd)
+
+
+def remove_stage(state: StateDir) -> None:
+    """Remove the stage directory (a cycle ended), never following a symlink."""
+    try:
+        shutil.rmtree(STAGE, dir_fd=state.fd)
+    except FileNotFoundError:
+        pass
+    except NotADirectoryError:
+        os.unlink(STAGE, dir_fd=state.fd)
 
 
 class Dest:
@@ -46,12 +70,14 @@ class Dest:
         self.dir_paths = dir_paths
         self.root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.dirs = DirFds(self.root_fd, on_mkdir=self._log_mkdir)
-        stage = join(path, STAGE_REL)
-        if os.path.lexists(stage):
-            shutil.rmtree(stage)
-        os.makedirs(stage, 0o700)
-        self.stage_fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | O_FILE)
-        self.log = UndoLog(path, cycle)
+        self.state = StateDir(path, create=False)      # checked, reached by fd (see core.statedir)
+        try:
+            self.stage_fd = _fresh_stage(self.state)
+            self.log = UndoLog(os.fsencode(self.state.path), cycle)
+        except BaseException:
+            self.state.close()
+            os.close(self.root_fd)
+            raise
         self.created: Set[bytes] = set()             # made by this cycle: undo removes them whole
         self.dropped: Set[bytes] = set()             # older objects moved in by this cycle
         self._dm_done: Set[bytes] = set()
@@ -64,6 +90,7 @@ class Dest:
         self.log.close()
         for fd in (self.stage_fd, self.root_fd):
             os.close(fd)
+        self.state.close()
 
     def tmpname(self, tag: str) -> bytes:
         """A new name in the stage directory."""

@@ -11,7 +11,7 @@ fsync each before the commit.  ``create_file`` makes a new file in such a direct
 removes it again if filling it fails.
 
 Used by the applying cycle (``replica.dest``), the second applying process
-(``replica.worker``) and the history (``syncfs`` after a rollback).
+(``replica.worker``) and the history (``syncfs`` after a rollback, ``reserve`` for its records, ``DirFds`` for undo).
 
 Thread-safety: a ``DirFds`` belongs to one thread; it owns the fds it caches (``clear``
 closes them), never the root fd.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from typing import Callable, Dict, Optional, Set, TypeVar
 
@@ -38,6 +39,18 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate ``[offset, offset+length)`` of ``fd`` now, the file size unchanged (KEEP_SIZE: an
+    O_APPEND writer still appends at the end), so a full disk shows here, before a change that
+    depends on the write; a filesystem that cannot preallocate is left to the write itself."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, 1, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:   # FALLOC_FL_KEEP_SIZE
+        e = ctypes.get_errno()
+        if e not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(e, os.strerror(e))
 
 
 def create_file(dir_fd: int, name: bytes, mode: int, body: Callable[[int], T]) -> T:

@@ -22,17 +22,27 @@ checksum fails is reported (HistoryCorruptError), never used; a record cut off
 at the end of the log was never acted upon (its barrier never returned) and
 is ignored.
 
+The history lives in DEST's checked state directory (``core.statedir.StateDir``): every function
+here takes ``state``, the path of that directory as the StateDir reaches it (``/proc/<pid>/fd/<n>``).
+What a record says is validated like input before it is used: a plain path must pass
+``core.paths.check_rel`` and is reached from DEST's root fd one directory at a time without
+following a symlink (``replica.dirs.DirFds``), a ``K:`` name is one component; anything else is
+HistoryCorruptError and nothing outside DEST is ever touched.  Every write to the log is complete
+(short writes looped over, space reserved first) and durable before the change it protects.
+
 Thread-safety: one UndoLog per cycle, used by the applying thread only.
 """
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
 import shutil
 import stat as statmod
 import struct
+import tempfile
 import zlib
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -40,31 +50,44 @@ import xxhash
 from blockdiff import framing
 
 from discrep.core import platform
-from discrep.core.errors import HistoryCorruptError, UsageError
-from discrep.core.paths import STATE_DIR, join, parent
+from discrep.core.errors import HistoryCorruptError, ManifestError, UnsafePathError, UsageError
+from discrep.core.paths import STATE_DIR, basename, check_rel, join, parent
 from discrep.core.xattrs import read_xattrs
-from discrep.replica.dirs import syncfs
+from discrep.replica.dirs import DirFds, reserve, syncfs
 
 log = logging.getLogger(__name__)
 
 HIST = STATE_DIR + b"/history"
 _HDR = struct.Struct("<II")
 KEEP = "K:"
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def hist_dir(dest: bytes, cycle: int) -> bytes:
-    return join(dest, HIST + b"/%d" % cycle)
+def hist_dir(state: bytes, cycle: int) -> bytes:
+    """History dir of ``cycle`` in the checked state dir ``state`` (a StateDir's path)."""
+    return join(state, b"history/%d" % cycle)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (a short write is continued; one that writes nothing is ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no space left for the history record")
+        view = view[n:]
 
 
 class UndoLog:
-    """Append-only, write-ahead undo records of one cycle."""
+    """Append-only, write-ahead undo records of one cycle (``state``: the StateDir's path)."""
 
-    def __init__(self, dest: bytes, cycle: int):
-        self.dir = hist_dir(dest, cycle)
+    def __init__(self, state: bytes, cycle: int):
+        self.dir = hist_dir(state, cycle)
         if os.path.lexists(self.dir):
             shutil.rmtree(self.dir)
         os.makedirs(join(self.dir, b"keep"), 0o700)
         self.fd = os.open(join(self.dir, b"undo.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.loff = 0
         self.bfd = os.open(join(self.dir, b"blocks"), os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.boff = 0
         self.dirty = False
@@ -83,14 +106,20 @@ class UndoLog:
         return b"%s%d" % (tag.encode(), self.n)
 
     def add(self, rec: Dict, blob: Optional[bytes] = None) -> None:
+        """Append a record (and its old blocks): all of it, with its space allocated, or OSError
+        (ENOSPC on a full disk) before the change it describes can happen."""
+        self.dirty = True
         if blob is not None:
             frame = framing.pack(blob)
-            os.write(self.bfd, frame)
+            reserve(self.bfd, self.boff, len(frame))
+            write_all(self.bfd, frame)
             rec["blob"] = [self.boff, len(frame), xxhash.xxh64_hexdigest(frame)]
             self.boff += len(frame)
         payload = json.dumps(rec, separators=(",", ":")).encode()
-        os.write(self.fd, _HDR.pack(len(payload), zlib.crc32(payload)) + payload)
-        self.dirty = True
+        data = _HDR.pack(len(payload), zlib.crc32(payload)) + payload
+        reserve(self.fd, self.loff, len(data))
+        write_all(self.fd, data)
+        self.loff += len(data)
         self.records += 1
 
     def barrier(self) -> None:
@@ -165,32 +194,66 @@ def encode_meta(st: os.stat_result, xattrs: Dict[str, bytes]) -> Dict:
 
 
 class _Target:
-    """Where undo records are applied: DEST itself (recover) or a restored copy (restore)."""
+    """Where undo records are applied: DEST itself (recover) or a restored copy (restore).
 
-    def __init__(self, root: bytes, hist: bytes, scratch: Optional[bytes]):
-        self.root = root          # tree the records' plain paths refer to
-        self.hist = hist          # the cycle's history dir in DEST (keep/ and blocks)
-        self.scratch = scratch    # restore mode: where keep/ entries are materialised
+    ``root_fd``: the tree the records' plain paths refer to; ``hist``: the cycle's history dir
+    (keep/ and blocks); ``scratch``: restore mode, where keep/ entries are materialised."""
 
-    def path(self, p: str) -> bytes:
+    def __init__(self, root_fd: int, hist: bytes, scratch: Optional[bytes]):
+        self.root_fd = root_fd
+        self.hist = hist
+        self.scratch = scratch
+        self.dirs = DirFds(root_fd)
+        self.keep_fd = os.open(scratch if scratch is not None else join(hist, b"keep"), O_DIR)
+
+    def close(self) -> None:
+        self.dirs.clear()
+        os.close(self.keep_fd)
+
+    def locate(self, p: object, create: bool = False) -> Optional[Tuple[int, bytes]]:
+        """(directory fd, name) of record path ``p``, validated; None when its directory is gone."""
+        if not isinstance(p, str):
+            raise HistoryCorruptError(f"history record has a path that is not a string: {p!r}")
         b = os.fsencode(p)
         if p.startswith(KEEP):
             name = b[len(KEEP):]
-            if self.scratch is None:
-                return join(self.hist, b"keep/" + name)
-            return join(self.scratch, name)
-        return join(self.root, b)
+            if not name or b"/" in name or name in (b".", b"..") or b"\0" in name:
+                raise HistoryCorruptError(f"history record names a bad keep entry {p!r}")
+            return self.keep_fd, name
+        if not b:
+            return self.root_fd, b"."        # the tree's top directory itself (its metadata)
+        try:
+            check_rel(b)
+        except UnsafePathError as e:
+            raise HistoryCorruptError(f"history record names an unsafe path: {e}", hint=_PLANTED) from None
+        try:
+            return self.dirs.get(parent(b), create), basename(b)
+        except (FileNotFoundError, ManifestError):
+            return None
+        except NotADirectoryError:
+            return None
 
-    def obtain(self, p: str) -> Optional[bytes]:
-        """Path of a keep entry, cloned out of DEST's history in restore mode when needed."""
-        target = self.path(p)
-        if os.path.lexists(target) or self.scratch is None or not p.startswith(KEEP):
-            return target if os.path.lexists(target) else None
-        src = join(self.hist, b"keep/" + os.fsencode(p)[len(KEEP):])
+    def obtain(self, p: object) -> Optional[Tuple[int, bytes]]:
+        """(fd, name) of a keep entry, cloned out of DEST's history in restore mode when needed."""
+        loc = self.locate(p)
+        if loc is None or _exists(*loc) or self.scratch is None or not str(p).startswith(KEEP):
+            return loc if loc is not None and _exists(*loc) else None
+        src = join(self.hist, b"keep/" + loc[1])
         if not os.path.lexists(src):
             return None
-        _clone_tree(src, target)
-        return target
+        _clone_tree(src, join(self.scratch, loc[1]))
+        return loc
+
+
+_PLANTED = "the replica's state was tampered with or damaged: nothing was changed by that record"
+
+
+def _exists(fd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _clone_tree(src: bytes, dst: bytes) -> None:
@@ -208,12 +271,12 @@ def _clone_tree(src: bytes, dst: bytes) -> None:
         platform.copy_metadata(src, dst, st)
 
 
-def _set_meta(path: bytes, m: Dict) -> None:
+def _set_meta(dfd: int, name: bytes, m: Dict) -> None:
     if statmod.S_ISLNK(m["mode"]):
-        os.chown(path, m["uid"], m["gid"], follow_symlinks=False)
-        os.utime(path, ns=(m["atime_ns"], m["mtime_ns"]), follow_symlinks=False)
+        os.chown(name, m["uid"], m["gid"], dir_fd=dfd, follow_symlinks=False)
+        os.utime(name, ns=(m["atime_ns"], m["mtime_ns"]), dir_fd=dfd, follow_symlinks=False)
         return
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     try:
         if os.geteuid() == 0:
             os.fchown(fd, m["uid"], m["gid"])
@@ -234,82 +297,120 @@ def _set_meta(path: bytes, m: Dict) -> None:
         os.close(fd)
 
 
-def _remove(path: bytes) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
+def _remove(dfd: int, name: bytes) -> None:
+    """Remove ``name`` in ``dfd`` (a directory with all below it; no symlink followed)."""
+    if name == b".":
+        raise HistoryCorruptError("a history record would remove the top directory", hint=_PLANTED)
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    if statmod.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
 
 
-def undo(records: List[Dict], target: _Target) -> int:
-    """Apply records newest first.  Idempotent: a change that never happened is skipped."""
-    n = 0
-    for rec in reversed(records):
-        op = rec.get("op")
-        if op == "rename":
-            src, dst = target.path(rec["src"]), target.obtain(rec["dst"])
-            if dst is not None and not os.path.lexists(src):
-                os.makedirs(parent(src), exist_ok=True)
-                os.rename(dst, src)
-                n += 1
-        elif op == "replace":
-            kept = target.obtain(rec["kept"])
-            if kept is not None:
-                os.rename(kept, target.path(rec["path"]))
-                n += 1
-        elif op in ("create", "mkdir"):
-            for q in reversed(rec.get("paths") or [rec["path"]]):
-                p = target.path(q)
-                if os.path.lexists(p):
-                    _remove(p)
-                    n += 1
-        elif op == "patch":
-            p = target.path(rec["path"])
-            data = _blob(target.hist, rec)
-            fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _patch(target: _Target, rec: Dict) -> None:
+    loc = target.locate(rec["path"])
+    if loc is None:
+        raise HistoryCorruptError(f"the file {rec['path']!r} of a patch record is not in DEST")
+    data = _blob(target.hist, rec)
+    fd = os.open(loc[1], os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=loc[0])
+    try:
+        if not statmod.S_ISREG(os.fstat(fd).st_mode):
+            raise HistoryCorruptError(f"{rec['path']!r} of a patch record is not a regular file")
+        pos = 0
+        for off, ln in rec["ranges"]:
+            os.pwrite(fd, data[pos:pos + ln], off)
+            pos += ln
+        os.ftruncate(fd, rec["old_size"])
+        for off, ln in rec.get("holes", []):
             try:
-                pos = 0
-                for off, ln in rec["ranges"]:
-                    os.pwrite(fd, data[pos:pos + ln], off)
-                    pos += ln
-                os.ftruncate(fd, rec["old_size"])
-                for off, ln in rec.get("holes", []):
-                    try:
-                        platform.punch_hole(fd, off, ln)
-                    except OSError:
-                        pass
-            finally:
-                os.close(fd)
-            n += 1
-        elif op == "meta":
-            p = target.path(rec["path"])
-            if os.path.lexists(p):
-                _set_meta(p, rec["old"])
+                platform.punch_hole(fd, off, ln)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def _undo_one(rec: Dict, target: _Target) -> int:
+    """Undo one record; the number of changes it made (0: it never happened)."""
+    op, n = rec.get("op"), 0
+    if op == "rename":
+        dst = target.obtain(rec["dst"])
+        src = target.locate(rec["src"], create=dst is not None)
+        if dst is not None and src is not None and not _exists(*src):
+            os.rename(dst[1], src[1], src_dir_fd=dst[0], dst_dir_fd=src[0])
+            n = 1
+    elif op == "replace":
+        kept = target.obtain(rec["kept"])
+        if kept is not None:
+            loc = target.locate(rec["path"], create=True)
+            if loc is None:
+                raise HistoryCorruptError(f"the directory of {rec['path']!r} is not in DEST")
+            os.rename(kept[1], loc[1], src_dir_fd=kept[0], dst_dir_fd=loc[0])
+            n = 1
+    elif op in ("create", "mkdir"):
+        for q in reversed(rec.get("paths") or [rec["path"]]):
+            loc = target.locate(q)
+            if loc is not None and _exists(*loc):
+                _remove(*loc)
                 n += 1
-        elif op == "fresh":          # the cycle was a first copy into an empty DEST: empty it again
-            for name in os.listdir(target.root):
-                if os.fsencode(name) != STATE_DIR:
-                    _remove(join(target.root, os.fsencode(name)))
-                    n += 1
-        elif op == "dirmeta":
-            p = target.path(rec["path"])
-            if os.path.isdir(p):
-                os.utime(p, ns=(rec["atime_ns"], rec["mtime_ns"]), follow_symlinks=False)
-        else:
-            raise HistoryCorruptError(f"unknown history record {op!r}")
+    elif op == "patch":
+        _patch(target, rec)
+        n = 1
+    elif op == "meta":
+        loc = target.locate(rec["path"])
+        if loc is not None and _exists(*loc):
+            _set_meta(loc[0], loc[1], rec["old"])
+            n = 1
+    elif op == "fresh":          # the cycle was a first copy into an empty DEST: empty it again
+        for name in os.listdir(target.root_fd):
+            if os.fsencode(name) != STATE_DIR:
+                _remove(target.root_fd, os.fsencode(name))
+                n += 1
+    elif op == "dirmeta":
+        loc = target.locate(rec["path"])
+        if loc is not None and _exists(*loc) and \
+                statmod.S_ISDIR(os.stat(loc[1], dir_fd=loc[0], follow_symlinks=False).st_mode):
+            os.utime(loc[1], ns=(rec["atime_ns"], rec["mtime_ns"]), dir_fd=loc[0], follow_symlinks=False)
+    else:
+        raise HistoryCorruptError(f"unknown history record {op!r}")
     return n
 
 
-def rollback(dest: bytes, cycle: int) -> int:
-    """Undo an interrupted cycle in place; DEST returns to the cycle before."""
-    d = hist_dir(dest, cycle)
+def undo(records: List[Dict], target: _Target) -> int:
+    """Apply records newest first.  Idempotent: a change that never happened is skipped.  A
+    record that is not what discrep writes raises HistoryCorruptError before it changes anything."""
+    n = 0
+    for rec in reversed(records):
+        try:
+            n += _undo_one(rec, target)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise HistoryCorruptError(f"malformed history record {str(rec)[:200]}: {e!r}", hint=_PLANTED) from None
+        finally:
+            target.dirs.clear()     # a rename may have moved a cached directory
+    return n
+
+
+def rollback(dest: bytes, state: bytes, cycle: int) -> int:
+    """Undo an interrupted cycle in place; DEST returns to the cycle before.  ``state``: the path
+    of DEST's checked state dir (StateDir.path)."""
+    d = hist_dir(state, cycle)
     recs = read_log(d)
-    n = undo(recs, _Target(dest, d, None))
-    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = os.open(dest, O_DIR)
     try:
-        syncfs(fd)
+        if os.path.isdir(join(d, b"keep")):
+            target = _Target(root_fd, d, None)
+            try:
+                n = undo(recs, target)
+            finally:
+                target.close()
+        elif recs:
+            raise HistoryCorruptError(f"history of cycle {cycle} has records but no keep/ directory")
+        else:
+            n = 0
+        syncfs(root_fd)
     finally:
-        os.close(fd)
+        os.close(root_fd)
     shutil.rmtree(d, ignore_errors=True)
     return n
 
@@ -326,62 +427,88 @@ def size_of(d: bytes) -> int:
     return total
 
 
-def available(dest: bytes) -> List[int]:
-    hd = join(dest, HIST)
+def available(state: bytes) -> List[int]:
+    """Cycles with a history dir in the checked state dir ``state``."""
+    hd = join(state, b"history")
     try:
         return sorted(int(n) for n in os.listdir(hd) if n.isdigit())
     except FileNotFoundError:
         return []
 
 
-def restore(dest: bytes, cycle: int, committed: List[int], to: bytes, subpath: Optional[bytes],
+def restore(dest: bytes, state: bytes, cycle: int, committed: List[int], to: bytes, subpath: Optional[bytes],
             clone_tree: Callable[[bytes, bytes], None]) -> None:
     """Materialise committed cycle ``cycle`` of DEST into ``to`` (a new directory)."""
     if cycle not in committed:
         raise UsageError(f"cycle {cycle} is not a committed recovery point of {os.fsdecode(dest)}",
                          hint="see 'discrep history DEST'")
     later = [c for c in committed if c > cycle]
-    have = set(available(dest))
+    have = set(available(state))
     missing = [c for c in later if c not in have]
     if missing:
         raise UsageError(f"cycle {cycle} can no longer be restored: history of cycle(s) "
                          f"{', '.join(map(str, missing))} was pruned")
-    if os.path.lexists(to) and (not os.path.isdir(to) or os.listdir(to)):
+    to = to.rstrip(b"/")
+    if os.path.lexists(to) and (not os.path.isdir(to) or os.path.islink(to) or os.listdir(to)):
         raise UsageError(f"restore target {os.fsdecode(to)} exists and is not an empty directory")
-    work = to if subpath is None else to.rstrip(b"/") + b".discrep-restore-tree"
-    scratch_root = to.rstrip(b"/") + b".discrep-restore-scratch"
+    tmp = os.fsencode(tempfile.mkdtemp(prefix=".discrep-restore.", dir=os.path.dirname(os.fsdecode(to)) or "."))
+    work = to if subpath is None else join(tmp, b"tree")
     if os.path.isdir(to) and subpath is None:
         os.rmdir(to)
-    clone_tree(dest, work)
     try:
-        for c in reversed(later):
-            sc = join(scratch_root, b"%d" % c)
-            os.makedirs(sc)
-            d = hist_dir(dest, c)
-            undo(read_log(d), _Target(work, d, sc))
-        if subpath is not None:
-            src = join(work, subpath)
-            if not os.path.lexists(src):
-                raise UsageError(f"{os.fsdecode(subpath)} did not exist in cycle {cycle}")
-            dst = join(to, subpath)
-            os.makedirs(parent(dst) or to, exist_ok=True)
-            os.rename(src, dst)
+        clone_tree(dest, work)
+        wfd = os.open(work, O_DIR)
+        try:
+            for c in reversed(later):
+                sc = join(tmp, b"%d" % c)
+                os.mkdir(sc, 0o700)
+                target = _Target(wfd, hist_dir(state, c), sc)
+                try:
+                    undo(read_log(hist_dir(state, c)), target)
+                finally:
+                    target.close()
+            if subpath is not None:
+                _move_out(wfd, subpath, to, cycle)
+        finally:
+            os.close(wfd)
     finally:
-        shutil.rmtree(scratch_root, ignore_errors=True)
-        if subpath is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prune(dest: bytes, committed: List[int], keep_cycles: Iterable[int]) -> List[int]:
+def _move_out(wfd: int, subpath: bytes, to: bytes, cycle: int) -> None:
+    """Move ``subpath`` of the restored tree into ``to``, never through a symlink in either."""
+    src_dirs = DirFds(wfd)
+    try:
+        try:
+            sfd = src_dirs.get(parent(subpath))
+        except (FileNotFoundError, ManifestError):
+            sfd = -1
+        if sfd < 0 or not _exists(sfd, basename(subpath)):
+            raise UsageError(f"{os.fsdecode(subpath)} did not exist in cycle {cycle} (a symlink on the way "
+                             f"is not followed)")
+        os.makedirs(to, 0o700, exist_ok=True)
+        tfd = os.open(to, O_DIR)
+        dst_dirs = DirFds(tfd)
+        try:
+            os.rename(basename(subpath), basename(subpath), src_dir_fd=sfd,
+                      dst_dir_fd=dst_dirs.get(parent(subpath), create=True))
+        finally:
+            dst_dirs.clear()
+            os.close(tfd)
+    finally:
+        src_dirs.clear()
+
+
+def prune(state: bytes, committed: List[int], keep_cycles: Iterable[int]) -> List[int]:
     """Drop history no kept recovery point needs; returns the cycles whose history went."""
     keep = sorted(set(keep_cycles))
     if not keep:
         return []
     oldest = keep[0]
     gone = []
-    for c in available(dest):
+    for c in available(state):
         if c <= oldest and c in committed:
-            shutil.rmtree(hist_dir(dest, c), ignore_errors=True)
+            shutil.rmtree(hist_dir(state, c), ignore_errors=True)
             gone.append(c)
     return gone
 

@@ -24,7 +24,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -34,12 +33,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from discrep.core import locks
 from discrep.core.errors import CycleMismatchError, DestinationError, DiskFullError, ManifestError, WarningList
 from discrep.core.paths import STATE_DIR, join, state_dir
+from discrep.core.statedir import StateDir
 from discrep.protocol import layout
 from discrep.protocol.manifest import Entry, read_lines
 from discrep.replica.apply import Applier
 from discrep.replica.catalog import ReplicaCatalog
-from discrep.replica.dest import STAGE_REL
-from discrep.replica.history import prune, rollback
+from discrep.replica.dest import remove_stage
+from discrep.replica.history import available, prune, rollback
 from discrep.replica.options import ReplicaOptions
 from discrep.replica.plan import check_max_delete
 from discrep.replica.owners import OwnerMap
@@ -68,8 +68,9 @@ def holds_only_state(dest) -> bool:
 
 @contextmanager
 def replica_lock(dest: bytes) -> Iterator[None]:
-    with locks.holding(join(state_dir(dest), b"lock"), f"another discrep run is writing to {os.fsdecode(dest)}",
-                       hint="wait for it, or stop it; two cycles never run at once on one DEST"):
+    """DEST's lock, a file in its checked state dir (never a planted symlink's target)."""
+    with StateDir(dest) as sd, locks.holding(sd.file("lock"), f"another discrep run is writing to {os.fsdecode(dest)}",
+                                             hint="wait for it, or stop it; two cycles never run at once on one DEST"):
         yield
 
 
@@ -89,7 +90,7 @@ def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, 
     if not os.access(dest, os.W_OK):
         raise DestinationError(f"replica directory {os.fsdecode(dest)} is not writable")
     with replica_lock(dest):
-        cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
+        cat = open_catalog(dest)
         try:
             st = _sync(reader, dest, cat, warnings, progress, t0, opts, stream)
             if not st.already_committed:
@@ -99,15 +100,37 @@ def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, 
             cat.close()
 
 
+def open_catalog(dest: bytes) -> ReplicaCatalog:
+    """DEST's catalog, opened through its checked state dir; a catalog that is new or empty while
+    DEST has recovery points (it was truncated or replaced) is refused rather than restarted."""
+    cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
+    try:
+        if cat.last_committed() == 0 and cat.applying() is None and available(state_path(cat)):
+            raise DestinationError(
+                f"the replica catalog {os.fsdecode(join(state_dir(dest), b'replica.db'))} lists no cycle, but "
+                f"{os.fsdecode(dest)} has recovery points: the catalog was lost or damaged",
+                hint=f"run 'discrep repair-state {os.fsdecode(dest)}': it rebuilds the catalog from DEST and "
+                     f"keeps the recovery points")
+    except BaseException:
+        cat.close()
+        raise
+    return cat
+
+
+def state_path(cat: ReplicaCatalog) -> bytes:
+    """Path of DEST's checked state dir (through its fd) as the history functions take it."""
+    return os.fsencode(cat.state.path)
+
+
 def recover_locked(dest: bytes, cat: ReplicaCatalog) -> Optional[Tuple[int, int]]:
     """Roll an interrupted cycle back to the last committed one: (cycle, records undone) or None."""
     n = cat.applying()
     if n is None:
         return None
     log.warning("rolling back interrupted cycle %d of %s", n, os.fsdecode(dest))
-    undone = rollback(dest, n)
+    undone = rollback(dest, state_path(cat), n)
     cat.abandon(n)
-    shutil.rmtree(join(dest, STAGE_REL), ignore_errors=True)
+    remove_stage(cat.state)
     return n, undone
 
 
@@ -115,7 +138,7 @@ def recover(dest: bytes) -> Optional[Tuple[int, int]]:
     if not os.path.exists(join(state_dir(dest), b"replica.db")):
         raise DestinationError(f"{os.fsdecode(dest)} is not a discrep replica")
     with replica_lock(dest):
-        cat = ReplicaCatalog(os.fsdecode(state_dir(dest)))
+        cat = open_catalog(dest)
         try:
             return recover_locked(dest, cat)
         finally:
@@ -133,7 +156,7 @@ def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int,
     if keep_within_s is not None:
         now = time.time_ns()
         keep |= {h.cycle for h in hist if now - h.committed_ns <= keep_within_s * 1e9}
-    return prune(dest, committed, keep)
+    return prune(state_path(cat), committed, keep)
 
 
 # -- one cycle, step by step ------------------------------------------------------
@@ -148,6 +171,12 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
     if cycle == last:
         return SyncStats(cycle=cycle, base=base, already_committed=True,
                          bytes_transferred=reader.bytes_read, duration_s=time.monotonic() - t0)
+    if cycle < last or cycle <= 0:     # full or not: a committed recovery point is never rewritten
+        raise CycleMismatchError(
+            f"the export is cycle {cycle}, but {os.fsdecode(dest)} has committed cycle {last} already: a "
+            f"cycle number must exceed the last committed one",
+            hint="the source's state was reset or replaced: 'discrep reset SRC' starts a new full cycle "
+                 "numbered after the replica's")
     if not header.get("full") and base != last:
         raise CycleMismatchError(
             f"the export is cycle {cycle} built on cycle {base}, but {os.fsdecode(dest)} is at cycle {last}",
@@ -175,7 +204,7 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
         _roll_back(dest, cat, cycle, last, exc)
         raise
     ap.close()
-    shutil.rmtree(join(dest, STAGE_REL), ignore_errors=True)
+    remove_stage(cat.state)
     return stats
 
 

@@ -1,21 +1,30 @@
-"""Recovery points of a replica: list them, restore one, prune history, roll back a crash.
+"""Recovery points of a replica: list them, restore one, prune history, roll back a crash, repair.
 
-What ``history``, ``restore``, ``prune`` and ``recover`` run: each takes the replica's
-lock where it changes anything, opens the catalog, and calls the replica side.
+What ``history``, ``restore``, ``prune``, ``recover`` and ``repair-state`` run: each takes the
+replica's lock where it changes anything, opens the catalog, and calls the replica side.
+``repair_state`` rebuilds a lost or damaged catalog from DEST and its history store: the damaged
+file is moved aside, the committed cycles are those with a history dir and the one before
+the oldest of them (numbered one less: the history does not record a base), the rows come from
+a walk of DEST with fresh signatures (DEST is taken as its newest cycle).
 
 Thread-safety: runs in the caller's thread; the replica lock keeps other runs out.
 """
 from __future__ import annotations
 
 import os
+import stat as statmod
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from discrep.core.errors import UsageError
+import blockdiff
+
+from discrep.core.errors import DestinationError, UsageError
 from discrep.core.paths import check_rel
-from discrep.replica.catalog import ReplicaCatalog
+from discrep.core.statedir import StateDir
+from discrep.core.walk import walk
+from discrep.replica.catalog import CatalogRow, ReplicaCatalog
 from discrep.replica.history import available, clone_replica, hist_dir, restore, size_of
-from discrep.replica.sync import apply_retention, recover, replica_lock
+from discrep.replica.sync import apply_retention, open_catalog, recover, replica_lock, state_path
 
 
 def _require_replica(dest: str) -> str:
@@ -28,47 +37,48 @@ def _require_replica(dest: str) -> str:
 def list_points(dest: str) -> Tuple[List[Dict[str, Any]], Optional[int]]:
     """Every committed cycle with its figures and whether it can still be restored; the
     interrupted cycle, if any."""
-    cat = ReplicaCatalog(_require_replica(dest))
+    _require_replica(dest)
+    cat = open_catalog(os.fsencode(dest))
     try:
         rows = cat.history()
         applying = cat.applying()
+        state = state_path(cat)
+        have = set(available(state))
+        committed = [c for c, *_ in rows]
+        out = []
+        for c, s, _cm, st in rows:
+            restorable = all(x in have for x in committed if x > c)
+            out.append({"cycle": c, "source_time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s / 1e9)),
+                        "files_changed": st.get("files_changed"),
+                        "bytes_transferred": st.get("bytes_transferred"), "bytes_written": st.get("bytes_written"),
+                        "history_bytes": size_of(hist_dir(state, c)) if c in have else 0,
+                        "restorable": restorable})
     finally:
         cat.close()
-    bdest = os.fsencode(dest)
-    have = set(available(bdest))
-    committed = [c for c, *_ in rows]
-    out = []
-    for c, s, _cm, st in rows:
-        restorable = all(x in have for x in committed if x > c)
-        out.append({"cycle": c, "source_time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s / 1e9)),
-                    "files_changed": st.get("files_changed"), "bytes_transferred": st.get("bytes_transferred"),
-                    "bytes_written": st.get("bytes_written"),
-                    "history_bytes": size_of(hist_dir(bdest, c)) if c in have else 0,
-                    "restorable": restorable})
     return out, applying
 
 
 def restore_point(dest: str, cycle: int, to: str, path: Optional[str]) -> None:
     """Materialize committed cycle ``cycle`` (or one path of it) into the new directory ``to``."""
     bdest = os.fsencode(os.path.abspath(dest))
-    sd = _require_replica(dest)
+    _require_replica(dest)
     with replica_lock(bdest):
-        cat = ReplicaCatalog(sd)
+        cat = open_catalog(bdest)
         try:
             if cat.applying() is not None:
                 raise UsageError(f"{dest} holds an interrupted cycle", hint=f"run 'discrep recover {dest}' first")
             committed = [c for c, *_ in cat.history()]
+            sub = check_rel(os.fsencode(path.strip("/"))) if path else None
+            restore(bdest, state_path(cat), cycle, committed, os.fsencode(os.path.abspath(to)), sub, clone_replica)
         finally:
             cat.close()
-        sub = check_rel(os.fsencode(path.strip("/"))) if path else None
-        restore(bdest, cycle, committed, os.fsencode(os.path.abspath(to)), sub, clone_replica)
 
 
 def prune_points(dest: str, keep_last: int, keep_within_s: Optional[float]) -> List[int]:
     """Drop history no kept recovery point needs; the cycles whose history went."""
     bdest = os.fsencode(os.path.abspath(dest))
     with replica_lock(bdest):
-        cat = ReplicaCatalog(os.path.join(dest, ".discrep"))
+        cat = open_catalog(bdest)
         try:
             return apply_retention(bdest, cat, keep_last, keep_within_s)
         finally:
@@ -78,3 +88,70 @@ def prune_points(dest: str, keep_last: int, keep_within_s: Optional[float]) -> L
 def recover_replica(dest: str) -> Optional[Tuple[int, int]]:
     """Roll an interrupted cycle back: (cycle, changes undone), or None when there was none."""
     return recover(os.fsencode(os.path.abspath(dest)))
+
+
+def repair_state(dest: str) -> Dict[str, Any]:
+    """Rebuild DEST's catalog (see the module doc); the recovery points stay."""
+    bdest = os.fsencode(os.path.abspath(dest))
+    if not os.path.isdir(os.path.join(dest, ".discrep")):
+        raise UsageError(f"{dest} is not a discrep replica (it has no .discrep)")
+    with replica_lock(bdest), StateDir(bdest, create=False) as sd:
+        try:
+            cat = ReplicaCatalog(sd)
+        except DestinationError:
+            cat = None                          # damaged: rebuilt below
+        if cat is not None:
+            try:
+                if cat.applying() is not None:
+                    raise UsageError(f"{dest} holds an interrupted cycle", hint=f"run 'discrep recover {dest}' first")
+            finally:
+                cat.close()
+        aside = _move_aside(sd)
+        state = os.fsencode(sd.path)
+        cycles = available(state)
+        cat = ReplicaCatalog(sd)
+        try:
+            n = 0
+            rows = []
+            for row in _walk_rows(bdest):
+                rows.append(row)
+                n += 1
+            points = [(c, os.stat(hist_dir(state, c)).st_mtime_ns) for c in cycles]
+            if cycles and cycles[0] > 1:     # undoing the oldest history reaches the point before it
+                points.insert(0, (cycles[0] - 1, points[0][1]))
+            cat.rebuild(points, rows)
+            cycles = [c for c, _t in points]
+        finally:
+            cat.close()
+    return {"cycles": cycles, "rows": n, "moved_aside": aside}
+
+
+def _move_aside(sd: StateDir) -> Optional[str]:
+    """Move replica.db (and its -wal/-shm) aside as ``replica.db.damaged-<ns>``; the new name."""
+    stamp = time.time_ns()
+    moved = None
+    for suffix in ("", "-wal", "-shm"):
+        name = "replica.db" + suffix
+        try:
+            os.rename(name, f"replica.db.damaged-{stamp}{suffix}", src_dir_fd=sd.fd, dst_dir_fd=sd.fd)
+        except FileNotFoundError:
+            continue
+        if not suffix:
+            moved = f"replica.db.damaged-{stamp}"
+    return moved
+
+
+def _walk_rows(root: bytes) -> Iterator[CatalogRow]:
+    """A catalog row for every file, directory and symlink below ``root``, files freshly signed."""
+    for rel, st in walk(root):
+        if statmod.S_ISDIR(st.st_mode):
+            yield CatalogRow.dir(rel, st.st_mtime_ns, st.st_ino)
+        elif statmod.S_ISLNK(st.st_mode):
+            yield CatalogRow.symlink(rel, st.st_mtime_ns)
+        elif statmod.S_ISREG(st.st_mode):
+            fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                sig = blockdiff.sign_fd(fd, st.st_size).to_bytes()
+            finally:
+                os.close(fd)
+            yield CatalogRow.file(rel, st.st_size, st.st_mtime_ns, st.st_ino, sig)

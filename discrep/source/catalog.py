@@ -17,10 +17,11 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from discrep.core.errors import SourceError
-from discrep.core.store import META_SCHEMA, get_meta, open_store, prefix_end, transaction
+from discrep.core.statedir import StateDir
+from discrep.core.store import META_SCHEMA, get_meta, open_store, prefix_end, state_of, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -99,12 +100,21 @@ class CycleRec:
 
 
 class SourceCatalog:
-    def __init__(self, state_dir: str):
-        self.path, self.con = open_store(state_dir, "catalog.db", _SCHEMA, SourceError, "source catalog",
-                                         hint="move it aside; the next cycle becomes a full comparison")
+    def __init__(self, state: "Union[StateDir, str]"):
+        self.state = state_of(state, SourceError)
+        self._owns_state = self.state is not state
+        try:
+            self.path, self.con = open_store(self.state, "catalog.db", _SCHEMA, SourceError, "source catalog",
+                                             hint="move it aside; the next cycle becomes a full comparison")
+        except BaseException:
+            if self._owns_state:
+                self.state.close()
+            raise
 
     def close(self) -> None:
         self.con.close()
+        if self._owns_state:
+            self.state.close()
 
     def source_id(self) -> str:
         """A random id made once per source tree: the replica checks it is fed by the same source."""

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional, Tuple, TypeVar
 from discrep.core import locks
 from discrep.core.errors import SourceError
 from discrep.core.paths import join, state_dir
+from discrep.core.statedir import StateDir
 from discrep.journal.store import Journal
 from discrep.source import snapshot as snapmod
 from discrep.source.catalog import CycleRec, SourceCatalog
@@ -29,13 +30,15 @@ from discrep.source.catalog import CycleRec, SourceCatalog
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_TAMPERED = "the catalog was damaged or planted: move SRC/.discrep/catalog.db aside (the next cycle compares everything)"
 
 
 @contextmanager
 def source_lock(root: bytes) -> Iterator[None]:
-    with locks.holding(join(state_dir(root), b"source.lock"),
-                       f"another discrep run is building or acknowledging a cycle of {os.fsdecode(root)}",
-                       hint="wait for it to finish"):
+    with StateDir(root, error=SourceError) as sd, \
+            locks.holding(sd.file("source.lock"),
+                          f"another discrep run is building or acknowledging a cycle of {os.fsdecode(root)}",
+                          hint="wait for it to finish"):
         yield
 
 
@@ -102,10 +105,22 @@ def ack_cycle(root: bytes, n: int) -> None:
 
 
 def _release(root: bytes, catalog: SourceCatalog, rec: CycleRec) -> None:
-    snapmod.release(rec.provider, rec.snapshot)
-    cdir = cycle_dir(root, rec.cycle)
-    if os.path.lexists(cdir):
-        shutil.rmtree(cdir)
+    """Release a cycle's snapshot and directory.  What the catalog says is checked first: only
+    ``SRC/.discrep/snapshots/<N>`` is ever removed, reached through the checked state dir."""
+    n = rec.cycle
+    if not isinstance(n, int) or n <= 0:
+        raise SourceError(f"the source catalog of {os.fsdecode(root)} lists a bad cycle number {n!r}",
+                          hint=_TAMPERED)
+    snap = bytes(rec.snapshot or b"")
+    if snap and not snap.endswith(b"/.discrep/snapshots/%d" % n):
+        raise SourceError(f"the source catalog says snapshot {snap!r} for cycle {n}, not "
+                          f".discrep/snapshots/{n}: nothing was removed", hint=_TAMPERED)
+    with StateDir(root, create=False, error=SourceError) as sd:
+        if snap:
+            snapmod.release(rec.provider, os.fsencode(f"{sd.path}/snapshots/{n}"))
+        cdir = os.fsencode(f"{sd.path}/cycles/{n}")
+        if os.path.lexists(cdir):
+            shutil.rmtree(cdir)
     catalog.set_state(rec.cycle, "released" if rec.state == "acked" else "abandoned-released")
 
 

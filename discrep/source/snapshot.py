@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Set, Tuple  # noqa: F401
 
 from discrep.core import platform
-from discrep.core.errors import SnapshotError, UsageError, WarningList
+from discrep.core.errors import SnapshotError, SourceError, UsageError, WarningList
 from discrep.core.paths import STATE_DIR, join, parent, show
+from discrep.core.statedir import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,13 @@ def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: W
 
 def _fresh_dir(root: bytes, cycle: int, kind: str) -> bytes:
     """Path of snapshot ``cycle``, with whatever an earlier attempt left there released."""
-    sdir = snapshots_dir(root)
-    os.makedirs(sdir, exist_ok=True)
-    dst = join(sdir, str(cycle).encode())
-    if os.path.lexists(dst):
-        release(kind, dst)
-    return dst
+    with StateDir(root, error=SourceError) as sd:     # checked: ours, private, not a symlink
+        sdir = os.fsencode(sd.path) + b"/snapshots"
+        os.makedirs(sdir, 0o700, exist_ok=True)
+        old = join(sdir, str(cycle).encode())
+        if os.path.lexists(old):                     # removed through the checked directory's fd
+            release(kind, old)
+    return join(snapshots_dir(root), str(cycle).encode())
 
 
 class Capturer:

@@ -23,9 +23,7 @@ def _cycle(work_dir: Path, n: int, target: str, *, full: bool, base: int) -> Pat
 
 
 @pytest.mark.parametrize("full", [
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="issue 13 item 3: a cycle marked full skips the base check and may carry any number; "
-                            "resending cycle 3 after cycle 4 rewrites history")),
+    True,
     False])
 def test_an_old_cycle_number_is_refused(work_dir: Path, full: bool):
     dst = work_dir / "dst"

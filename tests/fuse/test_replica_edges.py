@@ -46,8 +46,6 @@ def test_breaking_a_hard_link_on_the_source_leaves_the_other_name_alone(work_dir
     assert helpers.python_tree_diff(src, dst) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 5: restore --path follows the symlink and moves the "
-                                        "replica host's file into --to")
 def test_restore_path_never_follows_a_replicated_symlink(work_dir: Path):
     """`restore --path` through a replicated symlink must not reach the replica host's own files."""
     src, dst, victim = work_dir / "src", work_dir / "dst", work_dir / "victim"
@@ -70,7 +68,6 @@ def test_restore_path_never_follows_a_replicated_symlink(work_dir: Path):
     shutil.rmtree(to, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 6: state directories are 0755")
 def test_state_is_private(work_dir: Path):
     """Names, xattrs and block digests of the tree are in the state files: no other user may read them."""
     src, dst = work_dir / "src", work_dir / "dst"
