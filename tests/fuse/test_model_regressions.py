@@ -159,10 +159,7 @@ def test_journal_link_sibling_in_renamed_directory(watched):
 
 # --------------------------------------------------------------------------- bug 3
 
-@pytest.mark.xfail(strict=True, reason="bug 3: the replica patches a file in place (FileOps._apply_blocks, "
-                                       "replica/files.py) although its inode is shared with another name: a "
-                                       "hard link broken on the source by replacing one name with an edited "
-                                       "copy changes the other name on the replica too")
+# bug 3: fixed (issue 13 item 4): the replica breaks a shared inode's link before changing it
 def test_break_big_hard_link_by_an_edited_copy(pair):
     src, dst = pair
     data = bytes(range(256)) * (8 << 10)          # 2 MiB: above the pack size, patched by blocks
@@ -176,10 +173,7 @@ def test_break_big_hard_link_by_an_edited_copy(pair):
     cycle_ok(src, dst)                            # replica: a holds b's edit, a and b still one inode
 
 
-@pytest.mark.xfail(strict=True, reason="bug 3b: same cause for metadata (FileOps._unchanged, replica/files.py): "
-                                       "a name replaced by an identical copy with another mode gets its "
-                                       "metadata applied to the inode it shares with the other name; the link "
-                                       "is not broken")
+# bug 3b: fixed (issue 13 item 4): the replica breaks a shared inode's link before changing it
 def test_break_hard_link_by_an_identical_copy(pair):
     src, dst = pair
     write(src / "a", b"same bytes\n")
