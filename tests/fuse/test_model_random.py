@@ -82,9 +82,9 @@ EXAMPLES = _env_int("DISCREP_MODEL_EXAMPLES", 0)          # 0: the per-variant d
 STEPS = _env_int("DISCREP_MODEL_STEPS", 18)
 SEED = os.environ.get("DISCREP_MODEL_SEED", "").strip()
 DEFAULTS = {  # variant: (examples, wall-clock budget in s for starting new examples)
-    "scan": (3, 12.0),
-    "watch": (2, 12.0),
-    "crash": (2, 12.0),
+    "scan": (3, 18.0),
+    "watch": (2, 16.0),
+    "crash": (2, 10.0),
 }
 
 # ---------------------------------------------------------------------------- known bugs
