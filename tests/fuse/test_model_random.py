@@ -36,6 +36,7 @@ by PID and everything below the directory is unmounted in the example's teardown
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -81,9 +82,9 @@ EXAMPLES = _env_int("DISCREP_MODEL_EXAMPLES", 0)          # 0: the per-variant d
 STEPS = _env_int("DISCREP_MODEL_STEPS", 18)
 SEED = os.environ.get("DISCREP_MODEL_SEED", "").strip()
 DEFAULTS = {  # variant: (examples, wall-clock budget in s for starting new examples)
-    "scan": (3, 12.0),
-    "watch": (2, 12.0),
-    "crash": (2, 12.0),
+    "scan": (3, 18.0),
+    "watch": (2, 16.0),
+    "crash": (2, 10.0),
 }
 
 # ---------------------------------------------------------------------------- known bugs
@@ -107,7 +108,7 @@ def tolerated_exit(rc: int, stderr: str) -> Optional[str]:
 
 # ---------------------------------------------------------------------------- the vocabulary
 
-NAMES = [b"a", b"b", b"c", b"d", b"caf\xe9", b"\xff\xfe", b"sp ace"]
+NAMES = [b"a", b"b", b"c", b"d", b"caf\xe9", b"\xff\xfe", b"sp ace", b"new\nline"]
 SYMLINK_TARGETS = [b"a", b"../b", b"/etc/hostname", b"does/not/exist", b"caf\xe9", b"."]
 FILE_MODES = [0o644, 0o600, 0o755, 0o444, 0o640, 0o4755]
 DIR_MODES = [0o755, 0o700, 0o750, 0o775, 0o555]
@@ -179,9 +180,9 @@ class ModelMachine(RuleBasedStateMachine):
         self.committed: Optional[Path] = None     # crash variant: copy of SRC at the last committed cycle
         self.last_files: Dict[bytes, Tuple[int, int]] = {}   # regular files at the last commit: (ino, nlink)
         self.last_groups: Dict[int, set] = {}
-        self.last_full_dirs: set = set()        # directories that had entries at the last commit
         self.dirs_removed: set = set()          # directories removed since the last commit
-        self.guarding = False
+        self.last_tree: Dict[bytes, Tuple[int, bool]] = {}   # every entry at the last commit: (ino, is dir)
+        self.late_ok = True
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -193,7 +194,10 @@ class ModelMachine(RuleBasedStateMachine):
             self.changed = True
         self.ops.append(text)
         self.RUN.ops += 1
-        note(text)
+        try:
+            note(text)
+        except Exception:   # driven by hand, outside a Hypothesis test
+            pass
 
     def full(self, rel: bytes) -> bytes:
         return join(self.bsrc, rel) if rel else self.bsrc
@@ -204,6 +208,7 @@ class ModelMachine(RuleBasedStateMachine):
     def fail(self, msg: str) -> None:
         self.RUN.failed = True
         self.failed_here = True
+        self.fail_msg = msg
         ops = "\n".join("  " + o for o in self.ops)
         raise AssertionError(f"[{self.variant}] {msg}\noperations of this example:\n{ops}")
 
@@ -269,7 +274,8 @@ class ModelMachine(RuleBasedStateMachine):
             self.fail(f"discrep {' '.join(args)} did not finish in {timeout} s")
             raise
 
-    def replicate_ok(self, why: str) -> dict:
+    def replicate_ok(self, why: str, late_ok: bool = True) -> dict:
+        self.late_ok = late_ok
         self.avoid_known_bugs()
         self.ncycle += 1
         self.RUN.cycles += 1
@@ -293,18 +299,59 @@ class ModelMachine(RuleBasedStateMachine):
     def check_equal(self, want: Path, what: str) -> None:
         d1 = helpers.tree_equal(want, self.dst)
         d2 = helpers.python_tree_diff(want, self.dst)
-        if d1 or d2:
-            self.fail(f"replica differs from {'the source' if want == self.src else want.name} {what}:\n"
-                      f"rsync: {d1[:30]}\npython: {d2[:30]}")
+        if not (d1 or d2):
+            return
+        if want == self.src and self.bug5_explains(d1, d2):
+            self.committed_now()
+            self.op(f"   (replica {what} keeps {d2}: known bug 5, test_file_deleted_in_a_directory_moved_out_"
+                    f"of_a_deleted_one; one more cycle must fix it)")
+            self.replicate_ok("known bug 5: one more cycle", late_ok=False)
+            return
+        self.fail(f"replica differs from {'the source' if want == self.src else want.name} {what}:\n"
+                  f"rsync: {d1[:30]}\npython: {d2[:30]}")
+
+    def bug5_explains(self, rsync_lines: List[str], py_lines: List[str]) -> bool:
+        """Bug 5 (scan): a file or directory deleted inside a directory that was moved out of a deleted
+        directory stays in the replica for one cycle.  True when every difference is such an entry."""
+        if STRICT or not self.late_ok or not self.last_tree:
+            return False
+        cur = {p: (s.st_ino, stat.S_ISDIR(s.st_mode)) for p, s in self.entries()}
+        alive = set(cur.values())
+        where = {key: p for p, key in cur.items() if key[1]}
+        leftovers = []
+        for d, key in self.last_tree.items():
+            new = where.get(key) if key[1] else None
+            if new is None or new == d:
+                continue
+            anc, gone_anc = parent(d), False
+            while anc and not gone_anc:
+                gone_anc = self.last_tree.get(anc) not in alive
+                anc = parent(anc)
+            if gone_anc:
+                leftovers += [new + c[len(d):] for c, ck in self.last_tree.items()
+                              if c != d and is_under(c, d) and ck not in alive]
+        if not leftovers or not all(ln.startswith("*deleting ") for ln in rsync_lines):
+            return False
+        for ln in py_lines:
+            name, sep, rest = ln.rpartition(": ")
+            if rest != "only in destination":
+                return False
+            try:
+                rel = os.fsencode(ast.literal_eval(name))
+            except (ValueError, SyntaxError):
+                return False
+            if not any(is_under(rel, q) for q in leftovers):
+                return False
+        return True
 
     def committed_now(self) -> None:
         """The replica holds the source as it is now: remember its link groups (for the known-bug
         guards) and, in the crash variant, keep a copy to compare a rolled-back replica with."""
         self.last_files = {p: (s.st_ino, s.st_nlink) for p, s in self.entries() if stat.S_ISREG(s.st_mode)}
+        self.last_tree = {p: (s.st_ino, stat.S_ISDIR(s.st_mode)) for p, s in self.entries()}
         self.last_groups = {}
         for p, (ino, _n) in self.last_files.items():
             self.last_groups.setdefault(ino, set()).add(p)
-        self.last_full_dirs = {parent(p) for p, _s in self.entries() if b"/" in p}
         self.dirs_removed = set()
         if self.variant == "crash":
             self.save_committed()
@@ -314,35 +361,15 @@ class ModelMachine(RuleBasedStateMachine):
         symptom is a wrong replica, with changes that are logged like every other operation."""
         if STRICT or not self.last_files:
             return
-        if not self.guarding:
-            self.guard_bug4()
         self.guard_links()
 
-    def guard_bug4(self) -> None:
-        # bug 4: a directory replaced by a file or symlink: its old children are looked up through
-        # the new object; set the new object aside for one cycle (the removal is replicated first)
-        aside = []
-        for p in sorted(self.last_full_dirs | self.dirs_removed):
-            try:
-                st_ = os.lstat(self.full(p))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if stat.S_ISDIR(st_.st_mode) or any(q != p and is_under(p, q) for q, _t in aside):
-                continue
-            tmp = join(parent(p), b".aside-%d" % len(aside))
-            os.rename(self.full(p), self.full(tmp))
-            aside.append((p, tmp))
-            self.op(f"rename {show(p)} -> {show(tmp)} (guard for known bug 4: a directory replaced by a "
-                    f"non-directory; put back after one cycle)")
-        if aside:
-            self.guarding = True
-            try:
-                self.replicate_ok("guard for known bug 4")
-            finally:
-                self.guarding = False
-            for p, tmp in reversed(aside):
-                os.rename(self.full(tmp), self.full(p))
-                self.op(f"rename {show(tmp)} -> {show(p)} (back)")
+    def guard_bug4(self, rel: bytes) -> None:
+        """Bug 4: a non-directory about to appear where a directory was removed in this interval (its
+        old children would be looked up through the new object): replicate the removal first."""
+        if STRICT or rel not in self.dirs_removed:
+            return
+        self.op(f"   (guard for known bug 4: {show(rel)} was a directory in this interval; a cycle first)")
+        self.replicate_ok("guard for known bug 4")
 
     def guard_links(self) -> None:
         files = {p: s for p, s in self.entries() if stat.S_ISREG(s.st_mode)}
@@ -396,6 +423,7 @@ class ModelMachine(RuleBasedStateMachine):
     def crashed_cycle(self, how: str, arg: float, *, explicit_recover: bool) -> None:
         """Crash variant: a cycle killed at a barrier or from outside, then recovery and checks."""
         self.avoid_known_bugs()
+        self.late_ok = True
         self.ncycle += 1
         self.RUN.cycles += 1
         args = DISCREP + ["replicate", "--json", str(self.src), str(self.dst)]
@@ -571,6 +599,8 @@ class ModelMachine(RuleBasedStateMachine):
                     f"{'FAILED' if self.failed_here else 'ok' if not self.in_rule else 'error'}\n")
             if self.failed_here or self.in_rule or os.environ.get("DISCREP_MODEL_LOG_OPS"):
                 f.writelines("    " + o + "\n" for o in self.ops)
+            if self.failed_here:
+                f.write("  failure: " + getattr(self, "fail_msg", "?").replace("\n", "\n    ") + "\n")
 
     # ------------------------------------------------------------------ rules: content
     def _rule(self) -> None:
@@ -598,6 +628,8 @@ class ModelMachine(RuleBasedStateMachine):
         full = self.full(rel)
         if kind == "big" and self.big_files() >= BIG_LIMIT:
             kind = "small"
+        if kind != "dir":
+            self.guard_bug4(rel)
         if kind == "dir":
             os.mkdir(full)
             self.op(f"mkdir {show(rel)}")
@@ -686,6 +718,8 @@ class ModelMachine(RuleBasedStateMachine):
             self.op(f"(rename {show(rel)} to itself)")
             return self._done()
         over = os.path.lexists(self.full(dst))
+        if not stat.S_ISDIR(got[1].st_mode):
+            self.guard_bug4(dst)
         try:
             os.rename(self.full(rel), self.full(dst))
             self.op(f"rename {show(rel)} -> {show(dst)}" + (" (over an existing entry)" if over else ""))
@@ -778,6 +812,7 @@ class ModelMachine(RuleBasedStateMachine):
             if os.path.lexists(self.full(dst)):
                 self.op(f"(link {show(rel)} {show(dst)}: exists)")
             else:
+                self.guard_bug4(dst)
                 os.link(self.full(rel), self.full(dst))
                 self.op(f"ln {show(rel)} {show(dst)}")
         elif kind == "over":
