@@ -277,8 +277,14 @@ class WatcherChild:
             return
         self.started = now
         self.starts += 1
-        self.proc = subprocess.Popen(discrep_argv("watch", self.root), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, start_new_session=True, env=child_env())
+        try:
+            self.proc = subprocess.Popen(discrep_argv("watch", self.root), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, start_new_session=True, env=child_env())
+        except OSError as e:                 # no process could be made now: try again later
+            self.failures += 1
+            self.restart_at = now + min(WATCHER_BACKOFF_MAX, WATCHER_BACKOFF_MIN * 2 ** (self.failures - 1))
+            log.error("cannot start a watcher of %s: %s", self.root, e)
+            return
         log.info("watcher of %s started (pid %d)", self.root, self.proc.pid)
 
     def terminate(self) -> None:

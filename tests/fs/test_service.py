@@ -155,6 +155,9 @@ def test_daemon_jobs_metrics_status_reload_stop(work_dir: Path):
         assert wait_for(lambda: sample(scrape(port), "discrep_cycles_total", job="c", result="ok") >= 2, 30)
         m = scrape(port)
         assert sample(m, "discrep_cycles_total", job="b", result="ok") is None
+        # the reloads dropped no running cycle of a (which ran throughout)
+        assert sample(m, "discrep_cycles_total", job="a", result="error") == 0
+        assert "interrupted" not in d.log_text()
         assert wait_for(lambda: not locks.held(str(b / ".discrep" / "watcher.lock")), 10)
         assert sample(scrape(port), "discrep_watcher_up", root=str(b)) is None
         assert set(d.state_doc()["jobs"]) == {"a", "c"}
