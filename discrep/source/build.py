@@ -23,7 +23,7 @@ import shutil
 import stat as statmod
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import blockdiff
 import xxhash
@@ -127,6 +127,7 @@ class _CycleBuild:
         self.root_slash = root.rstrip(b"/") + b"/"
         self.stats: Dict[bytes, os.stat_result] = {}      # lstat of what a scan or walk saw
         self.walk_errors: List[str] = []
+        self.late: Set[bytes] = set()     # moved or vanished during the cycle: journaled after the cut
         self.pending: List[PendingRow] = []
         self.links: Dict[Tuple[int, int], bytes] = {}     # hard-link group -> the path carrying its data
         self.deferred: Dict[bytes, Tuple[int, os.stat_result, int]] = {}
@@ -172,10 +173,13 @@ class _CycleBuild:
             root_meta = entry_for(b"", root, os.lstat(root))
             self.snap, self.cap = snapmod.start(self.kind, root, self.n, self.warnings, inline_max=SMALL_MAX,
                                                 defer_over=SMALL_MAX)
-            ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors)
+            ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors, self._vanished)
         else:
             self.cut, self.moves, root_meta, ordered = _changed_paths(
-                root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats)
+                root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats, self.late)
+            for p in self.late:
+                self.warnings.add(show(p), "moved or vanished while the source was scanned; "
+                                           "left as it was, looked at again next cycle")
             # a streamed cycle's replica reads large files while the rest is built: not copied first, but
             # read live and verified afterwards (settle_deferred), as a copy would have been
             self.snap = snapmod.take(self.kind, root, self.n, ordered, self.warnings, inline_max=SMALL_MAX,
@@ -239,8 +243,19 @@ class _CycleBuild:
         return self.packer.add(data)
 
     def _gone(self, p: bytes) -> None:
+        if p in self.stats:       # it was there when the cycle's changes were read: vanished since
+            self._vanished(p)
+            return
         self.mw.add({"op": "delete", "path": enc(p)})
         self.pending.append(PendingRow.gone(p))
+
+    def _vanished(self, p: bytes) -> None:
+        """``p`` moved or vanished while the cycle was built: not described by this cycle (the
+        replica keeps what it has), a warning, and journaled after the cut for the next cycle."""
+        if p not in self.late:
+            self.late.add(p)
+            self.warnings.add(show(p), "moved or vanished while the cycle was built; left as it was, "
+                                       "looked at again next cycle")
 
     def _add_moves(self) -> None:
         snap = self.snap
@@ -309,7 +324,8 @@ class _CycleBuild:
                 st = os.lstat(full)
         except FileNotFoundError:
             if not snap.full and os.path.lexists(join(self.root, p)):
-                return  # exists live but was not captured (raced): next cycle
+                self.snap.skipped.add(p)  # exists live but was not captured (raced): next cycle
+                return
             self._gone(p)
             return
         if not (statmod.S_ISDIR(st.st_mode) or statmod.S_ISLNK(st.st_mode) or statmod.S_ISREG(st.st_mode)):
@@ -359,24 +375,27 @@ class _CycleBuild:
         rec = CycleRec(n, self.base, self.cut, "built", self.kind, self.snap.root, time.time_ns(),
                        {"entries": mw.count, "change_source": change_source})
         self.catalog.add_cycle(rec, self.pending)
-        if self.snap.skipped:  # at-least-once: look again next cycle
-            self.journal.append_many(("touch", p, None, None) for p in self.snap.skipped)
+        if self.snap.skipped or self.late:  # at-least-once: look again next cycle
+            self.journal.append_many(("touch", p, None, None) for p in sorted(self.snap.skipped | self.late))
         log.info("cycle %d built: %d entries, %d files, %.2fs", n, mw.count, self.nfiles, time.monotonic() - t0)
         return BuiltCycle(n, self.base, self.cut, self.kind, self.snap.root, change_source, mw.count, self.nfiles,
                           self.nbytes, self.warnings, deferred=self.deferred)
 
 
 def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: int, acked_cut: int,
-                   use_journal: bool, stats: Dict[bytes, os.stat_result]
+                   use_journal: bool, stats: Dict[bytes, os.stat_result], late: Set[bytes]
                    ) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
     """What the cycle looks at: (journal cut, moves new -> base, the top directory's entry, the
-    touched paths in manifest order); ``stats`` gets the scan's lstat of what it saw."""
+    touched paths in manifest order); ``stats`` gets the lstat of every touched path that exists
+    (the scan's, or taken right after the cut); ``late`` the paths that moved or vanished while
+    the scan ran (not touched: looked at next cycle)."""
     scanned: List[bytes] = []
     if not use_journal:
         # with nothing acknowledged yet every path is new: the scan's list is used as it is
         # instead of being journaled and read back (the marker is still journaled)
         sres = scan(root, catalog, journal, journal_touched=base > 0)
         stats.update(sres.stats)
+        late.update(sres.vanished)
         if base == 0:
             scanned = sres.touched
     if use_journal:
@@ -391,20 +410,87 @@ def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: 
             touched.update(p + b"/" + rel for rel, _st in walk(full))
     for new in cs.moves:                # a moved directory's metadata is rewritten too
         touched.add(new)
-    if not catalog.empty():
-        _add_link_siblings(root, catalog, touched, stats)   # (nothing replicated yet: no siblings)
+    if not catalog.empty():             # (nothing replicated yet: no siblings, no stale subtrees)
+        _add_related(root, catalog, touched, stats, cs.moves)
     root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
     # parents before children, once (NUL sorts below every byte of a name: same order as by components)
     return cut, dict(cs.moves), root_meta, sorted(touched, key=lambda q: q.replace(b"/", b"\0"))
 
 
+def _add_related(root: bytes, catalog: SourceCatalog, touched: Set[bytes], stats: Dict[bytes, os.stat_result],
+                 moves: Dict[bytes, bytes]) -> None:
+    """Complete an incremental cycle's touched paths (current namespace) and their stats: paths
+    below a live non-directory are replaced by it, then the other names of touched hard-linked
+    files and the replicated entries of a directory that is another directory now are added
+    (base paths from the catalog, mapped through the cycle's moves)."""
+    back = {b: n for n, b in moves.items()}                       # base -> new
+    _settle_paths(root, touched, stats)
+    extra: Set[bytes] = set()
+    for p in touched:
+        st = stats.get(p)
+        if st is None:
+            continue
+        if statmod.S_ISREG(st.st_mode) and st.st_nlink > 1:     # a link group: all its names
+            extra.update(map_through(b, back) for b in catalog.paths_with_ino(st.st_ino))
+        elif statmod.S_ISDIR(st.st_mode):
+            b = map_through(p, moves)
+            row = catalog.get(b)
+            if row is not None and statmod.S_ISDIR(row.mode) and row.ino != st.st_ino:
+                # another directory took this name: what the replica holds below it goes
+                extra.update(map_through(c, back) for c in catalog.paths_below(b))
+    if extra - touched:
+        touched.update(extra)
+        _settle_paths(root, touched, stats)
+
+
+def _settle_paths(root: bytes, touched: Set[bytes], stats: Dict[bytes, os.stat_result]) -> None:
+    """Replace each touched path that lies below a live non-directory (a directory replaced by a
+    file or a symlink) by that top-most non-directory: its upsert replaces the old subtree, and
+    nothing is looked up through a symlink.  ``stats`` gets the lstat of every touched path that
+    exists now (checked from the top down, so no lstat follows a symlink)."""
+    kind: Dict[bytes, Optional[os.stat_result]] = {b"": None}
+
+    def look(a: bytes) -> Optional[os.stat_result]:
+        if a not in kind:
+            st = stats.get(a)
+            if st is None:
+                try:
+                    st = os.lstat(join(root, a))
+                except OSError:
+                    st = None
+            kind[a] = st
+        return kind[a]
+
+    for p in sorted(touched, key=lambda q: q.count(b"/")):
+        parts = p.split(b"/")
+        cut_at: Optional[bytes] = None
+        for i in range(1, len(parts)):
+            a = b"/".join(parts[:i])
+            st = look(a)
+            if st is None:
+                break                           # gone: so is p (looked up as a delete)
+            if not statmod.S_ISDIR(st.st_mode):
+                cut_at = a
+                break
+        if cut_at is not None:
+            touched.discard(p)
+            touched.add(cut_at)
+            continue
+        st = look(p)
+        if st is not None:
+            stats[p] = st
+
 def _walk_capturing(root: bytes, cap: "snapmod.Capturer", stats: Dict[bytes, os.stat_result],
-                    errors: List[str]) -> Iterator[bytes]:
+                    errors: List[str], vanished: Callable[[bytes], None]) -> Iterator[bytes]:
     """Every path below ``root`` in manifest order, each captured into the snapshot (and its lstat
-    put in ``stats``) just before it is yielded; unreadable directories go to ``errors``."""
+    put in ``stats``) just before it is yielded; unreadable directories go to ``errors``, entries
+    gone while the walk ran to ``vanished``."""
     def on_error(rel: bytes, e: OSError) -> None:
-        errors.append(f"{show(rel) or '.'}: {e.strerror}")
-    for rel, st in walk(root, on_error=on_error):
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            vanished(rel)
+        else:
+            errors.append(f"{show(rel) or '.'}: {e.strerror}")
+    for rel, st in walk(root, on_error=on_error, on_vanished=vanished):
         stats[rel] = st
         cap.add(rel, st)
         yield rel
@@ -419,22 +505,6 @@ def _track_changes(e: dict, old: bytes, new: bytes, size: int, base: int, cdir: 
     e["cbt"] = base
     with open(os.fsdecode(join(cdir, layout.CBT_FILE % e["idx"])), "w") as f:
         json.dump(cand, f)
-
-
-def _add_link_siblings(root: bytes, catalog: SourceCatalog, touched: set,
-                       stats: Dict[bytes, os.stat_result]) -> None:
-    """A touched hard-linked file drags in the other members of its link group."""
-    extra = []
-    for p in touched:
-        st = stats.get(p)
-        if st is None:
-            try:
-                st = os.lstat(join(root, p))
-            except OSError:
-                continue
-        if statmod.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            extra.extend(catalog.paths_with_ino(st.st_ino))
-    touched.update(extra)
 
 
 def _extents(path: bytes, size: int) -> List[List[int]]:
