@@ -184,6 +184,23 @@ def test_break_hard_link_by_an_identical_copy(pair):
     cycle_ok(src, dst)                            # replica: a is 0600 too, a and b still one inode
 
 
+# bug 7, fixed (found by the long model run, scan variant, seed 1207): as 3b, but the identical copy also has
+# the same mode, xattrs and mtime: nothing about either name differs but the link.  FilePatcher.unchanged
+# (replica/files.py) checked shared_elsewhere only when the metadata differed, so the replica's a and b stayed
+# one inode (exit 0, the Python walk reported the hard-link groups differ).
+def test_break_hard_link_by_an_identical_copy_same_metadata(pair):
+    src, dst = pair
+    write(src / "a", b"same bytes\n")
+    os.link(src / "a", src / "b")
+    cycle_ok(src, dst)
+    st = os.stat(src / "a")
+    write(src / "tmp", b"same bytes\n")
+    os.chmod(src / "tmp", st.st_mode & 0o7777)
+    os.utime(src / "tmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(src / "tmp", src / "b")
+    cycle_ok(src, dst)                            # replica: a and b still one inode
+
+
 # --------------------------------------------------------------------------- bug 4
 
 # bug 4a, fixed: an upsert of a non-directory drops the catalog rows below it (SourceCatalog.ack).  It was:
