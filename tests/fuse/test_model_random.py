@@ -64,6 +64,7 @@ import pytest
 from hypothesis import HealthCheck, note, reject, settings
 from hypothesis import seed as hyp_seed
 from hypothesis import strategies as st
+from hypothesis.errors import FlakyStrategyDefinition
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 import helpers
@@ -840,7 +841,13 @@ def test_random_changes_replicate_exactly(variant: str, work_dir: Path):
         factory = hyp_seed(int(SEED))(factory)
     t0 = time.monotonic()
     try:
-        run_state_machine_as_test(factory, settings=sett)
+        try:
+            run_state_machine_as_test(factory, settings=sett)
+        except FlakyStrategyDefinition:
+            # the budget's reject() in setup makes a prefix Hypothesis saw draw less the next time;
+            # after the budget ran out with no failure, that is the end of the run, not a finding
+            if run.failed or time.monotonic() - run.t0 <= run.budget_s:
+                raise
     finally:
         print(f"\nmodel[{variant}]: {run.examples} examples, {run.steps_seen} changing steps, "
               f"{run.ops} operations, {run.cycles} cycles ({run.crashes} killed), "
