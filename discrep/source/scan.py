@@ -7,6 +7,12 @@ paths by inode to find renames (a directory rename is one ``move``; children
 that did not change are implied and cost nothing), and appends to the journal:
 one ``scan`` marker, then ``move`` and ``touch`` entries (see journal.py).
 
+Deletions are journaled top-most in the new namespace: a vanished path is implied by a vanished
+ancestor only if that ancestor is no longer a live directory (a directory moved out of a deleted
+one, or deleted and made again, keeps its own deletions).  A path that vanishes or moves while
+the walk runs is left as the catalog has it (never reported deleted from a half-seen state) and
+returned in ``ScanResult.vanished``; the cycle warns and journals it after its cut.
+
 A lost journal costs time, never data: anything the scan cannot prove unchanged
 (same inode, size, mtime_ns, ctime_ns and mode) is touched, and touched files
 are compared block by block later.
