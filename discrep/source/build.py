@@ -448,25 +448,22 @@ def _settle_paths(root: bytes, touched: Set[bytes], stats: Dict[bytes, os.stat_r
     file or a symlink) by that top-most non-directory: its upsert replaces the old subtree, and
     nothing is looked up through a symlink.  ``stats`` gets the lstat of every touched path that
     exists now (checked from the top down, so no lstat follows a symlink)."""
-    kind: Dict[bytes, Optional[os.stat_result]] = {b"": None}
+    anc: Dict[bytes, Optional[os.stat_result]] = {}   # fresh lstat of ancestors (the scan's may be old)
 
-    def look(a: bytes) -> Optional[os.stat_result]:
-        if a not in kind:
-            st = stats.get(a)
-            if st is None:
-                try:
-                    st = os.lstat(join(root, a))
-                except OSError:
-                    st = None
-            kind[a] = st
-        return kind[a]
+    def lstat(a: bytes) -> Optional[os.stat_result]:
+        try:
+            return os.lstat(join(root, a))
+        except OSError:
+            return None
 
     for p in sorted(touched, key=lambda q: q.count(b"/")):
         parts = p.split(b"/")
         cut_at: Optional[bytes] = None
         for i in range(1, len(parts)):
             a = b"/".join(parts[:i])
-            st = look(a)
+            if a not in anc:
+                anc[a] = lstat(a)
+            st = anc[a]
             if st is None:
                 break                           # gone: so is p (looked up as a delete)
             if not statmod.S_ISDIR(st.st_mode):
@@ -476,9 +473,11 @@ def _settle_paths(root: bytes, touched: Set[bytes], stats: Dict[bytes, os.stat_r
             touched.discard(p)
             touched.add(cut_at)
             continue
-        st = look(p)
-        if st is not None:
-            stats[p] = st
+        if p not in stats:
+            st = lstat(p)
+            if st is not None:
+                stats[p] = st
+
 
 def _walk_capturing(root: bytes, cap: "snapmod.Capturer", stats: Dict[bytes, os.stat_result],
                     errors: List[str], vanished: Callable[[bytes], None]) -> Iterator[bytes]:
