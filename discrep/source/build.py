@@ -243,9 +243,13 @@ class _CycleBuild:
         return self.packer.add(data)
 
     def _gone(self, p: bytes) -> None:
+        """A touched path not found in the snapshot: deleted, or vanished during the cycle."""
         if p in self.stats:       # it was there when the cycle's changes were read: vanished since
             self._vanished(p)
             return
+        self._delete(p)
+
+    def _delete(self, p: bytes) -> None:
         self.mw.add({"op": "delete", "path": enc(p)})
         self.pending.append(PendingRow.gone(p))
 

@@ -176,3 +176,31 @@ def test_journal_directory_renamed_between_cut_and_snapshot(pair, monkeypatch):
         same(src, dst)
     finally:
         reg.stop_watcher(w)
+
+
+@pytest.mark.parametrize("size", [200, 300 * 1024], ids=["packed", "copied"])
+def test_directory_swapped_for_a_symlink_before_the_snapshot(pair, work_dir, monkeypatch, size):
+    """m/f1 changed; before the snapshot m is renamed away and a symlink m -> a directory outside SRC
+    takes its place.  Nothing outside SRC may be read into the cycle (threat model: a local user who
+    owns part of SRC gains nothing)."""
+    src, dst = pair
+    outside = work_dir / "outside"
+    outside.mkdir()
+    (outside / "f1").write_bytes(b"SECRET outside SRC " * (size // 19 + 1))
+    make_tree(src)
+    cycle(src, dst)
+    (src / "m" / "f1").write_bytes(b"c" * size)
+
+    def swap() -> None:
+        os.rename(src / "m", src / "m.old")
+        os.symlink(str(outside), src / "m")
+    monkeypatch.setattr(buildmod.snapmod, "take", snapshot_renaming(swap))
+    try:
+        cycle(src, dst)
+    finally:
+        monkeypatch.undo()
+        leaked = [str(p) for p in list(dst.rglob("*")) + list((src / ".discrep").rglob("*"))
+                  if p.is_file() and not p.is_symlink() and b"SECRET" in p.read_bytes()]
+        assert leaked == [], f"bytes of a file outside SRC were captured into {leaked}"
+    res, w = cycle(src, dst)
+    same(src, dst)
