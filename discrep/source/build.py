@@ -124,7 +124,6 @@ class _CycleBuild:
                  on_segment: Optional[Callable[[Segment], None]]):
         self.root, self.journal, self.catalog, self.warnings = root, journal, catalog, warnings
         self.on_segment = on_segment
-        self.root_slash = root.rstrip(b"/") + b"/"
         self.stats: Dict[bytes, os.stat_result] = {}      # lstat of what a scan or walk saw
         self.walk_errors: List[str] = []
         self.late: Set[bytes] = set()     # moved or vanished during the cycle: journaled after the cut
@@ -137,14 +136,28 @@ class _CycleBuild:
 
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
-        self._plan(kind, force_scan, min_cycle, totals)
-        ordered = self._capture()
-        self._open_dir()
+        self.live = snapmod.LivePaths(self.root)   # live entries, never reached through a symlink
         try:
-            self._write(ordered)
+            self._plan(kind, force_scan, min_cycle, totals)
+            ordered = self._capture()
+            self._open_dir()
+            try:
+                self._write(ordered)
+            finally:
+                self.mw.close()
+            return self._record(t0)
         finally:
-            self.mw.close()
-        return self._record(t0)
+            self.live.close()
+            if getattr(self, "cap", None) is not None:
+                self.cap.live.close()
+
+    def _exists(self, p: bytes) -> bool:
+        """``p`` exists live (no symlink followed on the way)."""
+        try:
+            os.lstat(self.live.path(p))
+            return True
+        except OSError:
+            return False
 
     # -- plan and capture --------------------------------------------------
     def _plan(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> None:
@@ -290,12 +303,12 @@ class _CycleBuild:
 
     def _add_inline(self, p: bytes) -> None:
         """A small file: captured now, straight into its pack (the hot path)."""
-        full = self.root_slash + p
         try:
-            got = snapmod.read_verified(full, p, self.warnings, SMALL_MAX, self.stats.get(p))
+            dfd, name = self.live.at(p)
+            got = snapmod.read_verified(name, p, self.warnings, SMALL_MAX, self.stats.get(p), dir_fd=dfd)
         except OSError as err:
             got = None
-            if err.errno == errno.ENOENT and not os.path.lexists(full):
+            if err.errno in snapmod.VANISHED and not self._exists(p):
                 self._gone(p)
                 return
         if got is None:
@@ -323,11 +336,13 @@ class _CycleBuild:
             if st0 is not None and (held is not None or statmod.S_ISDIR(st0.st_mode)):
                 # a symlink to the open live file (described by its stat before), or a walked
                 # directory (its snapshot copy gets its metadata at the end): the live path
-                full, st = self.root_slash + p, st0
+                full, st = self.live.path(p), st0
             else:
                 st = os.lstat(full)
-        except FileNotFoundError:
-            if not snap.full and os.path.lexists(join(self.root, p)):
+        except OSError as err:
+            if err.errno not in snapmod.VANISHED:
+                raise
+            if not snap.full and self._exists(p):
                 self.snap.skipped.add(p)  # exists live but was not captured (raced): next cycle
                 return
             self._gone(p)
