@@ -137,6 +137,7 @@ class _CycleBuild:
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
         self.live = snapmod.LivePaths(self.root)   # live entries, never reached through a symlink
+        self.in_snap: Optional[snapmod.LivePaths] = None
         try:
             self._plan(kind, force_scan, min_cycle, totals)
             ordered = self._capture()
@@ -147,9 +148,9 @@ class _CycleBuild:
                 self.mw.close()
             return self._record(t0)
         finally:
-            self.live.close()
-            if getattr(self, "cap", None) is not None:
-                self.cap.live.close()
+            for lp in (self.live, self.in_snap, getattr(getattr(self, "cap", None), "live", None)):
+                if lp is not None:
+                    lp.close()
 
     def _exists(self, p: bytes) -> bool:
         """``p`` exists live (no symlink followed on the way)."""
@@ -330,8 +331,10 @@ class _CycleBuild:
         """A path of the snapshot (or a deferred live file, or a walked directory)."""
         snap = self.snap
         held = snap.deferred.get(p)
-        full = snap.locate(p)
         try:
+            if self.in_snap is None:    # the snapshot's entries, never reached through a symlink in it
+                self.in_snap = snapmod.LivePaths(snap.root)
+            full = self.in_snap.path(p)
             st0 = held[0] if held is not None else self.stats.get(p) if self.walking else None
             if st0 is not None and (held is not None or statmod.S_ISDIR(st0.st_mode)):
                 # a symlink to the open live file (described by its stat before), or a walked

@@ -46,10 +46,10 @@ def pair(work_dir: Path, monkeypatch):
     assert not [m for m in helpers.mounts() if m[0].startswith(str(work_dir))], "mounts left behind"
 
 
-def cycle(src: Path, dst: Path) -> Tuple[dict, List[Tuple[str, str]]]:
+def cycle(src: Path, dst: Path, snapshot: str = "copy") -> Tuple[dict, List[Tuple[str, str]]]:
     """One cycle in-process: (its result, its warnings as (path, message))."""
     w = WarningList()
-    res = replicate_local(CycleOptions(str(src), str(dst), snapshot="copy"), warnings=w)
+    res = replicate_local(CycleOptions(str(src), str(dst), snapshot=snapshot), warnings=w)
     return res, [(x.path, x.message) for x in w]
 
 
@@ -183,11 +183,13 @@ def test_journal_directory_renamed_between_cut_and_snapshot(pair, monkeypatch):
 # Capturer.add / _capture_file, lstat and clone by path) and the outside file's bytes landed in the cycle and in
 # DEST as m/f1, exit 0.  Now live entries are named through an fd of their parent directory opened component by
 # component with O_NOFOLLOW (snapshot.LivePaths): the swapped path vanished during the cycle (a warning).
+@pytest.mark.parametrize("dir_changed", [False, True], ids=["file", "file-and-dir"])
 @pytest.mark.parametrize("size", [200, 300 * 1024], ids=["packed", "copied"])
-def test_directory_swapped_for_a_symlink_before_the_snapshot(pair, work_dir, monkeypatch, size):
+def test_directory_swapped_for_a_symlink_before_the_snapshot(pair, work_dir, monkeypatch, size, dir_changed):
     """m/f1 changed; before the snapshot m is renamed away and a symlink m -> a directory outside SRC
-    takes its place.  Nothing outside SRC may be read into the cycle (threat model: a local user who
-    owns part of SRC gains nothing)."""
+    takes its place (with m itself changed too: then the snapshot holds m as that symlink, and a
+    lookup of m/f1 in the snapshot must not go through it).  Nothing outside SRC may be read into
+    the cycle (threat model: a local user who owns part of SRC gains nothing)."""
     src, dst = pair
     outside = work_dir / "outside"
     outside.mkdir()
@@ -195,6 +197,8 @@ def test_directory_swapped_for_a_symlink_before_the_snapshot(pair, work_dir, mon
     make_tree(src)
     cycle(src, dst)
     (src / "m" / "f1").write_bytes(b"c" * size)
+    if dir_changed:     # m is in the cycle too: the snapshot captures m as the symlink it now is
+        (src / "m" / "added").write_bytes(b"a")
 
     def swap() -> None:
         os.rename(src / "m", src / "m.old")
@@ -209,4 +213,39 @@ def test_directory_swapped_for_a_symlink_before_the_snapshot(pair, work_dir, mon
                   if p.is_file() and not p.is_symlink() and b"SECRET" in p.read_bytes()]
         assert leaked == [], f"bytes of a file outside SRC were captured into {leaked}"
     res, w = cycle(src, dst)
+    same(src, dst)
+
+
+@pytest.mark.root
+def test_directory_swapped_for_a_symlink_before_a_btrfs_snapshot(loopfs, work_dir, monkeypatch):
+    """As above with a btrfs subvolume snapshot: the snapshot itself holds m as the symlink, and the
+    lookup of m/f1 in the snapshot must not go through it (it pointed at the live outside file)."""
+    helpers.require_tool("btrfs")
+    mnt = loopfs("btrfs", 300)
+    src, dst = mnt / "src", work_dir / "dst"
+    helpers.run(["btrfs", "subvolume", "create", str(src)])
+    monkeypatch.setenv("TMPDIR", str(work_dir))
+    outside = mnt / "outside"
+    outside.mkdir()
+    (outside / "f1").write_bytes(b"SECRET outside SRC " * 20)
+    make_tree(src)
+    cycle(src, dst, "btrfs")
+    (src / "m" / "f1").write_bytes(b"c" * 300)
+    (src / "m" / "added").write_bytes(b"a")
+
+    def swap() -> None:
+        os.rename(src / "m", src / "m.old")
+        os.symlink(str(outside), src / "m")
+    monkeypatch.setattr(buildmod.snapmod, "take", snapshot_renaming(swap))
+    try:
+        res, w = cycle(src, dst, "btrfs")
+        assert res["warnings"] >= 1, w
+    finally:
+        monkeypatch.undo()
+        monkeypatch.setenv("TMPDIR", str(work_dir))
+        leaked = [str(p) for p in dst.rglob("*") if p.is_file() and not p.is_symlink() and b"SECRET" in p.read_bytes()]
+        leaked += [str(p) for p in (src / ".discrep" / "cycles").rglob("*")
+                   if p.is_file() and not p.is_symlink() and b"SECRET" in p.read_bytes()]
+        assert leaked == [], f"bytes of a file outside SRC were captured into {leaked}"
+    cycle(src, dst, "btrfs")
     same(src, dst)
