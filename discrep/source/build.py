@@ -433,33 +433,43 @@ def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: 
     for new in cs.moves:                # a moved directory's metadata is rewritten too
         touched.add(new)
     if not catalog.empty():             # (nothing replicated yet: no siblings, no stale subtrees)
-        _add_related(root, catalog, touched, stats, cs.moves)
+        _add_related(root, catalog, touched, stats, cs.moves, use_journal)
     root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
     # parents before children, once (NUL sorts below every byte of a name: same order as by components)
     return cut, dict(cs.moves), root_meta, sorted(touched, key=lambda q: q.replace(b"/", b"\0"))
 
 
 def _add_related(root: bytes, catalog: SourceCatalog, touched: Set[bytes], stats: Dict[bytes, os.stat_result],
-                 moves: Dict[bytes, bytes]) -> None:
+                 moves: Dict[bytes, bytes], by_journal: bool) -> None:
     """Complete an incremental cycle's touched paths (current namespace) and their stats: paths
-    below a live non-directory are replaced by it, then the other names of touched hard-linked
-    files and the replicated entries of a directory that is another directory now are added
-    (base paths from the catalog, mapped through the cycle's moves)."""
+    below a live non-directory are replaced by it, then the other names of hard-linked files are
+    added -- of a touched file's live inode, and of the inode a touched name held in the base cycle
+    when that name leads elsewhere now (deleted, replaced: a change made through it before shows
+    only under the other names) -- and the replicated entries of a directory that is another
+    directory now (base paths from the catalog, mapped through the cycle's moves).  The last two
+    need the base row of each touched name: only with the journal (a scan compares every row with
+    the tree, so it touched those names itself)."""
     back = {b: n for n, b in moves.items()}                       # base -> new
+    asked = set(touched)
     _settle_paths(root, touched, stats)
     extra: Set[bytes] = set()
-    for p in touched:
-        st = stats.get(p)
-        if st is None:
-            continue
-        if statmod.S_ISREG(st.st_mode) and st.st_nlink > 1:     # a link group: all its names
+    for p in asked:
+        st = stats.get(p) if p in touched else None
+        if st is not None and statmod.S_ISREG(st.st_mode) and st.st_nlink > 1:    # a link group: all its names
             extra.update(map_through(b, back) for b in catalog.paths_with_ino(st.st_ino))
-        elif statmod.S_ISDIR(st.st_mode):
-            b = map_through(p, moves)
-            row = catalog.get(b)
-            if row is not None and statmod.S_ISDIR(row.mode) and row.ino != st.st_ino:
-                # another directory took this name: what the replica holds below it goes
-                extra.update(map_through(c, back) for c in catalog.paths_below(b))
+        if not by_journal:
+            continue
+        b = map_through(p, moves)
+        row = catalog.get(b)
+        if row is None or (st is not None and row.ino == st.st_ino):
+            continue
+        if statmod.S_ISREG(row.mode):
+            group = catalog.paths_with_ino(row.ino)
+            if len(group) > 1:        # the base inode of this name lives on under other names
+                extra.update(map_through(c, back) for c in group if c != b)
+        elif statmod.S_ISDIR(row.mode) and st is not None and statmod.S_ISDIR(st.st_mode):
+            # another directory took this name: what the replica holds below it goes
+            extra.update(map_through(c, back) for c in catalog.paths_below(b))
     if extra - touched:
         touched.update(extra)
         _settle_paths(root, touched, stats)

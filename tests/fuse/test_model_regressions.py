@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -301,4 +302,31 @@ def test_journal_directory_moved_out_and_made_again(watched, work_dir):
     os.rename(src / "d", work_dir / "moved-out")     # one IN_MOVED_FROM: a delete of d
     (src / "d").mkdir()
     r = cycle_ok(src, dst)        # the replica still had d/f and d/g/h
+    assert r["change_source"] == "journal"
+
+
+# --------------------------------------------------------------------------- bug 9
+
+# bug 9 (found by the long model run, watch variant, seed 4242): with the journal, a hard-linked file changed
+# through one name whose name is then removed (or replaced by another file, or lies below a directory replaced by
+# a file): the journal names only that path; the live path no longer leads to the changed inode, so its other
+# names were not looked at and the replica kept their old content (exit 0).
+@pytest.mark.parametrize("then", ["unlink", "replace", "dir-to-file"])
+def test_journal_link_changed_through_a_name_that_then_goes(watched, then):
+    src, dst, start = watched
+    write(src / "e" / "b-link", b"x" * 3000)
+    write(src / "a" / "keep", b"k")
+    os.link(src / "e" / "b-link", src / "a" / "d")
+    start()
+    with open(src / "a" / "d", "ab") as f:       # the shared inode changes through a/d
+        f.write(b"appended")
+    if then == "unlink":
+        (src / "a" / "d").unlink()
+    elif then == "replace":
+        write(src / "a" / "tmp", b"another file")
+        os.rename(src / "a" / "tmp", src / "a" / "d")
+    else:
+        shutil.rmtree(src / "a")
+        write(src / "a", b"now a file")
+    r = cycle_ok(src, dst)        # e/b-link: still 3000 bytes of x on the replica
     assert r["change_source"] == "journal"
