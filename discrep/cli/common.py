@@ -10,6 +10,8 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from discrep.core.errors import UsageError
+from discrep.protocol.filters import FilterRules
+from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.options import ReplicaOptions
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.transport.options import DEFAULT_TIMEOUT, TRANSPORTS, SshOptions
@@ -64,12 +66,51 @@ def add_keep_args(sp: argparse.ArgumentParser, last_help: str, within_help: str)
     sp.add_argument("--keep-within", metavar="DURATION", help=within_help)
 
 
+class _RuleAction(argparse.Action):
+    """Collects every filter option, in command-line order, as (option, value) in ``filter_rules``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        got = list(getattr(ns, "filter_rules", None) or [])
+        got.append((self.dest, values))
+        setattr(ns, "filter_rules", got)
+
+
+def add_filter_args(sp: argparse.ArgumentParser, delete_excluded: bool = True) -> None:
+    """rsync's filter options; rules apply in the order given, the first matching one wins."""
+    g = sp.add_argument_group("filters (rsync's FILTER RULES: first match wins; /PAT anchors at SRC, "
+                              "a trailing / matches directories, * ? [..] ** and dir/***)")
+    sp.set_defaults(filter_rules=[])
+    g.add_argument("--exclude", dest="exclude", action=_RuleAction, metavar="PATTERN",
+                   help="exclude paths matching PATTERN (an excluded directory is not descended)")
+    g.add_argument("--include", dest="include", action=_RuleAction, metavar="PATTERN",
+                   help="include paths matching PATTERN (put it before the exclude it overrides)")
+    g.add_argument("--exclude-from", dest="exclude-from", action=_RuleAction, metavar="FILE",
+                   help="read exclude patterns from FILE, one per line (# and ; start comments)")
+    g.add_argument("--include-from", dest="include-from", action=_RuleAction, metavar="FILE",
+                   help="read include patterns from FILE, one per line")
+    g.add_argument("-f", "--filter", dest="filter", action=_RuleAction, metavar="RULE",
+                   help="a filter rule: '- PATTERN', '+ PATTERN', 'dir-merge .discrepignore' (per-directory "
+                        "rule files, read from the source tree), or '!' to clear the rules so far")
+    if delete_excluded:
+        g.add_argument("--delete-excluded", action="store_true",
+                       help="also delete excluded files from DEST (default: excluded files already in DEST "
+                            "are kept untouched); they count toward --max-delete")
+
+
+def filter_spec(a: argparse.Namespace) -> FilterSpec:
+    """The filter options of ``a`` as one ``FilterSpec`` (rules in command-line order)."""
+    rules = FilterRules.parse(getattr(a, "filter_rules", None) or [])
+    return FilterSpec(rules, bool(getattr(a, "delete_excluded", False)))
+
+
 def replica_options(a: argparse.Namespace) -> ReplicaOptions:
     count, pct = parse_max_delete(getattr(a, "max_delete", None))
     return ReplicaOptions(keep_last=a.keep_last,
                           keep_within_s=parse_duration(a.keep_within) if a.keep_within else None,
                           numeric_ids=a.numeric_ids, force=a.force, max_delete=count, max_delete_pct=pct,
-                          checksum=bool(getattr(a, "checksum", False)), dry_run=bool(getattr(a, "dry_run", False)))
+                          checksum=bool(getattr(a, "checksum", False)), dry_run=bool(getattr(a, "dry_run", False)),
+                          filters=filter_spec(a))
 
 
 def parse_max_delete(text: Optional[str]) -> Tuple[Optional[int], Optional[float]]:

@@ -175,11 +175,16 @@ class Command(Message):
 
 @dataclass(frozen=True)
 class StartCycle(Command):
-    """Continuous mode: build and serve the next cycle in the same session."""
+    """Build and serve the next cycle (the first one, when the agent was started without
+    ``--replica-cycle``; continuous mode: the next one in the same session).  ``filters``: the
+    replica's rules as FilterRules JSON text (the agent bounds and validates it:
+    protocol.filterspec), ``delete_excluded`` its --delete-excluded."""
     NAME: ClassVar[str] = "cycle"
     replica_cycle: int
     stream: bool = False
     totals: bool = True
+    filters: Optional[str] = None
+    delete_excluded: bool = False
 
 
 @dataclass(frozen=True)

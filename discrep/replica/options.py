@@ -1,4 +1,4 @@
-"""Typed options of the replica side (history retention, owners, first-cycle safety).
+"""Typed options of the replica side (history retention, owners, first-cycle safety, filters).
 
 Built by the CLI (``replicate``, ``sync``) and, later, by the jobs file; library code takes
 these, never an argparse namespace.
@@ -7,8 +7,10 @@ Thread-safety: immutable values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from discrep.protocol.filterspec import FilterSpec
 
 
 @dataclass(frozen=True)
@@ -22,3 +24,4 @@ class ReplicaOptions:
     max_delete_pct: Optional[float] = None  # ... or more than this percentage of the replica's entries
     checksum: bool = False                 # compare DEST's actual bytes, not the catalog's signatures
     dry_run: bool = False                  # say what the cycle would do; change nothing
+    filters: FilterSpec = field(default_factory=FilterSpec)   # rsync rules selecting what is replicated

@@ -31,7 +31,8 @@ from dataclasses import asdict
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from discrep.core import locks
-from discrep.core.errors import CycleMismatchError, DestinationError, DiskFullError, ManifestError, WarningList
+from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullError, Error, ManifestError,
+                                 WarningList)
 from discrep.core.paths import STATE_DIR, join, state_dir
 from discrep.core.statedir import StateDir
 from discrep.protocol import layout
@@ -42,6 +43,8 @@ from discrep.replica.dest import remove_stage
 from discrep.replica.history import available, prune, rollback
 from discrep.replica.options import ReplicaOptions
 from discrep.replica.plan import check_max_delete
+from discrep.replica.protect import Protection, protection
+from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.owners import OwnerMap
 from discrep.replica.reader import Reader, StreamedCycle
 from discrep.replica.stats import Progress, SyncStats
@@ -182,6 +185,7 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
             f"the export is cycle {cycle} built on cycle {base}, but {os.fsdecode(dest)} is at cycle {last}",
             hint="run 'discrep replicate' (it rebuilds against the replica), or 'discrep reset SRC' for a "
                  "full comparison")
+    _check_filters(header, opts.filters)
     owners = OwnerMap(opts.numeric_ids)
     fresh = bool(header.get("full")) and last == 0 and holds_only_state(dest)
     streamed = stream is not None and fresh
@@ -191,11 +195,28 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
         reader.know_files({e.idx: e.path for e in entries if e.op == "file"})
         owners.map_entries(entries)
     _map_root_owner(header, owners)
-    if not streamed:
-        check_max_delete(cat, dest, bool(header.get("full")), entries, opts)
-    cat.begin(cycle, base, int(header.get("created_ns", 0)))
+    prot = None if fresh else protection(dest, opts.filters)
+    try:
+        if not streamed:
+            check_max_delete(cat, dest, bool(header.get("full")), entries, opts,
+                             prot.protects if prot is not None else None)
+        cat.begin(cycle, base, int(header.get("created_ns", 0)))
+        return _apply(reader, dest, cat, header, entries, warnings, progress, t0, opts, stream, owners,
+                      fresh, streamed, last, prot)
+    finally:
+        if prot is not None:
+            prot.close()
+
+
+def _apply(reader: Reader, dest: bytes, cat: ReplicaCatalog, header: Dict[str, Any], entries: List[Entry],
+           warnings: WarningList, progress: Optional[Progress], t0: float, opts: ReplicaOptions,
+           stream: Optional[StreamedCycle], owners: OwnerMap, fresh: bool, streamed: bool, last: int,
+           prot: Optional[Protection]) -> SyncStats:
+    """Apply the begun cycle and commit it, or roll DEST back to ``last``."""
+    cycle = int(header["cycle"])
     ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
     ap.files.checksum = opts.checksum and not fresh
+    ap.protect = prot
     try:
         stats = StreamApplier(ap, stream, owners).run() if streamed and stream is not None else ap.run()
         _commit(ap, reader, header, t0)
@@ -258,6 +279,18 @@ def _commit(ap: Applier, reader: Reader, header: Dict[str, Any], t0: float) -> N
     sid = header.get("source_id")
     if sid:
         ap.cat.set_meta("source_id", str(sid))
+    ap.cat.set_meta("filters", json.dumps(header.get("filters")))    # the rules DEST was made with
+
+
+def _check_filters(header: Dict[str, Any], spec: FilterSpec) -> None:
+    """The source applied this replica's rules (an older source ignores them: refused, not misapplied)."""
+    try:
+        used = FilterSpec.from_record(header.get("filters"))
+    except Error:
+        raise ManifestError("the export's cycle description records malformed filter rules") from None
+    if used.rules != spec.rules:
+        raise ManifestError("the source built this cycle with other filter rules than this replica's",
+                            hint="install the same discrep version on both hosts (filters need both to know them)")
 
 
 def _roll_back(dest: bytes, cat: ReplicaCatalog, cycle: int, last: int, exc: BaseException) -> None:

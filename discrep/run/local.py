@@ -25,6 +25,7 @@ from discrep.source import build as srcmod
 from discrep.source import cycles
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.source.export import make_view
+from discrep.source.filtering import prepare_filters
 from discrep.core.paths import STATE_DIR, nested, state_dir
 from discrep.transport.mount_reader import MountReader
 from discrep.replica.sync import result_fields, sync
@@ -90,9 +91,11 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
         raise FuseUnavailableError("/dev/fuse is missing")
     rcycle = prepare_dest(dest, force=opts.replica.force)
     cycles.settle_source(bsrc, rcycle)
+    rescan = prepare_filters(bsrc, opts.replica.filters)   # the rules changed: scan, or compare all
     if opts.replica.checksum and rcycle:
         cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
-    built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings)
+    built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings,
+                               force_scan=rescan, filters=opts.replica.filters)
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
         view = make_view(bsrc, built.cycle)

@@ -174,7 +174,7 @@ class RemoteSession:
         self.mount_thread = threading.Thread(target=do_mount, daemon=True, name="discrep-sshfs-mount")
         self.mount_thread.start()
 
-    def _open(self, rcycle: int, stream: bool = False, totals: bool = True) -> None:
+    def _open(self, rcycle: Optional[int], stream: bool = False, totals: bool = True) -> None:
         """Connect; sshfs connects while the agent starts and builds the first cycle."""
         self.conn = Connection(self.cfg)
         self.conn.connect()
@@ -244,10 +244,15 @@ class RemoteSession:
 
     def _start_cycle(self, rcycle: int, stream: bool, totals: bool) -> Union[Segment, Built]:
         """Have the agent build the next cycle: its first segment (streamed) or ``built``."""
-        if self.agent is None:
-            self._open(rcycle, stream, totals)
-        else:
-            self.agent.send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals))
+        spec = self.opts.replica.filters
+        # rules travel in the cycle command (validated and bounded there), never on a command line
+        plain = not spec.active and not spec.delete_excluded
+        opened = self.agent is None
+        if opened:
+            self._open(rcycle if plain else None, stream, totals)
+        if not opened or not plain:
+            self._agent().send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals, filters=spec.wire(),
+                                       delete_excluded=spec.delete_excluded))
         kinds: Tuple[Type[Event], ...] = (Segment, Built) if stream else (Built,)
         return cast(Union[Segment, Built], self._agent().expect_any(kinds))
 

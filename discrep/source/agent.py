@@ -67,6 +67,8 @@ from discrep.source.build import BuiltCycle, build_cycle
 from discrep.source.cycles import ack_cycle, settle_source
 from discrep.source.deferred import close_deferred, settle_deferred
 from discrep.source.export import make_view
+from discrep.source.filtering import prepare_filters
+from discrep.protocol.filterspec import FilterSpec
 
 UNMOUNT_WAIT = 3.0   # seconds for one unmount attempt or one wait for the export child
 
@@ -259,12 +261,14 @@ class _Agent:
         elif isinstance(cmd, Done):            # the cycle failed on the replica: just end it
             self.end_cycle()
             self.out.say(Ended())
-        elif isinstance(cmd, StartCycle):      # continuous mode: the next cycle, same session
+        elif isinstance(cmd, StartCycle):      # the next cycle (continuous mode: same session)
             self.end_cycle()
-            self.cycle(cmd.replica_cycle, cmd.stream, cmd.totals)
+            self.cycle(cmd.replica_cycle, cmd.stream, cmd.totals,
+                       FilterSpec.from_wire(cmd.filters, cmd.delete_excluded))
 
-    def cycle(self, rcycle: int, stream: bool, totals: bool = True) -> None:
-        """Settle against the replica's cycle ``rcycle``, build the next one, export it (unless streamed)."""
+    def cycle(self, rcycle: int, stream: bool, totals: bool = True, filters: Optional[FilterSpec] = None) -> None:
+        """Settle against the replica's cycle ``rcycle``, build the next one with the replica's
+        ``filters``, export it (unless streamed)."""
         if self.built is not None:
             close_deferred(self.built)
         self.served += 1
@@ -273,9 +277,12 @@ class _Agent:
         os.mkdir(mnt)
         self.to_export.clear()
         settle_source(self.bsrc, rcycle)
+        spec = filters or FilterSpec()
+        rescan = prepare_filters(self.bsrc, spec)
         t_build = time.monotonic()
         b = build_cycle(self.bsrc, snapshot_kind=self.snapshot_kind, min_cycle=rcycle + 1, warnings=self.warnings,
-                        on_segment=self.out.say if stream else None, totals=totals)
+                        on_segment=self.out.say if stream else None, totals=totals, force_scan=rescan,
+                        filters=spec)
         self.out.say(Built(cycle=b.cycle, base=b.base, entries=b.entries, snapshot=b.provider,
                            change_source=b.change_source, path=os.fsdecode(b.snapshot),
                            build_s=round(time.monotonic() - t_build, 3)))

@@ -42,17 +42,20 @@ DEFAULT_TIMEOUT = 60.0  # seconds without a line from the agent (it says ``alive
 E = TypeVar("E", bound=Event)
 
 
-def agent_command(exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool, totals: bool,
+def agent_command(exe: str, src: str, rcycle: Optional[int], snapshot_kind: str, stream: bool, totals: bool,
                   timeout: float = DEFAULT_TIMEOUT) -> str:
-    """The remote command line that starts the agent and its first cycle."""
-    return (f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} --timeout {float(timeout)} "
+    """The remote command line that starts the agent and its first cycle (``rcycle`` None: the
+    first cycle waits for a ``cycle`` command, which can carry what a command line should not)."""
+    first = "" if rcycle is None else f"--replica-cycle {int(rcycle)} "
+    return (f"{q(exe)} agent {first}--snapshot {q(snapshot_kind)} --timeout {float(timeout)} "
             f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}-- {q(src)}")
 
 
 class AgentClient:
     """The source's ``discrep agent`` on one exec channel (JSON lines, see source.agent)."""
 
-    def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool = False,
+    def __init__(self, conn: Connection, exe: str, src: str, rcycle: Optional[int], snapshot_kind: str,
+                 stream: bool = False,
                  totals: bool = True, timeout: float = DEFAULT_TIMEOUT):
         self.conn = conn
         self.timeout = timeout
