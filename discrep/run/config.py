@@ -13,6 +13,10 @@ Default path ``/etc/discrep/discrep.toml`` (``-c FILE`` everywhere).  Shape::
     rpo = "1h"                           # how stale is too stale (status and the lag metric)
     keep_last = 48
     keep_within = "7d"
+    exclude = ["*.tmp", "/cache/"]       # rsync filter rules (see README): filter, then include, then
+    include = []                         # exclude, each in list order; filter = ["- PAT", "+ PAT",
+    filter = ["dir-merge .discrepignore"]   # "dir-merge NAME"]; first match wins
+    delete_excluded = false              # true: excluded files are deleted from DEST too
 
 Every key is checked: an unknown key, a value of the wrong type or out of range is a
 ``ConfigError`` naming the file, the job and the key, and saying what is allowed.  ``load``
@@ -31,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from discrep.core.errors import UsageError
+from discrep.protocol.filters import MAX_RULES, FilterRules
+from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.options import ReplicaOptions
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.transport.options import TRANSPORTS, SshOptions
@@ -105,6 +111,13 @@ def _count(v: Any) -> int:
     return v
 
 
+def _str_list(v: Any) -> List[str]:
+    if not isinstance(v, list) or len(v) > MAX_RULES or \
+            not all(isinstance(x, str) and x and "\0" not in x for x in v):
+        raise ValueError(f"a list of non-empty strings (at most {MAX_RULES})")
+    return list(v)
+
+
 def _choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if v not in options:
@@ -136,7 +149,9 @@ JOB_KEYS: Dict[str, Callable[[Any], Any]] = {
     "snapshot": _choice(SNAPSHOT_KINDS), "transport": _choice(TRANSPORTS),
     "ssh_config": _str, "remote_discrep": _str,
     "keep_last": _count, "keep_within": _duration, "numeric_ids": _bool,
+    "filter": _str_list, "include": _str_list, "exclude": _str_list, "delete_excluded": _bool,
 }
+FILTER_KEYS = ("filter", "include", "exclude")     # the order their rules apply in
 TOP_KEYS: Dict[str, Callable[[Any], Any]] = {"metrics_listen": _listen, "max_concurrent": _count}
 
 
@@ -165,8 +180,14 @@ def _job(name: str, v: Dict[str, Any], where: str, problems: List[str]) -> Optio
         problems.append(f"{where}: needs 'every' (e.g. \"15m\") or 'schedule' (cron syntax)")
     if any(p.startswith(where + ":") for p in problems):
         return None
+    try:
+        rules = FilterRules.parse([(k, r) for k in FILTER_KEYS for r in v.get(k, [])])
+    except UsageError as e:
+        problems.append(f"{where}: filter rules ({', '.join(k for k in FILTER_KEYS if k in v)}): {e}")
+        return None
     replica = ReplicaOptions(keep_last=v.get("keep_last", 10), keep_within_s=v.get("keep_within"),
-                             numeric_ids=v.get("numeric_ids", False))
+                             numeric_ids=v.get("numeric_ids", False),
+                             filters=FilterSpec(rules, v.get("delete_excluded", False)))
     ssh = SshOptions(remote_discrep=v.get("remote_discrep", "discrep"), ssh_config=v.get("ssh_config"),
                      transport=v.get("transport", "auto"))
     opts = CycleOptions(src=v["source"], dest=v["dest"], snapshot=v.get("snapshot", "auto"),

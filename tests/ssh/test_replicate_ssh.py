@@ -407,3 +407,41 @@ def test_progress_on_a_terminal_shows_fixed_totals(sshd: Sshd, work_dir: Path) -
     assert helpers.tree_equal(src, dst) == []
     r = replicate(sshd, str(src), str(work_dir / "dst2"))   # not a terminal: no progress lines
     assert r.returncode == 0 and "files " not in r.stderr, r.stderr
+
+
+def test_filters_reach_the_agent(sshd: Sshd, work_dir: Path) -> None:
+    """The replica's rules travel in the cycle command: the source does not walk an excluded
+    directory (a merge file there that discrep cannot parse would fail the cycle), the cycle
+    records the rules, and the replica equals rsync's copy with the same rules."""
+    from discrep.protocol.filterspec import FilterSpec
+    from discrep.source.catalog import SourceCatalog
+    _need_fuse()
+    src, dst, want = work_dir / "src", work_dir / "dst", work_dir / "want"
+    (src / "cache" / "sub").mkdir(parents=True)
+    (src / "cache" / "sub" / ".discrepignore").write_text("merge not-supported\n")
+    (src / "cache" / "blob").write_bytes(b"c" * 100000)
+    (src / "data").mkdir()
+    (src / "data" / "a.txt").write_bytes(b"a")
+    (src / "data" / "b.o").write_bytes(b"o")
+    (src / "data" / ".discrepignore").write_text("- *.tmp\n")
+    (src / "data" / "c.tmp").write_bytes(b"t")
+    rules = ["--filter=dir-merge .discrepignore", "--exclude=/cache/", "--exclude", "*.o"]
+    res = _ok(replicate(sshd, str(src), str(dst), *rules))
+    assert res["bytes_transferred"] < 100000, res             # cache/blob never crossed
+    subprocess.run(["rsync", "-a", "--exclude=/.discrep/", *rules, f"{src}/", f"{want}/"], check=True)
+    assert helpers.tree_equal(want, dst) == [] and helpers.python_tree_diff(want, dst) == []
+    assert not (dst / "cache").exists() and not (dst / "data" / "b.o").exists()
+    cat = SourceCatalog(str(src / ".discrep"))
+    try:
+        spec = FilterSpec.from_record(cat.last_acked().info["filters"])
+    finally:
+        cat.close()
+    assert [r.pattern for r in spec.rules.rules] == [b".discrepignore", b"/cache/", b"*.o"]
+    # the next cycle (rules changed: newly included paths copied), then without rules the bad
+    # merge file is walked and read: the agent's error comes back
+    (src / "data" / "new.txt").write_bytes(b"n")
+    res = _ok(replicate(sshd, str(src), str(dst), "--filter=dir-merge .discrepignore", "--exclude=/cache/"))
+    assert (dst / "data" / "b.o").exists() and (dst / "data" / "new.txt").exists()
+    bad = replicate(sshd, str(src), str(dst), "--filter=dir-merge .discrepignore")
+    assert bad.returncode != 0 and "merge" in bad.stderr, bad.stderr
+    _no_leftovers(sshd)

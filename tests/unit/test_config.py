@@ -78,6 +78,11 @@ def test_next_run_every_and_cron():
     ({"bogus": 1, "jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m"}}}, "top level: unknown key 'bogus'"),
     ({}, "no jobs"),
     ({"jobs": {"a": 5}}, "must be a table"),
+    ({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m", "exclude": "*.o"}}}, "job 'a': exclude = '*.o'"),
+    ({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m", "include": ["", "x"]}}}, "job 'a': include"),
+    ({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m", "filter": ["merge x"]}}},
+     "job 'a': filter rules (filter)"),
+    ({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m", "delete_excluded": 1}}}, "delete_excluded = 1"),
 ])
 def test_bad_files_name_the_job_and_key(doc, fragment):
     with pytest.raises(ConfigError) as ei:
@@ -85,6 +90,33 @@ def test_bad_files_name_the_job_and_key(doc, fragment):
     text = str(ei.value)
     assert fragment in text and "/etc/x.toml" in text
     assert ei.value.exit_code == 3
+
+
+def test_filter_keys_feed_the_replica_options(tmp_path):
+    from discrep.protocol.filters import FilterRules
+    cfg = load(_write(tmp_path, """
+exclude = ["*.tmp"]
+
+[jobs.a]
+source = "/s"
+dest = "/d"
+every = "5m"
+exclude = ["*.o", "/cache/"]
+include = ["keep.o"]
+filter = ["dir-merge .discrepignore", "- *.bak"]
+delete_excluded = true
+
+[jobs.b]
+source = "/s2"
+dest = "/d2"
+every = "5m"
+"""))
+    a, b = cfg.jobs["a"].options.replica.filters, cfg.jobs["b"].options.replica.filters
+    # filter, then include, then exclude: the same FilterRules the CLI builds from those options in that order
+    want = FilterRules.parse([("--filter", "dir-merge .discrepignore"), ("--filter", "- *.bak"),
+                              ("--include", "keep.o"), ("--exclude", "*.o"), ("--exclude", "/cache/")])
+    assert a.rules == want and a.delete_excluded
+    assert b.rules == FilterRules.parse([("--exclude", "*.tmp")]) and not b.delete_excluded   # the default
 
 
 def test_all_problems_at_once():
