@@ -365,3 +365,39 @@ def test_filters_with_the_live_journal(work_dir: Path) -> None:
         assert not (dst / "logs/c.log").exists() and not (dst / "logs/a.log").exists()
     finally:
         _stop(w)
+
+
+def test_dry_run_honours_the_rules(work_dir: Path) -> None:
+    src, dst = work_dir / "src", work_dir / "dst"
+    src.mkdir()
+    _tree(src)
+    (src / MERGE).write_text("- readme\n")
+    rules = ["--exclude=/skip/", "--exclude=*.o", "--filter=dir-merge " + MERGE]
+    p = discrep("replicate", "-n", "--json", *rules, str(src), str(dst))
+    assert p.returncode == 0, p.stderr
+    planned = {line.split(" ", 1)[1].split(" (")[0] for line in json.loads(p.stdout)["items"]}
+    replicate(src, dst, rules)
+    made = {str(q.relative_to(dst)) for q in dst.rglob("*") if ".discrep" not in q.relative_to(dst).parts[:1]}
+    assert planned == made == {"keep", "keep/k.txt", "logs", "logs/a.log", "logs/b.log", MERGE}
+    # newly excluded, DEST keeps them (nothing to delete); with --delete-excluded they would go
+    more = rules + ["--exclude=*.log"]
+    p = discrep("replicate", "-n", "--json", *more, str(src), str(dst))
+    assert json.loads(p.stdout)["items"] == []
+    p = discrep("replicate", "-n", "--json", *more, "--delete-excluded", str(src), str(dst))
+    assert sorted(json.loads(p.stdout)["items"]) == ["*deleting   logs/a.log", "*deleting   logs/b.log"]
+
+
+def test_verify_compares_only_included_paths(work_dir: Path) -> None:
+    src, dst = work_dir / "src", work_dir / "dst"
+    src.mkdir()
+    _tree(src)
+    rules = ["--exclude=/skip/", "--exclude=*.o"]
+    replicate(src, dst)
+    replicate(src, dst, rules + ["--exclude=*.log"])           # the logs stay in DEST (protected)
+    (src / "skip/s.txt").write_bytes(b"changed, excluded")
+    (src / "top.o").write_bytes(b"changed, excluded")
+    assert discrep("verify", str(src), str(dst), *rules, "--exclude=*.log").returncode == 0
+    assert discrep("verify", str(src), str(dst)).returncode == 17
+    (src / "keep/k.txt").write_bytes(b"changed, included")
+    p = discrep("verify", str(src), str(dst), *rules, "--exclude=*.log")
+    assert p.returncode == 17 and "keep/k.txt" in p.stdout, (p.returncode, p.stdout)
