@@ -428,7 +428,7 @@ def test_filters_reach_the_agent(sshd: Sshd, work_dir: Path) -> None:
     rules = ["--filter=dir-merge .discrepignore", "--exclude=/cache/", "--exclude", "*.o"]
     res = _ok(replicate(sshd, str(src), str(dst), *rules))
     assert res["bytes_transferred"] < 100000, res             # cache/blob never crossed
-    subprocess.run(["rsync", "-a", "--exclude=/.discrep/", *rules, f"{src}/", f"{want}/"], check=True)
+    subprocess.run(["rsync", "-a", "--modify-window=-1", "--exclude=/.discrep/", *rules, f"{src}/", f"{want}/"], check=True)
     assert helpers.tree_equal(want, dst) == [] and helpers.python_tree_diff(want, dst) == []
     assert not (dst / "cache").exists() and not (dst / "data" / "b.o").exists()
     cat = SourceCatalog(str(src / ".discrep"))
@@ -444,4 +444,40 @@ def test_filters_reach_the_agent(sshd: Sshd, work_dir: Path) -> None:
     assert (dst / "data" / "b.o").exists() and (dst / "data" / "new.txt").exists()
     bad = replicate(sshd, str(src), str(dst), "--filter=dir-merge .discrepignore")
     assert bad.returncode != 0 and "merge" in bad.stderr, bad.stderr
+    _no_leftovers(sshd)
+
+
+def test_filters_in_one_session_of_cycles(sshd: Sshd, work_dir: Path, monkeypatch) -> None:
+    """Continuous mode's later cycles carry the rules in the in-session cycle command too."""
+    import tempfile
+    from discrep.core.errors import WarningList
+    from discrep.protocol.filters import FilterRules
+    from discrep.protocol.filterspec import FilterSpec
+    from discrep.replica.options import ReplicaOptions
+    from discrep.run.options import CycleOptions
+    from discrep.run.remote import RemoteSession
+    from discrep.transport.options import SshOptions
+    _need_fuse()
+    monkeypatch.setenv("TMPDIR", str(sshd.local_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    src, dst, want = work_dir / "src", work_dir / "dst", work_dir / "want"
+    (src / "skip").mkdir(parents=True)
+    (src / "skip" / "s").write_bytes(b"s")
+    (src / "k.txt").write_bytes(b"k")
+    spec = FilterSpec(FilterRules.parse([("--exclude", "/skip/"), ("--exclude", "*.o")]))
+    opts = CycleOptions(src=f"{ALIAS}:{src}", dest=str(dst), replica=ReplicaOptions(filters=spec),
+                        ssh=SshOptions(remote_discrep=REMOTE_DISCREP, ssh_config=str(sshd.client_config)))
+    session = RemoteSession(opts)
+    try:
+        assert session.cycle(WarningList())["cycle"] == 1
+        (src / "skip" / "t").write_bytes(b"t")
+        (src / "new.o").write_bytes(b"o")
+        (src / "new.txt").write_bytes(b"n")
+        res = session.cycle(WarningList())
+        assert res["cycle"] == 2 and res["session_cycle"] == 2, res
+    finally:
+        session.close()
+    rules = ["--exclude=/skip/", "--exclude=*.o"]
+    subprocess.run(["rsync", "-a", "--modify-window=-1", "--exclude=/.discrep/", *rules, f"{src}/", f"{want}/"], check=True)
+    assert helpers.tree_equal(want, dst) == [] and helpers.python_tree_diff(want, dst) == []
     _no_leftovers(sshd)
