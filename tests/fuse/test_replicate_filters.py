@@ -178,6 +178,44 @@ def test_replica_equals_rsync_with_the_same_rules(work_dir: Path, scenario) -> N
         shutil.rmtree(tmp)
 
 
+@st.composite
+def rule_changes(draw):
+    """A tree, two rule lists (each with or without --delete-excluded) and paths deleted in between."""
+    tree = draw(trees())
+    first, merges = draw(rule_lists(tree))
+    second, _ = draw(rule_lists(tree))
+    if any("dir-merge" in r for r in first) and not any("dir-merge" in r for r in second):
+        second = second + [f"--filter=dir-merge {MERGE}"]       # merge files stay files like any other
+    flags = [draw(st.booleans()), draw(st.booleans())]
+    gone = draw(st.lists(st.sampled_from(sorted(tree)), max_size=2))
+    return tree, merges, [first + (["--delete-excluded"] if flags[0] else []),
+                          second + (["--delete-excluded"] if flags[1] else [])], gone
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(rule_changes())
+def test_rule_change_equals_rsync_on_the_same_replica(work_dir: Path, case) -> None:
+    """Cycle 1 with rules A, some paths deleted on the source, cycle 2 with rules B: each cycle
+    equals rsync with the same rules run on a copy of DEST as it was before the cycle."""
+    tree, merges, (first, second), gone = case
+    tmp = Path(tempfile.mkdtemp(dir=work_dir))
+    try:
+        src, dst, oracle = tmp / "src", tmp / "dst", tmp / "oracle"
+        build(src, tree, merges)
+        replicate(src, dst)                                    # everything, then the rules come
+        cycle_vs_rsync(src, dst, oracle, first)
+        for rel in gone:
+            if (src / rel).is_dir():
+                shutil.rmtree(src / rel)
+            elif (src / rel).exists():
+                (src / rel).unlink()
+        cycle_vs_rsync(src, dst, oracle, second)
+    finally:
+        shutil.rmtree(tmp)
+
+
 # --------------------------------------------------------------------------- rule changes
 
 def _tree(src: Path) -> None:
