@@ -87,6 +87,9 @@ class SourceFilter:
         (the replica has them from before): they are sent as deletes."""
         for new in [n for n in cs.moves if not self.allowed(n)]:
             del cs.moves[new]
+        # a directory new to the catalog may have come from an excluded path with its contents
+        # (a rename that raced with needs_scan): its subtree is walked, as the rules select it
+        cs.expand |= {p for p in cs.fresh if self._is_dir(p)}
         cs.expand = {p for p in cs.expand if self.allowed(p)}
         gone: List[bytes] = []
         for p in sorted(cs.touched):
