@@ -19,7 +19,6 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from discrep.core.beneath import EscapeError, open_beneath
 from discrep.core.errors import UsageError
 from discrep.protocol.filters import MAX_JSON, MAX_RULE_FILE, FilterRules, MergeReader
 
@@ -66,6 +65,8 @@ def beneath_reader(root_fd: int) -> MergeReader:
     """A ``read_merge`` for the tree of directory fd ``root_fd``: a regular file's bytes; None when
     absent or reached through a symlink (never followed); b"" for another file type (rsync reads
     a directory as empty).  A file over MAX_RULE_FILE raises UsageError."""
+    from discrep.core.beneath import EscapeError, open_beneath   # (ctypes: not at CLI start-up)
+
     def read(dir_rel: bytes, name: bytes) -> Optional[bytes]:
         rel = dir_rel + b"/" + name if dir_rel else name
         try:
