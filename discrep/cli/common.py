@@ -7,14 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from discrep.core.errors import UsageError
-from discrep.protocol.filters import FilterRules
-from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.options import ReplicaOptions
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.transport.options import DEFAULT_TIMEOUT, TRANSPORTS, SshOptions
+
+if TYPE_CHECKING:
+    from discrep.protocol.filterspec import FilterSpec
 
 Progress = Callable[..., None]
 
@@ -98,8 +99,10 @@ def add_filter_args(sp: argparse.ArgumentParser, delete_excluded: bool = True) -
                             "are kept untouched); they count toward --max-delete")
 
 
-def filter_spec(a: argparse.Namespace) -> FilterSpec:
+def filter_spec(a: argparse.Namespace) -> "FilterSpec":
     """The filter options of ``a`` as one ``FilterSpec`` (rules in command-line order)."""
+    from discrep.protocol.filters import FilterRules
+    from discrep.protocol.filterspec import FilterSpec
     rules = FilterRules.parse(getattr(a, "filter_rules", None) or [])
     return FilterSpec(rules, bool(getattr(a, "delete_excluded", False)))
 

@@ -54,7 +54,7 @@ def _dry_run(opts: CycleOptions, unsupported: bool) -> Dict[str, Any]:
         raise UsageError("--dry-run works for a local SRC, once (not with --every or a remote SRC) for now")
     src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)
     check_pair(src, dest)
-    return dry_run(os.fsencode(src), os.fsencode(dest), opts.replica.filters).result()
+    return dry_run(os.fsencode(src), os.fsencode(dest), opts.replica.filter_spec()).result()
 
 
 def show(a: argparse.Namespace, res: Dict[str, Any]) -> None:

@@ -7,10 +7,11 @@ Thread-safety: immutable values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
-from discrep.protocol.filterspec import FilterSpec
+if TYPE_CHECKING:                          # (the rule engine is imported when a cycle needs it)
+    from discrep.protocol.filterspec import FilterSpec
 
 
 @dataclass(frozen=True)
@@ -24,4 +25,9 @@ class ReplicaOptions:
     max_delete_pct: Optional[float] = None  # ... or more than this percentage of the replica's entries
     checksum: bool = False                 # compare DEST's actual bytes, not the catalog's signatures
     dry_run: bool = False                  # say what the cycle would do; change nothing
-    filters: FilterSpec = field(default_factory=FilterSpec)   # rsync rules selecting what is replicated
+    filters: Optional["FilterSpec"] = None  # rsync rules selecting what is replicated (None: none)
+
+    def filter_spec(self) -> "FilterSpec":
+        """``filters``, or the empty spec (everything replicated, nothing deleted as excluded)."""
+        from discrep.protocol.filterspec import FilterSpec
+        return self.filters if self.filters is not None else FilterSpec()

@@ -185,7 +185,7 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
             f"the export is cycle {cycle} built on cycle {base}, but {os.fsdecode(dest)} is at cycle {last}",
             hint="run 'discrep replicate' (it rebuilds against the replica), or 'discrep reset SRC' for a "
                  "full comparison")
-    _check_filters(header, opts.filters)
+    _check_filters(header, opts.filter_spec())
     owners = OwnerMap(opts.numeric_ids)
     fresh = bool(header.get("full")) and last == 0 and holds_only_state(dest)
     streamed = stream is not None and fresh
@@ -195,7 +195,7 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
         reader.know_files({e.idx: e.path for e in entries if e.op == "file"})
         owners.map_entries(entries)
     _map_root_owner(header, owners)
-    prot = None if fresh else protection(dest, opts.filters)
+    prot = None if fresh else protection(dest, opts.filter_spec())
     try:
         if not streamed:
             check_max_delete(cat, dest, bool(header.get("full")), entries, opts,

@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from discrep.core.errors import UsageError
-from discrep.protocol.filters import MAX_RULES, FilterRules
-from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.options import ReplicaOptions
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.transport.options import TRANSPORTS, SshOptions
@@ -111,6 +109,9 @@ def _count(v: Any) -> int:
     return v
 
 
+MAX_RULES = 4096                          # (protocol.filters.MAX_RULES; imported only when rules are built)
+
+
 def _str_list(v: Any) -> List[str]:
     if not isinstance(v, list) or len(v) > MAX_RULES or \
             not all(isinstance(x, str) and x and "\0" not in x for x in v):
@@ -180,6 +181,8 @@ def _job(name: str, v: Dict[str, Any], where: str, problems: List[str]) -> Optio
         problems.append(f"{where}: needs 'every' (e.g. \"15m\") or 'schedule' (cron syntax)")
     if any(p.startswith(where + ":") for p in problems):
         return None
+    from discrep.protocol.filters import FilterRules
+    from discrep.protocol.filterspec import FilterSpec
     try:
         rules = FilterRules.parse([(k, r) for k in FILTER_KEYS for r in v.get(k, [])])
     except UsageError as e:

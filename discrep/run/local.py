@@ -91,11 +91,11 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
         raise FuseUnavailableError("/dev/fuse is missing")
     rcycle = prepare_dest(dest, force=opts.replica.force)
     cycles.settle_source(bsrc, rcycle)
-    rescan = prepare_filters(bsrc, opts.replica.filters)   # the rules changed: scan, or compare all
+    rescan = prepare_filters(bsrc, opts.replica.filter_spec())   # the rules changed: scan, or compare all
     if opts.replica.checksum and rcycle:
         cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
     built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings,
-                               force_scan=rescan, filters=opts.replica.filters)
+                               force_scan=rescan, filters=opts.replica.filter_spec())
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
         view = make_view(bsrc, built.cycle)

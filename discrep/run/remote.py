@@ -244,7 +244,7 @@ class RemoteSession:
 
     def _start_cycle(self, rcycle: int, stream: bool, totals: bool) -> Union[Segment, Built]:
         """Have the agent build the next cycle: its first segment (streamed) or ``built``."""
-        spec = self.opts.replica.filters
+        spec = self.opts.replica.filter_spec()
         # rules travel in the cycle command (validated and bounded there), never on a command line
         plain = not spec.active and not spec.delete_excluded
         opened = self.agent is None

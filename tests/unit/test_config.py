@@ -111,12 +111,15 @@ source = "/s2"
 dest = "/d2"
 every = "5m"
 """))
-    a, b = cfg.jobs["a"].options.replica.filters, cfg.jobs["b"].options.replica.filters
+    a, b = cfg.jobs["a"].options.replica.filter_spec(), cfg.jobs["b"].options.replica.filter_spec()
     # filter, then include, then exclude: the same FilterRules the CLI builds from those options in that order
     want = FilterRules.parse([("--filter", "dir-merge .discrepignore"), ("--filter", "- *.bak"),
                               ("--include", "keep.o"), ("--exclude", "*.o"), ("--exclude", "/cache/")])
     assert a.rules == want and a.delete_excluded
     assert b.rules == FilterRules.parse([("--exclude", "*.tmp")]) and not b.delete_excluded   # the default
+    from discrep.protocol import filters
+    from discrep.run import config
+    assert config.MAX_RULES == filters.MAX_RULES
 
 
 def test_all_problems_at_once():
