@@ -5,7 +5,9 @@ replica runs one agent per cycle and talks to it in JSON lines (the messages are
 protocol.agent_messages; the names below are their wire names):
 
     agent -> hello {state_dir: ".../SRC/.discrep", dir: ".../export.XXXX"}
-    (with --replica-cycle R, or on replica -> cycle {replica_cycle: R}:)
+    (with --replica-cycle R, or on replica -> cycle {replica_cycle: R, filters: RULES-JSON,
+    delete_excluded: B}: a replica with filter rules always sends them this way, and the agent
+    bounds and validates them (protocol.filterspec) before the build applies them:)
     agent -> seg {seg: S, packs: K, dir: ...}  (only for a streamed cycle: --stream /
               "stream": true; manifest segment S and packs < K are on disk; seg 0 also carries
               the cycle header, the snapshot path and totals -- unless --no-totals /
