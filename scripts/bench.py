@@ -213,13 +213,13 @@ CASES: Dict[str, "Case"] = {}
 
 class Case:
     def __init__(self, key: str, title: str, fn: Callable, delay_ms: float = 0.0, loop_gb: int = 0,
-                 bwlimit: str = ""):
+                 bwlimit: bool = False):
         self.key, self.title, self.fn, self.delay_ms = key, title, fn, delay_ms
         self.loop_gb = loop_gb   # > 0: the case's trees live on a loop-mounted ext4 of that size
-        self.bwlimit = bwlimit   # both tools get --bwlimit=this (rsync's syntax); the row reports max 5-s rates
+        self.bwlimit = bwlimit   # both tools get --bwlimit=BWLIMIT; the row reports their max 5-s rates
 
 
-def case(key: str, title: str, *, delay_ms: float = 0.0, loop_gb: int = 0, bwlimit: str = ""):
+def case(key: str, title: str, *, delay_ms: float = 0.0, loop_gb: int = 0, bwlimit: bool = False):
     def deco(fn):
         CASES[key] = Case(key, title, fn, delay_ms, loop_gb, bwlimit)
         return fn
@@ -376,17 +376,26 @@ def case_h(ctx: Ctx) -> None:
     case_c(ctx)
 
 
-BWLIMIT = "2M"
-BWLIMIT_BPS = 2 << 20
+BWLIMIT = {"rate": "2M"}      # --bwlimit RATE of the bench (rsync's syntax; both tools get it in rows l, L)
 
 
-@case("l", f"--bwlimit {BWLIMIT}: first copy of 32 MiB (a file and 1 000 small ones)", bwlimit=BWLIMIT)
+def _rate_bps(text: str) -> int:
+    """rsync's --bwlimit syntax in bytes/s (K/M/G powers of 1024, KB/MB/GB of 1000, bare = KiB/s)."""
+    import re
+    m = re.match(r"^(\d+(?:\.\d+)?)([KMG]?)(B?)$", text.strip(), re.I)
+    if not m:
+        raise ValueError(f"bad rate {text!r}")
+    base = 1000 if m.group(3) else 1024
+    return int(float(m.group(1)) * base ** {"": 1, "K": 1, "M": 2, "G": 3}[m.group(2).upper()])
+
+
+@case("l", "--bwlimit: first copy of 32 MiB (a file and 1 000 small ones)", bwlimit=True)
 def case_l(ctx: Ctx) -> None:
     _big_file(ctx.src / "big.bin", (16 if ctx.quick else 32) << 20)
     _small_files(ctx, 1000)
 
 
-@case("L", f"--bwlimit {BWLIMIT}: case c's 100 overwrites in a 256 MiB file, incremental", bwlimit=BWLIMIT)
+@case("L", "--bwlimit: case c's 100 overwrites in a 256 MiB file, incremental", bwlimit=True)
 def case_big_l(ctx: Ctx) -> None:
     _big_file(ctx.src / "img", 256 << 20)
     ctx.initial()
@@ -477,7 +486,7 @@ def loop_ext4(size_gb: int):
 
 def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
     root = Path(tempfile.mkdtemp(prefix=f"case-{c.key}-", dir=base))
-    runner = Runner(sshd, c.delay_ms, c.bwlimit)
+    runner = Runner(sshd, c.delay_ms, BWLIMIT["rate"] if c.bwlimit else "")
     try:
         ctx = Ctx(root, quick, runner)
         c.fn(ctx)
@@ -493,7 +502,7 @@ def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
                 "wire_ratio": round(d["wire"] / r["wire"], 2) if r["wire"] else None,
                 "discrep_identical": ok_d, "rsync_identical": ok_r, "transport": d["res"].get("transport"),
                 "history_written": d["res"].get("history_bytes"), "history_kept": hist_kept,
-                **(_rate_fields(c.bwlimit, d, r) if c.bwlimit else {})}
+                **(_rate_fields(BWLIMIT["rate"], d, r) if c.bwlimit else {})}
     finally:
         for fn in reversed(getattr(locals().get("ctx"), "cleanups", [])):
             fn()
@@ -503,12 +512,9 @@ def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
 
 def _rate_fields(bwlimit: str, d: Dict, r: Dict) -> Dict:
     """A --bwlimit row: each tool's highest 5-s mean rate on the wire (both directions), vs the limit."""
-    limit = BWLIMIT_BPS if bwlimit == BWLIMIT else None
-    out: Dict = {"bwlimit": bwlimit, "discrep_max5s_Bps": round(d["max5"]), "rsync_max5s_Bps": round(r["max5"])}
-    if limit:
-        out["discrep_max5s_vs_limit"] = round(d["max5"] / limit, 3)
-        out["rsync_max5s_vs_limit"] = round(r["max5"] / limit, 3)
-    return out
+    limit = _rate_bps(bwlimit)
+    return {"bwlimit": bwlimit, "discrep_max5s_Bps": round(d["max5"]), "rsync_max5s_Bps": round(r["max5"]),
+            "discrep_max5s_vs_limit": round(d["max5"] / limit, 3), "rsync_max5s_vs_limit": round(r["max5"] / limit, 3)}
 
 
 def _history_kept(dst: Path, cycle) -> Optional[int]:
@@ -586,12 +592,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--cases", default="a,b,c,d,e", help=f"comma-separated, from {','.join(CASES)} (default a-e)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ap.add_argument("--tmpfs-size", default="12g")
+    ap.add_argument("--bwlimit", default=BWLIMIT["rate"], metavar="RATE",
+                    help="the limit both tools get in the --bwlimit rows l and L (default %(default)s)")
     ap.add_argument("--sig", action="store_true", help="also measure source-side signature throughput")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (tmpfs mount, sshd, FUSE)", file=sys.stderr)
         return 2
     keys = [k.strip() for k in a.cases.split(",") if k.strip()]
+    BWLIMIT["rate"] = a.bwlimit
+    _rate_bps(a.bwlimit)
     for k in keys:
         if k not in CASES:
             print(f"bench: unknown case {k!r}", file=sys.stderr)

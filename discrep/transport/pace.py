@@ -26,8 +26,9 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)([iI]?[bB]?)\s*$")
 MIN_RATE = 1024                 # 1 KiB/s: below this the SSH keepalives alone would not fit
 BURST_S = 0.05                  # the bucket holds at most this many seconds of rate
 WINDOW_S = 0.2                  # an SSH channel window under a limit: this many seconds of rate
-MIN_WINDOW = 64 * 1024
-PACED_MAX_PACKET = 32 * 1024
+MIN_WINDOW = 16 * 1024         # at very low rates what a peer may have in flight stays well under --timeout
+MAX_PACKET = 32 * 1024
+MIN_PACKET = 4 * 1024
 
 
 def parse_rate(text: str) -> int:
@@ -49,6 +50,11 @@ def parse_rate(text: str) -> int:
 def window_for(rate: int) -> int:
     """The SSH channel window under a limit of ``rate`` bytes/s (what the peer may send ahead)."""
     return max(MIN_WINDOW, int(rate * WINDOW_S))
+
+
+def max_packet_for(rate: int) -> int:
+    """The largest SSH packet we accept under a limit: at most half a window."""
+    return max(MIN_PACKET, min(MAX_PACKET, window_for(rate) // 2))
 
 
 class TokenBucket:

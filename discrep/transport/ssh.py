@@ -178,9 +178,9 @@ class _Policy:
         self.bucket = None
         self.window, self.max_packet = WINDOW, MAX_PACKET
         if self.bwlimit:
-            from discrep.transport.pace import PACED_MAX_PACKET, TokenBucket, window_for
+            from discrep.transport.pace import TokenBucket, max_packet_for, window_for
             self.bucket = TokenBucket(self.bwlimit)
-            self.window, self.max_packet = window_for(self.bwlimit), PACED_MAX_PACKET
+            self.window, self.max_packet = window_for(self.bwlimit), max_packet_for(self.bwlimit)
 
     def missing_host_key(self, client, hostname, key) -> None:
         cfg = self.cfg
@@ -229,9 +229,9 @@ class Connection:
         self.bucket = None
         self.window, self.max_packet = WINDOW, MAX_PACKET
         if self.bwlimit:
-            from discrep.transport.pace import PACED_MAX_PACKET, TokenBucket, window_for
+            from discrep.transport.pace import TokenBucket, max_packet_for, window_for
             self.bucket = TokenBucket(self.bwlimit)
-            self.window, self.max_packet = window_for(self.bwlimit), PACED_MAX_PACKET
+            self.window, self.max_packet = window_for(self.bwlimit), max_packet_for(self.bwlimit)
         self.client = None
         self._closed = False
         self._lock = threading.Lock()

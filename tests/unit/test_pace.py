@@ -64,6 +64,7 @@ def test_bucket_never_runs_ahead_of_rate_plus_burst(rate, sizes):
 def test_windows_are_small_under_a_limit():
     assert window_for(2 << 20) == int((2 << 20) * pace.WINDOW_S)
     assert window_for(10 * 1024) == pace.MIN_WINDOW
+    assert pace.max_packet_for(1024) == pace.MIN_WINDOW // 2 and pace.max_packet_for(1 << 30) == pace.MAX_PACKET
 
 
 def test_paced_socket_moves_every_byte_and_charges_both_directions():
