@@ -423,7 +423,7 @@ class Runner:
     def run_discrep(self, ctx: Ctx) -> Dict:
         dst = ctx.root / "dst-discrep"
         self.proxy.reset()
-        t = time.monotonic()
+        t, cpu = time.monotonic(), _children_cpu()
         r = subprocess.run([DISCREP, "replicate", "--json", "-q", "-F", str(self.cfg), "--remote-discrep", DISCREP,
                             *(self.extra if self.timed else []), f"{ALIAS}:{ctx.src}", str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=dict(os.environ, TMPDIR=str(ctx.root)))
@@ -432,12 +432,12 @@ class Runner:
         if r.returncode not in (0, 1):
             raise RuntimeError(f"discrep failed ({r.returncode}): {r.stderr.strip()}")
         return {"wall": wall, "wire": self.proxy.total, "res": json.loads(r.stdout.strip().splitlines()[-1]),
-                "max5": self.proxy.max_rate(5.0)}
+                "max5": self.proxy.max_rate(5.0), "cpu": _children_cpu() - cpu}
 
     def run_rsync(self, ctx: Ctx) -> Dict:
         dst = ctx.root / "dst-rsync"
         self.proxy.reset()
-        t = time.monotonic()
+        t, cpu = time.monotonic(), _children_cpu()
         r = subprocess.run(["rsync", "-aHAXS", "--delete", "--exclude=/.discrep/", "-e", f"ssh -F {self.cfg}",
                             *(self.extra if self.timed else []), f"{ALIAS}:{ctx.src}/", f"{dst}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
@@ -445,7 +445,15 @@ class Runner:
         time.sleep(0.05)
         if r.returncode != 0:
             raise RuntimeError(f"rsync failed ({r.returncode}): {r.stderr.strip()}")
-        return {"wall": wall, "wire": self.proxy.total, "max5": self.proxy.max_rate(5.0)}
+        return {"wall": wall, "wire": self.proxy.total, "max5": self.proxy.max_rate(5.0), "cpu": _children_cpu() - cpu}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the reaped child processes: a tool's local side (discrep with its
+    sshfs and ssh children; rsync with its ssh), beside wall time on a shared machine."""
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def identical(src: Path, dst: Path) -> bool:
@@ -501,6 +509,8 @@ def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
                 "discrep_wire": d["wire"], "rsync_wire": r["wire"],
                 "wire_ratio": round(d["wire"] / r["wire"], 2) if r["wire"] else None,
                 "discrep_identical": ok_d, "rsync_identical": ok_r, "transport": d["res"].get("transport"),
+                "connections": d["res"].get("connections"),
+                "discrep_local_cpu_s": round(d["cpu"], 2), "rsync_local_cpu_s": round(r["cpu"], 2),
                 "history_written": d["res"].get("history_bytes"), "history_kept": hist_kept,
                 **(_rate_fields(BWLIMIT["rate"], d, r) if c.bwlimit else {})}
     finally:

@@ -6,7 +6,10 @@ in a ``RemoteSession``:
 1. the source agent starts on an exec channel (transport.agent_client.AgentClient,
    source.agent) and says ``hello`` with the source's state directory and its export
    parent directory; the local sshfs mount of ``SRC/.discrep`` starts right away in a
-   helper thread, so its ssh handshake overlaps the snapshot (sshfs transport only);
+   helper thread (sshfs transport only): ``sshfs -o passive`` on a second channel of the
+   same connection, served by the source's ``sftp`` subsystem (transport.passive), or, when
+   the installed sshfs has no passive mode, sshfs's own ssh connection (its handshake
+   overlaps the snapshot);
 2. the agent settles the source against the replica's last committed cycle R and
    builds cycle N > R (``built``), then mounts its FUSE export (``ready``) -- or, for a
    streamed first copy, announces manifest segments as it builds them (``seg``,
@@ -15,6 +18,10 @@ in a ``RemoteSession``:
    straight from the snapshot) or through ``SftpReader`` on the same paramiko
    connection, and ``replica.sync`` patches DEST;
 4. ``ack`` N to the agent, which unmounts its export and acknowledges the cycle.
+
+``--bwlimit`` paces the one connection (transport.pace under transport.ssh.Connection);
+with a two-connection sshfs it is refused for ``--transport sshfs`` and ``auto`` reads
+through the SFTP reader instead.
 
 In continuous mode the session (connection, agent, sshfs mount) stays up between
 cycles.  On any failure, Ctrl-C or a dropped connection the session is closed

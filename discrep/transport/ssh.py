@@ -6,7 +6,10 @@ IdentitiesOnly, UserKnownHostsFile, GlobalKnownHostsFile, StrictHostKeyChecking,
 ProxyCommand, ProxyJump, ConnectTimeout, ServerAliveInterval) and returns a
 ``HostConfig``.  ``Connection(cfg)`` opens ONE paramiko client for it; every
 remote command of a cycle runs as an exec channel on that client
-(``run``/``start``), and the SFTP reader opens its subsystem on it too.
+(``run``/``start``), and the SFTP reader and passive sshfs (transport.passive) open its
+``sftp`` subsystem on it too.  ``Connection(cfg, bwlimit=B)`` paces every byte of the
+connection, both directions together, through one token bucket (transport.pace) under the
+paramiko transport, with channel windows of a fraction of a second of the rate.
 
 Host keys are verified against the known_hosts files of the configuration.  An
 unknown key is refused with ``HostKeyError`` unless StrictHostKeyChecking is

@@ -155,3 +155,21 @@ def test_bwlimit_first_copy_and_incremental(sshd: Sshd, work_dir: Path) -> None:
         _nothing_left(sshd)
     finally:
         fwd.close()
+
+
+def test_bwlimit_through_a_proxy_command(sshd: Sshd, work_dir: Path) -> None:
+    """The pacing wraps whatever paramiko talks through: a ProxyCommand (``ssh -W``) here, with passive
+    sshfs on the limited connection."""
+    _need_sshfs()
+    cfg = work_dir / "proxy_config"
+    cfg.write_text(sshd.client_config.read_text().replace(f"Host {ALIAS}\n", "Host direct\n")
+                   + f"\nHost {ALIAS}\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
+                   f"  IdentityFile {sshd.user_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {sshd.known_hosts}\n"
+                   f"  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n"
+                   f"  ProxyCommand ssh -F {cfg} -W %h:%p direct 2>/dev/null\n")
+    src, dst = work_dir / "src", work_dir / "dst"
+    helpers.make_sample_tree(src)
+    res = _ok(_run(cfg, sshd, src, dst, "--bwlimit", "8M"))
+    assert res["transport"] == "sshfs" and res["connections"] == 1 and res["bwlimit"] == 8 << 20
+    assert helpers.tree_equal(src, dst) == []
+    _nothing_left(sshd)
