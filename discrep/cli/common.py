@@ -13,6 +13,7 @@ from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.transport.options import DEFAULT_TIMEOUT, TRANSPORTS, SshOptions
+from discrep.transport.pace import parse_rate
 
 Progress = Callable[..., None]
 
@@ -102,6 +103,16 @@ def add_ssh_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="fail the cycle (exit 11) when a connection to the source makes no progress for this "
                         f"long (like rsync's --timeout; default {DEFAULT_TIMEOUT:.0f})")
+    g.add_argument("--bwlimit", type=_rate, default=0, metavar="RATE",
+                   help="limit the SSH connection to RATE KiB/s, both directions and every byte together "
+                        "(like rsync's --bwlimit: K, M, G suffixes; 0 = no limit)")
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seconds(text: str) -> float:
@@ -114,7 +125,7 @@ def _seconds(text: str) -> float:
 def cycle_options(a: argparse.Namespace) -> CycleOptions:
     return CycleOptions(src=a.src, dest=a.dest, snapshot=a.snapshot, replica=replica_options(a),
                         ssh=SshOptions(remote_discrep=a.remote_discrep, ssh_config=a.ssh_config,
-                                       transport=a.transport, timeout=a.timeout),
+                                       transport=a.transport, timeout=a.timeout, bwlimit=a.bwlimit),
                         every=a.every)
 
 

@@ -28,7 +28,7 @@ example jobs file:
   schedule = "0 * * * *"             # cron syntax instead of 'every'
   keep_within = "7d"
 
-job keys: source, dest, every | schedule, rpo, snapshot, transport, ssh_config, remote_discrep,
+job keys: source, dest, every | schedule, rpo, snapshot, transport, ssh_config, remote_discrep, bwlimit,
 keep_last, keep_within, numeric_ids.  top level only: metrics_listen, max_concurrent."""
 
 

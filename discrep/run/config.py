@@ -34,6 +34,7 @@ from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.transport.options import TRANSPORTS, SshOptions
+from discrep.transport.pace import parse_rate
 
 DEFAULT_PATH = "/etc/discrep/discrep.toml"
 MAX_JOBS = 1000
@@ -120,6 +121,15 @@ def _cron(v: Any) -> str:
     return v
 
 
+def _rate(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError('a rate like rsync\'s --bwlimit: KiB/s (500) or "2M"')
+    try:
+        return parse_rate(str(v))
+    except ValueError:
+        raise ValueError('a rate like rsync\'s --bwlimit: KiB/s (500) or "2M"') from None
+
+
 def _listen(v: Any) -> Tuple[str, int]:
     if not isinstance(v, str) or ":" not in v:
         raise ValueError('"HOST:PORT", e.g. "127.0.0.1:9811"')
@@ -134,7 +144,7 @@ JOB_KEYS: Dict[str, Callable[[Any], Any]] = {
     "source": _str, "dest": _str,
     "every": _duration, "schedule": _cron, "rpo": _duration,
     "snapshot": _choice(SNAPSHOT_KINDS), "transport": _choice(TRANSPORTS),
-    "ssh_config": _str, "remote_discrep": _str,
+    "ssh_config": _str, "remote_discrep": _str, "bwlimit": _rate,
     "keep_last": _count, "keep_within": _duration, "numeric_ids": _bool,
 }
 TOP_KEYS: Dict[str, Callable[[Any], Any]] = {"metrics_listen": _listen, "max_concurrent": _count}
@@ -168,7 +178,7 @@ def _job(name: str, v: Dict[str, Any], where: str, problems: List[str]) -> Optio
     replica = ReplicaOptions(keep_last=v.get("keep_last", 10), keep_within_s=v.get("keep_within"),
                              numeric_ids=v.get("numeric_ids", False))
     ssh = SshOptions(remote_discrep=v.get("remote_discrep", "discrep"), ssh_config=v.get("ssh_config"),
-                     transport=v.get("transport", "auto"))
+                     transport=v.get("transport", "auto"), bwlimit=v.get("bwlimit", 0))
     opts = CycleOptions(src=v["source"], dest=v["dest"], snapshot=v.get("snapshot", "auto"),
                         replica=replica, ssh=ssh)
     return Job(name=name, options=opts, every_s=v.get("every"), schedule=v.get("schedule"),

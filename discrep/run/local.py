@@ -81,6 +81,8 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
     t0 = time.monotonic()
     src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)
     check_pair(src, dest)
+    if opts.ssh.bwlimit:
+        log.info("--bwlimit paces SSH connections: a local cycle has no wire and is not limited")
     bsrc, bdest = os.fsencode(src), os.fsencode(dest)
     try:
         fuse_export.load_fuse()
