@@ -24,6 +24,7 @@ from discrep.core.statedir import StateDir
 from discrep.core.walk import walk
 from discrep.replica.catalog import CatalogRow, ReplicaCatalog
 from discrep.replica.history import available, clone_replica, hist_dir, restore, size_of
+from discrep.replica.versions import find_versions
 from discrep.replica.sync import apply_retention, open_catalog, recover, replica_lock, state_path
 
 
@@ -72,6 +73,34 @@ def restore_point(dest: str, cycle: int, to: str, path: Optional[str]) -> None:
             restore(bdest, state_path(cat), cycle, committed, os.fsencode(os.path.abspath(to)), sub, clone_replica)
         finally:
             cat.close()
+
+
+def find_points(dest: str, pattern: str) -> Dict[str, Any]:
+    """Every restorable recovery point's version of the entries matching ``pattern`` (rsync syntax),
+    replayed from DEST's history (``replica.versions``); the points looked at and those too old."""
+    bdest = os.fsencode(os.path.abspath(dest))
+    _require_replica(dest)
+    with replica_lock(bdest):
+        cat = open_catalog(bdest)
+        try:
+            if cat.applying() is not None:
+                raise UsageError(f"{dest} holds an interrupted cycle", hint=f"run 'discrep recover {dest}' first")
+            hist = {h.cycle: h for h in cat.history()}
+            versions, seen = find_versions(bdest, state_path(cat), sorted(hist), pattern)
+        finally:
+            cat.close()
+    out = []
+    for v in versions:
+        h = hist[v.cycle]
+        out.append({"cycle": v.cycle, "source_time": _when(h.source_time_ns), "path": os.fsdecode(v.path),
+                    "type": v.kind, "size": v.size, "mode": f"{v.mode:04o}", "mtime": _when(v.mtime_ns),
+                    "digest": v.digest, "app_consistent": bool(h.stats.get("app_consistent"))})
+    return {"pattern": pattern, "versions": out, "points": sorted(seen),
+            "not_restorable": sorted(c for c in hist if c not in seen)}
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
 
 
 def prune_points(dest: str, keep_last: int, keep_within_s: Optional[float]) -> List[int]:
