@@ -15,7 +15,8 @@ DESCRIPTION = ("Replay DEST's history and list, for every recovery point that ca
                "source). PATTERN is an rsync pattern, as --exclude takes it: '*.db' matches the name at any "
                "depth, '/etc/app.conf' is anchored at the tree's top, 'logs/**' matches everything below a "
                "'logs' directory. In the text output '*' marks a point where that path's content or type "
-               "differs from the point before; 'app' marks application-consistent points.")
+               "differs from the point before; 'app' marks application-consistent points ('crf': its pre_snapshot "
+               "hook failed and a crash-consistent point was taken).")
 
 
 def register(sp: argparse.ArgumentParser) -> None:
@@ -45,11 +46,14 @@ def _show(res: Dict[str, Any]) -> None:
             gap = last_cycle is not None and res["points"].index(v["cycle"]) != res["points"].index(last_cycle) + 1
             changed = prev is None or gap or (v["type"], v["digest"]) != (prev["type"], prev["digest"])
             print(f"  {'*' if changed else ' '} cycle {v['cycle']:>5}  {v['source_time']}  "
-                  f"{'app' if v['app_consistent'] else '   '}  {v['type']:<7} {v['size']:>12}  {v['mode']}  "
+                  f"{_CONS.get(v['consistency'], '   ')}  {v['type']:<7} {v['size']:>12}  {v['mode']}  "
                   f"{(v['digest'] or '-')[:16]}")
             prev, last_cycle = v, v["cycle"]
     if res["not_restorable"]:
         print(f"(cycles {_span(res['not_restorable'])} are not shown: their history was pruned)")
+
+
+_CONS = {"app": "app", "crash-fallback": "crf"}
 
 
 def _span(cycles: List[int]) -> str:

@@ -58,7 +58,7 @@ def result_fields(stats: SyncStats) -> dict:
             "dirs_created": stats.dirs, "symlinks": stats.symlinks,
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
             "history_bytes": stats.history_bytes, "streamed": stats.streamed,
-            "worker_segments": stats.worker_segments}
+            "worker_segments": stats.worker_segments, "consistency": stats.consistency}
 
 
 def holds_only_state(dest) -> bool:
@@ -253,6 +253,8 @@ def _commit(ap: Applier, reader: Reader, header: Dict[str, Any], t0: float) -> N
     stats = ap.stats
     stats.bytes_transferred = reader.bytes_read
     stats.duration_s = time.monotonic() - t0
+    c = header.get("consistency")
+    stats.consistency = c if c in ("app", "crash-fallback") else ""      # a claim of the source, checked
     ap.cat.commit(stats.cycle, full=bool(header.get("full")), moves=ap.moves.pairs, deletes=ap.deleted,
                   rows=ap.rows, stats=asdict(stats))
     sid = header.get("source_id")

@@ -53,6 +53,7 @@ def list_points(dest: str) -> Tuple[List[Dict[str, Any]], Optional[int]]:
                         "files_changed": st.get("files_changed"),
                         "bytes_transferred": st.get("bytes_transferred"), "bytes_written": st.get("bytes_written"),
                         "history_bytes": size_of(hist_dir(state, c)) if c in have else 0,
+                        "consistency": _consistency(st),
                         "restorable": restorable})
     finally:
         cat.close()
@@ -94,9 +95,16 @@ def find_points(dest: str, pattern: str) -> Dict[str, Any]:
         h = hist[v.cycle]
         out.append({"cycle": v.cycle, "source_time": _when(h.source_time_ns), "path": os.fsdecode(v.path),
                     "type": v.kind, "size": v.size, "mode": f"{v.mode:04o}", "mtime": _when(v.mtime_ns),
-                    "digest": v.digest, "app_consistent": bool(h.stats.get("app_consistent"))})
+                    "digest": v.digest, "consistency": _consistency(h.stats)})
     return {"pattern": pattern, "versions": out, "points": sorted(seen),
             "not_restorable": sorted(c for c in hist if c not in seen)}
+
+
+def _consistency(stats: Dict[str, Any]) -> str:
+    """"app" (the source's pre_snapshot hook succeeded), "crash-fallback" (it failed; the point was
+    taken anyway) or "crash" (no hook)."""
+    c = stats.get("consistency")
+    return c if c in ("app", "crash-fallback") else "crash"
 
 
 def _when(ns: int) -> str:
