@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
+from discrep.replica.retention import GridRule, parse_grid
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.source.options import DEFAULT_HOOK_TIMEOUT, HOOK_FAILURES, MAX_HOOK_TIMEOUT, HookOptions
 from discrep.transport.options import DEFAULT_TIMEOUT, TRANSPORTS, SshOptions, is_remote
@@ -63,12 +64,21 @@ def add_replica_args(sp: argparse.ArgumentParser, force_help: str) -> None:
 def add_keep_args(sp: argparse.ArgumentParser, last_help: str, within_help: str) -> None:
     sp.add_argument("--keep-last", type=int, default=10, metavar="N", help=last_help)
     sp.add_argument("--keep-within", metavar="DURATION", help=within_help)
+    sp.add_argument("--keep", metavar="GRID",
+                    help='also keep the newest point of each period: "24x1h, 30x1d, 12x30d" (the last 24 hours, '
+                         '30 days, 12 thirty-day periods; units m, h, d, w)')
+
+
+def keep_grid(a: argparse.Namespace) -> Tuple[GridRule, ...]:
+    text = getattr(a, "keep", None)
+    return parse_grid(text) if text else ()
 
 
 def replica_options(a: argparse.Namespace) -> ReplicaOptions:
     count, pct = parse_max_delete(getattr(a, "max_delete", None))
     return ReplicaOptions(keep_last=a.keep_last,
                           keep_within_s=parse_duration(a.keep_within) if a.keep_within else None,
+                          keep_grid=keep_grid(a),
                           numeric_ids=a.numeric_ids, force=a.force, max_delete=count, max_delete_pct=pct,
                           checksum=bool(getattr(a, "checksum", False)), dry_run=bool(getattr(a, "dry_run", False)))
 

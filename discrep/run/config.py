@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
+from discrep.replica.retention import GridRule, parse_grid
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
 from discrep.source.options import DEFAULT_HOOK_TIMEOUT, HOOK_FAILURES, MAX_HOOK_TIMEOUT, HookOptions
 from discrep.transport.options import TRANSPORTS, SshOptions, is_remote
@@ -130,6 +131,15 @@ def _listen(v: Any) -> Tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _grid(v: Any) -> Tuple[GridRule, ...]:
+    if not isinstance(v, str):
+        raise ValueError('a grid such as "24x1h, 30x1d, 12x30d"')
+    try:
+        return parse_grid(v)
+    except UsageError as e:
+        raise ValueError(f'a grid such as "24x1h, 30x1d, 12x30d" ({e})') from None
+
+
 def _hook_timeout(v: Any) -> float:
     s = _duration(v)
     if s > MAX_HOOK_TIMEOUT:
@@ -157,7 +167,7 @@ JOB_KEYS: Dict[str, Callable[[Any], Any]] = {
     "snapshot": _choice(SNAPSHOT_KINDS), "transport": _choice(TRANSPORTS),
     "ssh_config": _str, "remote_discrep": _str,
     "keep_last": _count, "keep_within": _duration, "numeric_ids": _bool,
-    "pre_snapshot": _str, "post_snapshot": _str, "hook_timeout": _hook_timeout,
+    "keep": _grid, "pre_snapshot": _str, "post_snapshot": _str, "hook_timeout": _hook_timeout,
     "hook_failure": _choice(HOOK_FAILURES),
 }
 TOP_KEYS: Dict[str, Callable[[Any], Any]] = {"metrics_listen": _listen, "max_concurrent": _count}
@@ -189,7 +199,7 @@ def _job(name: str, v: Dict[str, Any], where: str, problems: List[str]) -> Optio
     if any(p.startswith(where + ":") for p in problems):
         return None
     replica = ReplicaOptions(keep_last=v.get("keep_last", 10), keep_within_s=v.get("keep_within"),
-                             numeric_ids=v.get("numeric_ids", False))
+                             numeric_ids=v.get("numeric_ids", False), keep_grid=v.get("keep", ()))
     ssh = SshOptions(remote_discrep=v.get("remote_discrep", "discrep"), ssh_config=v.get("ssh_config"),
                      transport=v.get("transport", "auto"))
     hooks = _hooks(v, where, problems)

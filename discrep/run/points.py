@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import stat as statmod
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import blockdiff
 
@@ -25,7 +25,10 @@ from discrep.core.walk import walk
 from discrep.replica.catalog import CatalogRow, ReplicaCatalog
 from discrep.replica.history import available, clone_replica, hist_dir, restore, size_of
 from discrep.replica.versions import find_versions
-from discrep.replica.sync import apply_retention, open_catalog, recover, replica_lock, state_path
+from discrep.replica import retention
+from discrep.replica.retention import GridRule
+from discrep.replica.sync import (apply_retention, open_catalog, recover, replica_lock, retention_points,
+                                  state_path)
 
 
 def _require_replica(dest: str) -> str:
@@ -111,15 +114,37 @@ def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
 
 
-def prune_points(dest: str, keep_last: int, keep_within_s: Optional[float]) -> List[int]:
+def prune_points(dest: str, keep_last: int, keep_within_s: Optional[float],
+                 grid: Sequence[GridRule] = ()) -> List[int]:
     """Drop history no kept recovery point needs; the cycles whose history went."""
     bdest = os.fsencode(os.path.abspath(dest))
     with replica_lock(bdest):
         cat = open_catalog(bdest)
         try:
-            return apply_retention(bdest, cat, keep_last, keep_within_s)
+            return apply_retention(bdest, cat, keep_last, keep_within_s, grid)
         finally:
             cat.close()
+
+
+def prune_plan(dest: str, keep_last: int, keep_within_s: Optional[float],
+               grid: Sequence[GridRule] = ()) -> List[Dict[str, Any]]:
+    """What ``prune_points`` would do, changing nothing: every recovery point, oldest first, kept or
+    dropped and the rules that keep it (``replica.retention``)."""
+    _require_replica(dest)
+    cat = open_catalog(os.fsencode(os.path.abspath(dest)))
+    try:
+        hist = cat.history()
+        points = retention_points(hist, available(state_path(cat)))
+    finally:
+        cat.close()
+    decided = {d.cycle: d for d in retention.plan(points, time.time_ns(), keep_last, keep_within_s, grid)}
+    out = []
+    for h in hist:
+        d = decided.get(h.cycle)
+        out.append({"cycle": h.cycle, "source_time": _when(h.source_time_ns or h.committed_ns),
+                    "action": "pruned earlier" if d is None else "keep" if d.keep else "drop",
+                    "rules": list(d.reasons) if d else [], "consistency": _consistency(h.stats)})
+    return out
 
 
 def recover_replica(dest: str) -> Optional[Tuple[int, int]]:

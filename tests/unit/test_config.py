@@ -145,3 +145,14 @@ def test_hook_file_keys_checked():
                 {"post_snapshot": "x\0y"}):
         with pytest.raises(SourceError):
             hook_options(bad, "hooks.toml")
+
+
+def test_keep_grid_key():
+    cfg = parse({"keep": "24x1h, 30x1d", "jobs": {"a": {"source": "/s", "dest": "/d", "every": "5m"},
+                                                  "b": {"source": "/s2", "dest": "/d2", "every": "5m",
+                                                        "keep": "12x30d"}}}, "x.toml")
+    assert cfg.jobs["a"].options.replica.keep_grid == ((24, 3600.0), (30, 86400.0))
+    assert cfg.jobs["b"].options.replica.keep_grid == ((12, 30 * 86400.0),)
+    with pytest.raises(ConfigError) as e:
+        parse({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "5m", "keep": "24 hours"}}}, "x.toml")
+    assert "job 'a': keep = '24 hours' is not valid" in str(e.value) and "24x1h" in str(e.value)
