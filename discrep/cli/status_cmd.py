@@ -79,8 +79,8 @@ def _print(out: Dict[str, Any]) -> None:
                   f"{st.get('files_deleted')} deleted, {st.get('bytes_transferred')} bytes read"
                   + (f", {st.get('change_source')}" if st.get("change_source") else "")
                   + (f", {st.get('duration_s')}s" if st.get("duration_s") is not None else ""))
-        if r.get("last_consistency"):
-            app = r.get("last_app_consistent_cycle")
+        app = r.get("last_app_consistent_cycle")
+        if r.get("last_consistency") not in (None, "crash") or app:
             print(f"  consistency: last point {r['last_consistency']}; last application-consistent "
                   f"point: {app or 'none'}")
         print(f"  daemon:    {r['daemon']}")
@@ -116,7 +116,7 @@ def _print_job(name: str, j: Dict[str, Any]) -> None:
               f"{r.get('bytes_transferred')} bytes read, {r.get('bytes_written')} written, "
               f"{r.get('change_source')}, {r.get('duration_s')}s")
     print(f"  replica:      last committed cycle {j['last_cycle'] or '-'}"
-          + (f" ({j['last_consistency']})" if j.get("last_consistency") else "")
+          + (f" ({j['last_consistency']})" if j.get("last_consistency") not in (None, "crash") else "")
           + (f"; last application-consistent: {j['last_app_consistent_cycle']}"
              if j.get("last_app_consistent_cycle") else "")
           + (f"; cycle {j['interrupted_cycle']} was interrupted" if j["interrupted_cycle"] else ""))

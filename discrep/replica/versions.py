@@ -95,10 +95,11 @@ def _digest(path: bytes, st: os.stat_result) -> Optional[str]:
     return h.hexdigest()
 
 
-def skeleton(src: bytes, dst: bytes, real: Set[bytes]) -> Dict[int, bytes]:
+def skeleton(src: bytes, dst: bytes, real: Set[bytes], meta: bool = True) -> Dict[int, bytes]:
     """Copy DEST ``src`` (without its .discrep) to the new directory ``dst``: directories, symlinks
     and special files as they are, regular files in ``real`` as real copies, the others as empty
-    placeholders (hard links kept, metadata copied); returns placeholder inode -> DEST path."""
+    placeholders (hard links kept; metadata copied when ``meta``, never onto a placeholder: nobody
+    looks at it); returns placeholder inode -> DEST path."""
     os.mkdir(dst, 0o700)
     placeholders: Dict[int, bytes] = {}
     links: Dict[Tuple[int, int], bytes] = {}
@@ -116,17 +117,18 @@ def skeleton(src: bytes, dst: bytes, real: Set[bytes]) -> Dict[int, bytes]:
             if st.st_nlink > 1 and key in links:
                 os.link(links[key], d_)
                 continue
-            if rel in real:
-                platform.clone_file(s_, d_)
-            else:
-                os.close(os.open(d_, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-                placeholders[os.lstat(d_).st_ino] = rel
             if st.st_nlink > 1:
                 links[key] = d_
+            if rel not in real:
+                os.mknod(d_, statmod.S_IFREG | 0o600)
+                placeholders[os.lstat(d_).st_ino] = rel
+                continue
+            platform.clone_file(s_, d_)
         else:
             os.mknod(d_, st.st_mode, st.st_rdev)
-        platform.copy_metadata(s_, d_, st)
-    for rel, st in reversed(dirs):
+        if meta:
+            platform.copy_metadata(s_, d_, st)
+    for rel, st in reversed(dirs if meta else []):
         platform.copy_metadata(join(src, rel), join(dst, rel), st)
     return placeholders
 
@@ -156,7 +158,7 @@ def find_versions(dest: bytes, state: bytes, committed: List[int], pattern: str)
         holders: Dict[int, bytes] = {}
 
         def clone1(src: bytes, dst: bytes) -> None:
-            holders.update(skeleton(src, dst, set()))
+            holders.update(skeleton(src, dst, set(), meta=False))
 
         def note(cycle: int, work: bytes) -> None:
             for _rel, _full, st in _matches(work, test):
