@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 import fuse_export
 
-from discrep.source import build as srcmod
+from discrep.source.hooks import build_with_hooks, load_hook_file
 from discrep.source import cycles
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.source.export import make_view
@@ -94,7 +94,8 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
     cycles.settle_source(bsrc, rcycle)
     if opts.replica.checksum and rcycle:
         cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
-    built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings)
+    hooks = opts.hooks if opts.hooks is not None else load_hook_file(bsrc)
+    built = build_with_hooks(bsrc, hooks, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings)
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
         view = make_view(bsrc, built.cycle)
