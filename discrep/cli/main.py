@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import List, Optional
 
 from discrep import __version__
-from discrep.cli import (ack_cmd, agent_cmd, configcheck_cmd, daemon_cmd, export_cmd, history_cmd, prune_cmd,
+from discrep.cli import (ack_cmd, agent_cmd, configcheck_cmd, daemon_cmd, export_cmd, find_cmd, history_cmd, prune_cmd,
                          recover_cmd, repair_state_cmd, replicate_cmd, reset_cmd, restore_cmd, run_cmd,
                          snapshot_cmd, status_cmd, sync_cmd, verify_cmd, watch_cmd)
 from discrep.cli.common import printable
@@ -27,7 +27,7 @@ log = logging.getLogger("discrep")
 
 # in the order of `discrep --help`
 COMMANDS: List[ModuleType] = [replicate_cmd, snapshot_cmd, export_cmd, sync_cmd, ack_cmd, verify_cmd,
-                              history_cmd, watch_cmd, status_cmd, recover_cmd, restore_cmd, prune_cmd,
+                              history_cmd, find_cmd, watch_cmd, status_cmd, recover_cmd, restore_cmd, prune_cmd,
                               repair_state_cmd, configcheck_cmd, run_cmd, daemon_cmd, agent_cmd, reset_cmd]
 
 EPILOG = """\

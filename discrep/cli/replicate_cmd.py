@@ -25,6 +25,7 @@ def register(sp: argparse.ArgumentParser) -> None:
                          "is built on the source, nothing is written in DEST (local sources)")
     sp.add_argument("--every", type=float, metavar="SECONDS",
                     help="continuous mode: run a cycle every SECONDS (sooner when the journal has entries)")
+    common.add_hook_args(sp)
     common.add_filter_args(sp)
     common.add_ssh_args(sp)
 

@@ -80,6 +80,12 @@ class SnapshotError(Error):
     exit_code = 9
 
 
+class HookFailedError(SnapshotError):
+    """A pre_snapshot hook failed or timed out and the job wants no crash-consistent point instead."""
+
+    exit_code = 9
+
+
 class JournalError(Error):
     """The journal is unreadable or has a gap that a catch-up scan must close."""
 

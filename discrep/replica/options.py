@@ -8,7 +8,7 @@ Thread-safety: immutable values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 if TYPE_CHECKING:                          # (the rule engine is imported when a cycle needs it)
     from discrep.protocol.filterspec import FilterSpec
@@ -19,6 +19,7 @@ class ReplicaOptions:
     """How the replica applies and keeps cycles."""
     keep_last: int = 10                    # recovery points to keep history for
     keep_within_s: Optional[float] = None  # also keep points younger than this
+    keep_grid: Tuple[Tuple[int, float], ...] = ()   # newest point per period: ((24, 3600.0), ...) (retention)
     numeric_ids: bool = False              # keep owner numbers (default: map by name, like rsync)
     force: bool = False                    # allow a first cycle into a non-empty DEST
     max_delete: Optional[int] = None       # refuse a cycle deleting more entries (None: no limit)

@@ -28,7 +28,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from discrep.core import locks
 from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullError, Error, ManifestError,
@@ -38,7 +38,8 @@ from discrep.core.statedir import StateDir
 from discrep.protocol import layout
 from discrep.protocol.manifest import Entry, read_lines
 from discrep.replica.apply import Applier
-from discrep.replica.catalog import ReplicaCatalog
+from discrep.replica import retention
+from discrep.replica.catalog import HistoryRow, ReplicaCatalog
 from discrep.replica.dest import remove_stage
 from discrep.replica.history import available, prune, rollback
 from discrep.replica.options import ReplicaOptions
@@ -47,6 +48,7 @@ from discrep.replica.protect import Protection, protection
 from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.owners import OwnerMap
 from discrep.replica.reader import Reader, StreamedCycle
+from discrep.replica.retention import GridRule
 from discrep.replica.stats import Progress, SyncStats
 from discrep.replica.stream import StreamApplier
 
@@ -61,7 +63,7 @@ def result_fields(stats: SyncStats) -> dict:
             "dirs_created": stats.dirs, "symlinks": stats.symlinks,
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
             "history_bytes": stats.history_bytes, "streamed": stats.streamed,
-            "worker_segments": stats.worker_segments}
+            "worker_segments": stats.worker_segments, "consistency": stats.consistency}
 
 
 def holds_only_state(dest) -> bool:
@@ -97,7 +99,7 @@ def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, 
         try:
             st = _sync(reader, dest, cat, warnings, progress, t0, opts, stream)
             if not st.already_committed:
-                apply_retention(dest, cat, opts.keep_last, opts.keep_within_s)
+                apply_retention(dest, cat, opts.keep_last, opts.keep_within_s, opts.keep_grid)
             return st
         finally:
             cat.close()
@@ -148,18 +150,29 @@ def recover(dest: bytes) -> Optional[Tuple[int, int]]:
             cat.close()
 
 
-def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int,
-                    keep_within_s: Optional[float]) -> List[int]:
-    """Prune history no kept recovery point needs (the newest cycle is always kept)."""
+def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int, keep_within_s: Optional[float],
+                    grid: Sequence[GridRule] = ()) -> List[int]:
+    """Prune history no kept recovery point needs (the newest cycle is always kept; see
+    ``replica.retention``)."""
     hist = cat.history()
     committed = [h.cycle for h in hist]
     if not committed:
         return []
-    keep = set(committed[-max(1, keep_last):])
-    if keep_within_s is not None:
-        now = time.time_ns()
-        keep |= {h.cycle for h in hist if now - h.committed_ns <= keep_within_s * 1e9}
-    return prune(state_path(cat), committed, keep)
+    decisions = retention.plan(retention_points(hist, available(state_path(cat))), time.time_ns(), keep_last,
+                               keep_within_s, grid)
+    return prune(state_path(cat), committed, [d.cycle for d in decisions if d.keep])
+
+
+def retention_points(hist: Sequence[HistoryRow], have: Sequence[int]) -> List[retention.Point]:
+    """The committed cycles that can still be restored (every later cycle has its history), as
+    retention sees them: a point's time is its source snapshot time."""
+    got, out = set(have), []
+    later_ok = True
+    for h in reversed(hist):
+        if later_ok:
+            out.append(retention.Point(h.cycle, h.source_time_ns or h.committed_ns))
+        later_ok = later_ok and h.cycle in got
+    return out[::-1]
 
 
 # -- one cycle, step by step ------------------------------------------------------
@@ -274,6 +287,8 @@ def _commit(ap: Applier, reader: Reader, header: Dict[str, Any], t0: float) -> N
     stats = ap.stats
     stats.bytes_transferred = reader.bytes_read
     stats.duration_s = time.monotonic() - t0
+    c = header.get("consistency")
+    stats.consistency = c if c in ("app", "crash-fallback") else ""      # a claim of the source, checked
     ap.cat.commit(stats.cycle, full=bool(header.get("full")), moves=ap.moves.pairs, deletes=ap.deleted,
                   rows=ap.rows, stats=asdict(stats))
     sid = header.get("source_id")

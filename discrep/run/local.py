@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 import fuse_export
 
-from discrep.source import build as srcmod
+from discrep.source.hooks import build_with_hooks, load_hook_file
 from discrep.source import cycles
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.source.export import make_view
@@ -82,6 +82,8 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
     t0 = time.monotonic()
     src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)
     check_pair(src, dest)
+    if opts.ssh.bwlimit:
+        log.info("--bwlimit paces SSH connections: a local cycle has no wire and is not limited")
     bsrc, bdest = os.fsencode(src), os.fsencode(dest)
     try:
         fuse_export.load_fuse()
@@ -94,8 +96,9 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
     rescan = prepare_filters(bsrc, opts.replica.filter_spec())   # the rules changed: scan, or compare all
     if opts.replica.checksum and rcycle:
         cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
-    built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings,
-                               force_scan=rescan, filters=opts.replica.filter_spec())
+    hooks = opts.hooks if opts.hooks is not None else load_hook_file(bsrc)
+    built = build_with_hooks(bsrc, hooks, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings,
+                             force_scan=rescan, filters=opts.replica.filter_spec())
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
         view = make_view(bsrc, built.cycle)

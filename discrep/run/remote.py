@@ -6,7 +6,10 @@ in a ``RemoteSession``:
 1. the source agent starts on an exec channel (transport.agent_client.AgentClient,
    source.agent) and says ``hello`` with the source's state directory and its export
    parent directory; the local sshfs mount of ``SRC/.discrep`` starts right away in a
-   helper thread, so its ssh handshake overlaps the snapshot (sshfs transport only);
+   helper thread (sshfs transport only): ``sshfs -o passive`` on a second channel of the
+   same connection, served by the source's ``sftp`` subsystem (transport.passive), or, when
+   the installed sshfs has no passive mode, sshfs's own ssh connection (its handshake
+   overlaps the snapshot);
 2. the agent settles the source against the replica's last committed cycle R and
    builds cycle N > R (``built``), then mounts its FUSE export (``ready``) -- or, for a
    streamed first copy, announces manifest segments as it builds them (``seg``,
@@ -15,6 +18,10 @@ in a ``RemoteSession``:
    straight from the snapshot) or through ``SftpReader`` on the same paramiko
    connection, and ``replica.sync`` patches DEST;
 4. ``ack`` N to the agent, which unmounts its export and acknowledges the cycle.
+
+``--bwlimit`` paces the one connection (transport.pace under transport.ssh.Connection);
+with a two-connection sshfs it is refused for ``--transport sshfs`` and ``auto`` reads
+through the SFTP reader instead.
 
 In continuous mode the session (connection, agent, sshfs mount) stays up between
 cycles.  On any failure, Ctrl-C or a dropped connection the session is closed
@@ -107,20 +114,31 @@ class DirectDataReader(MountReader):
         return super()._open(rel)
 
 
-def _choose_transport(want: str) -> str:
+def _choose_transport(want: str, passive: bool = True, bwlimit: int = 0) -> Tuple[str, bool]:
+    """(transport, sshfs over the one connection): the reader of the export and how sshfs connects."""
+    from discrep.transport.passive import passive_supported
     from discrep.transport.sshfs import available
     if want == "sftp":
-        return "sftp"
+        return "sftp", False
     why = available()
+    unpaced = False
+    if not why:
+        passive = passive and passive_supported()
+        if bwlimit and not passive:   # sshfs's own ssh would be a second connection, outside the limit
+            why, unpaced = "sshfs cannot run over the limited connection (it needs -o passive, sshfs 3.7+)", True
     if want == "sshfs":
+        if unpaced:
+            raise errmod.UsageError(f"--bwlimit with --transport sshfs: {why}",
+                                    hint="pass --transport sftp (the built-in reader shares the limited "
+                                         "connection), or install sshfs 3.7 or later")
         if why:
             raise errmod.FuseUnavailableError(f"cannot use sshfs: {why}",
                                               hint="install sshfs and fuse3, or pass --transport sftp")
-        return "sshfs"
+        return "sshfs", passive
     if why:
         log.info("using the built-in SFTP reader: %s", why)
-        return "sftp"
-    return "sshfs"
+        return "sftp", False
+    return "sshfs", passive
 
 
 def replicate_remote(opts: CycleOptions, warnings: Optional[WarningList] = None,
@@ -148,7 +166,9 @@ class RemoteSession:
         self.exe = opts.ssh.remote_discrep or "discrep"
         self.cfg = resolve(self.user, self.host, opts.ssh.ssh_config)
         self.cfg.io_timeout = float(opts.ssh.timeout)
-        self.transport = _choose_transport(opts.ssh.transport or "auto")
+        self.bwlimit = int(opts.ssh.bwlimit or 0)
+        self.transport, self.passive = _choose_transport(opts.ssh.transport or "auto", opts.ssh.passive,
+                                                         self.bwlimit)
         self.snapshot_kind = opts.snapshot or "auto"
         self.conn: Optional[Connection] = None
         self.agent: Optional[AgentClient] = None
@@ -161,9 +181,13 @@ class RemoteSession:
 
     # -- set-up ----------------------------------------------------------
     def _start_mount(self, target: str) -> None:
+        from discrep.transport.passive import PassiveSshfsMount
         from discrep.transport.sshfs import SshfsMount
         self.local_dir = self.local_dir or tempfile.mkdtemp(prefix="discrep-sshfs-")
-        self.mount = mount = SshfsMount(self.cfg, target, self.local_dir)
+        if self.passive:     # SFTP on a channel of the one connection: no second handshake, one --bwlimit
+            self.mount = mount = PassiveSshfsMount(self._conn(), target, self.local_dir)
+        else:
+            self.mount = mount = SshfsMount(self.cfg, target, self.local_dir)
         self.mount_err.clear()
 
         def do_mount() -> None:
@@ -176,7 +200,7 @@ class RemoteSession:
 
     def _open(self, rcycle: Optional[int], stream: bool = False, totals: bool = True) -> None:
         """Connect; sshfs connects while the agent starts and builds the first cycle."""
-        self.conn = Connection(self.cfg)
+        self.conn = Connection(self.cfg, bwlimit=self.bwlimit)
         self.conn.connect()
         if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
@@ -240,6 +264,8 @@ class RemoteSession:
             "snapshot": built.snapshot, "entries": built.entries, **result_fields(stats),
             "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
             "transport": self.transport, "session_cycle": self.cycles,
+            "connections": 2 if self.transport == "sshfs" and not self.passive else 1,
+            **({"bwlimit": self.bwlimit} if self.bwlimit else {}),
         }
 
     def _start_cycle(self, rcycle: int, stream: bool, totals: bool) -> Union[Segment, Built]:
@@ -311,6 +337,11 @@ class RemoteSession:
         except (TransportError, OSError, socket.error, EOFError) as e:
             warnings.add(f"{self.cfg.alias}:{self.rpath}", f"cycle {n} is committed on the replica but the source "
                                                           f"was not told ({e}); the next run acknowledges it")
+
+    def _conn(self) -> Connection:
+        if self.conn is None:
+            raise TransportError("the SSH connection is not open")
+        return self.conn
 
     def _agent(self) -> AgentClient:
         if self.agent is None:

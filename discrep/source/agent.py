@@ -65,7 +65,8 @@ from discrep.core.paths import enc
 from discrep.protocol.agent_messages import (Ack, Acked, Alive, Built, Bye, Command, Done, Ended, Event, Export, Failed,
                                              Hello, Ready, StartCycle, UnknownMessage, Verified, Verify,
                                              warning_line)
-from discrep.source.build import BuiltCycle, build_cycle
+from discrep.source.build import BuiltCycle
+from discrep.source.hooks import build_with_hooks, load_hook_file
 from discrep.source.cycles import ack_cycle, settle_source
 from discrep.source.deferred import close_deferred, settle_deferred
 from discrep.source.export import make_view
@@ -282,9 +283,10 @@ class _Agent:
         spec = filters or FilterSpec()
         rescan = prepare_filters(self.bsrc, spec)
         t_build = time.monotonic()
-        b = build_cycle(self.bsrc, snapshot_kind=self.snapshot_kind, min_cycle=rcycle + 1, warnings=self.warnings,
-                        on_segment=self.out.say if stream else None, totals=totals, force_scan=rescan,
-                        filters=spec)
+        b = build_with_hooks(self.bsrc, load_hook_file(self.bsrc), snapshot_kind=self.snapshot_kind,
+                             min_cycle=rcycle + 1, warnings=self.warnings,
+                             on_segment=self.out.say if stream else None, totals=totals, force_scan=rescan,
+                             filters=spec)
         self.out.say(Built(cycle=b.cycle, base=b.base, entries=b.entries, snapshot=b.provider,
                            change_source=b.change_source, path=os.fsdecode(b.snapshot),
                            build_s=round(time.monotonic() - t_build, 3)))

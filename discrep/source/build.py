@@ -100,7 +100,8 @@ class BuiltCycle:
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
                 warnings: Optional[WarningList] = None,
                 on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True,
-                filters: Optional[FilterSpec] = None) -> BuiltCycle:
+                consistency: str = "", on_captured: Optional[Callable[[], None]] = None,
+                defer: bool = True, filters: Optional[FilterSpec] = None) -> BuiltCycle:
     """Build the next cycle of ``root`` (see module doc).
 
     ``on_segment``: streamed build.  The manifest is also cut into segments
@@ -110,6 +111,10 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
     the totals (files, bytes) of the cycle -- unless ``totals`` is false: then a first cycle is
     built as the tree is walked (the first segment comes at once, no walk before it).
 
+    Snapshot hooks (``source.hooks``): ``consistency`` goes into the cycle header,
+    ``on_captured`` is called once the snapshot holds everything the cycle exports, and
+    ``defer=False`` makes a streamed build capture its large files too instead of reading them live.
+
     ``filters``: the replica's rules (source.filtering): excluded paths are not walked nor
     journaled into the cycle; the cycle records the spec (cycle.json, the catalog's cycle row)."""
     warnings = warnings if warnings is not None else WarningList()
@@ -118,6 +123,7 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
                           hint="check the path")
     with locked_state(root) as (journal, catalog):
         build = _CycleBuild(root, journal, catalog, warnings, on_segment, filters or FilterSpec())
+        build.consistency, build.on_captured, build.defer = consistency, on_captured, defer
         try:
             return build.run(snapshot_kind, force_scan, min_cycle, totals)
         finally:
@@ -146,16 +152,24 @@ class _CycleBuild:
         self.nfiles = self.nbytes = self.idx = 0
         self.segs = self.seg_mark = 0                     # segments cut, manifest count at the last cut
         self.base_snap: Optional[bytes] = None
+        self.consistency = ""                             # snapshot hooks: see build_cycle
+        self.on_captured: Optional[Callable[[], None]] = None
+        self.defer = True
 
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
         self._plan(kind, force_scan, min_cycle, totals)
         ordered = self._capture()
+        atomic = self.kind == "btrfs" and not self.walking    # whole tree captured at once
+        if atomic and self.on_captured is not None:
+            self.on_captured()
         self._open_dir()
         try:
-            self._write(ordered)
+            self._write(ordered)        # copy, reflink: small files are captured here, into packs
         finally:
             self.mw.close()
+        if not atomic and self.on_captured is not None:
+            self.on_captured()
         return self._record(t0)
 
     # -- plan and capture --------------------------------------------------
@@ -187,7 +201,7 @@ class _CycleBuild:
             self.moves: Dict[bytes, bytes] = {}
             root_meta = entry_for(b"", root, os.lstat(root))
             self.snap, self.cap = snapmod.start(self.kind, root, self.n, self.warnings, inline_max=SMALL_MAX,
-                                                defer_over=SMALL_MAX)
+                                                defer_over=SMALL_MAX if self.defer else None)
             ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors, self.flt)
         else:
             self.cut, self.moves, root_meta, ordered = _changed_paths(
@@ -197,7 +211,7 @@ class _CycleBuild:
             # read live and verified afterwards (settle_deferred), as a copy would have been
             self.snap = snapmod.take(self.kind, root, self.n, ordered, self.warnings, inline_max=SMALL_MAX,
                                      stats=self.stats,
-                                     defer_over=SMALL_MAX if self.on_segment is not None else None)
+                                     defer_over=SMALL_MAX if self.on_segment is not None and self.defer else None)
         for k in ("op", "path"):
             root_meta.pop(k, None)
         self.root_meta = root_meta
@@ -217,6 +231,8 @@ class _CycleBuild:
             "source_id": self.catalog.source_id()}
         if self.spec.active or self.spec.delete_excluded:
             self.header["filters"] = self.spec.record()
+        if self.consistency:
+            self.header["consistency"] = self.consistency
         self.mw = ManifestWriter(os.fsdecode(join(cdir, layout.MANIFEST_FILE)), self.header)
         self.packer = _Packer(cdir)
 

@@ -148,3 +148,46 @@ def test_help_example_is_a_valid_file(tmp_path):
                        stderr=subprocess.PIPE, text=True)
     assert r.returncode == 0, r.stderr
     assert "2 job(s): home, web" in r.stdout
+
+
+def test_snapshot_hook_keys():
+    from discrep.source.options import HookOptions
+    cfg = parse({"hook_timeout": "90s",
+                 "jobs": {"db": {"source": "/srv/db", "dest": "/b/db", "every": "5m",
+                                 "pre_snapshot": "fsfreeze -f /srv/db", "post_snapshot": "fsfreeze -u /srv/db",
+                                 "hook_failure": "crash-consistent"},
+                          "plain": {"source": "/s", "dest": "/d", "every": "5m"}}}, "x.toml")
+    assert cfg.jobs["db"].options.hooks == HookOptions("fsfreeze -f /srv/db", "fsfreeze -u /srv/db", 90.0,
+                                                      "crash-consistent")
+    assert cfg.jobs["plain"].options.hooks is None          # the source's own hooks.toml applies
+    with pytest.raises(ConfigError) as e:
+        parse({"jobs": {"r": {"source": "me@h:/srv", "dest": "/b", "every": "5m", "pre_snapshot": "true"},
+                        "f": {"source": "/s", "dest": "/d", "every": "5m", "hook_failure": "ignore"},
+                        "t": {"source": "/s2", "dest": "/d2", "every": "5m", "hook_timeout": "2h"}}}, "x.toml")
+    text = "\n".join(e.value.problems)
+    assert "job 'r'" in text and "hooks.toml" in text
+    assert "job 'f': hook_failure = 'ignore'" in text and "'crash-consistent'" in text
+    assert "job 't': hook_timeout" in text
+
+
+def test_hook_file_keys_checked():
+    from discrep.core.errors import SourceError
+    from discrep.source.hooks import hook_options
+    h = hook_options({"pre_snapshot": "a", "post_snapshot": "b", "timeout": 5, "on_failure": "crash-consistent"},
+                     "hooks.toml")
+    assert (h.pre_snapshot, h.post_snapshot, h.timeout_s, h.on_failure) == ("a", "b", 5.0, "crash-consistent")
+    for bad in ({"pre_snapshot": ""}, {"pre": "x"}, {"timeout": 0}, {"timeout": True}, {"on_failure": "x"},
+                {"post_snapshot": "x\0y"}):
+        with pytest.raises(SourceError):
+            hook_options(bad, "hooks.toml")
+
+
+def test_keep_grid_key():
+    cfg = parse({"keep": "24x1h, 30x1d", "jobs": {"a": {"source": "/s", "dest": "/d", "every": "5m"},
+                                                  "b": {"source": "/s2", "dest": "/d2", "every": "5m",
+                                                        "keep": "12x30d"}}}, "x.toml")
+    assert cfg.jobs["a"].options.replica.keep_grid == ((24, 3600.0), (30, 86400.0))
+    assert cfg.jobs["b"].options.replica.keep_grid == ((12, 30 * 86400.0),)
+    with pytest.raises(ConfigError) as e:
+        parse({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "5m", "keep": "24 hours"}}}, "x.toml")
+    assert "job 'a': keep = '24 hours' is not valid" in str(e.value) and "24x1h" in str(e.value)
