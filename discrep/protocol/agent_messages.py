@@ -241,11 +241,13 @@ class Command(Message):
 
 
 class StartCycle(Command):
-    """Continuous mode: build and serve the next cycle in the same session."""
+    """Continuous mode: build and serve the next cycle in the same session.  ``read_live``: the
+    replica verifies (``verify``) before it commits, so a copy snapshot need not copy large files."""
     NAME: ClassVar[str] = "cycle"
     replica_cycle: int
     stream: bool = False
     totals: bool = True
+    read_live: bool = False
 
 
 class Ack(Command):

@@ -28,10 +28,11 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from discrep.core import locks
-from discrep.core.errors import CycleMismatchError, DestinationError, DiskFullError, ManifestError, WarningList
+from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullError, LiveChangedError, ManifestError,
+                                 WarningList)
 from discrep.core.paths import STATE_DIR, join, state_dir
 from discrep.core.statedir import StateDir
 from discrep.protocol import layout
@@ -76,11 +77,14 @@ def replica_lock(dest: bytes) -> Iterator[None]:
 
 def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, *,
          warnings: Optional[WarningList] = None, progress: Optional[Progress] = None,
-         stream: Optional[StreamedCycle] = None) -> SyncStats:
+         stream: Optional[StreamedCycle] = None, live_changed: Optional[Callable[[], bool]] = None) -> SyncStats:
     """Apply the cycle exported through ``reader`` to replica directory ``dest``.
 
     ``stream``: a cycle still being built (``reader.StreamedCycle``); a first copy into an
-    empty DEST is applied while it streams, any other cycle once its manifest is complete."""
+    empty DEST is applied while it streams, any other cycle once its manifest is complete.
+    ``live_changed``: asked, when every file is applied and before the commit, whether a file
+    the source let us read live (entries marked ``live``) changed meanwhile; if so the cycle
+    is rolled back (``LiveChangedError``): what was read of it is no point-in-time copy."""
     opts = options or ReplicaOptions()
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
@@ -92,7 +96,7 @@ def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, 
     with replica_lock(dest):
         cat = open_catalog(dest)
         try:
-            st = _sync(reader, dest, cat, warnings, progress, t0, opts, stream)
+            st = _sync(reader, dest, cat, warnings, progress, t0, opts, stream, live_changed)
             if not st.already_committed:
                 apply_retention(dest, cat, opts.keep_last, opts.keep_within_s)
             return st
@@ -162,7 +166,8 @@ def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int,
 # -- one cycle, step by step ------------------------------------------------------
 
 def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningList, progress: Optional[Progress],
-          t0: float, opts: ReplicaOptions, stream: Optional[StreamedCycle]) -> SyncStats:
+          t0: float, opts: ReplicaOptions, stream: Optional[StreamedCycle],
+          live_changed: Optional[Callable[[], bool]] = None) -> SyncStats:
     header, cycle, base = _read_header(reader, stream)
     recover_locked(dest, cat)   # an interrupted earlier run: back to the last committed cycle first
     last = cat.last_committed()
@@ -198,6 +203,9 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
     ap.files.checksum = opts.checksum and not fresh
     try:
         stats = StreamApplier(ap, stream, owners).run() if streamed and stream is not None else ap.run()
+        if not streamed and live_changed is not None and any(e.live for e in entries) and live_changed():
+            raise LiveChangedError(f"cycle {cycle}: files read live changed while they were read",
+                                   hint="run again: the cycle is rebuilt with those files copied")
         _commit(ap, reader, header, t0)
     except BaseException as exc:
         ap.close()

@@ -97,7 +97,8 @@ class BuiltCycle:
 
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
                 warnings: Optional[WarningList] = None,
-                on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True) -> BuiltCycle:
+                on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True,
+                read_live: bool = False) -> BuiltCycle:
     """Build the next cycle of ``root`` (see module doc).
 
     ``on_segment``: streamed build.  The manifest is also cut into segments
@@ -105,13 +106,18 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
     ``on_segment`` is called with a ``Segment`` (number, packs, entries, ...) after each one is
     on disk, so a replica can apply the cycle while it is still being built.  Segment 0 carries
     the totals (files, bytes) of the cycle -- unless ``totals`` is false: then a first cycle is
-    built as the tree is walked (the first segment comes at once, no walk before it)."""
+    built as the tree is walked (the first segment comes at once, no walk before it).
+
+    ``read_live`` (the agent, whose replica verifies before it commits): a ``copy`` snapshot does
+    not copy large files, as in a streamed build; the replica reads them live and the cycle is
+    checked afterwards (source.deferred)."""
     warnings = warnings if warnings is not None else WarningList()
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} does not exist or is not a directory",
                           hint="check the path")
     with locked_state(root) as (journal, catalog):
         build = _CycleBuild(root, journal, catalog, warnings, on_segment)
+        build.read_live = read_live
         return build.run(snapshot_kind, force_scan, min_cycle, totals)
 
 
@@ -133,6 +139,7 @@ class _CycleBuild:
         self.nfiles = self.nbytes = self.idx = 0
         self.segs = self.seg_mark = 0                     # segments cut, manifest count at the last cut
         self.base_snap: Optional[bytes] = None
+        self.read_live = False                            # large files read live, verified after (copy)
 
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
@@ -180,7 +187,8 @@ class _CycleBuild:
             # read live and verified afterwards (settle_deferred), as a copy would have been
             self.snap = snapmod.take(self.kind, root, self.n, ordered, self.warnings, inline_max=SMALL_MAX,
                                      stats=self.stats,
-                                     defer_over=SMALL_MAX if self.on_segment is not None else None)
+                                     defer_over=SMALL_MAX if self.on_segment is not None or self.read_live
+                                     else None)
         for k in ("op", "path"):
             root_meta.pop(k, None)
         self.root_meta = root_meta
