@@ -46,7 +46,6 @@ from discrep.replica.plan import check_max_delete
 from discrep.replica.owners import OwnerMap
 from discrep.replica.reader import Reader, StreamedCycle
 from discrep.replica.stats import Progress, SyncStats
-from discrep.replica.stream import StreamApplier
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +201,11 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
     ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
     ap.files.checksum = opts.checksum and not fresh
     try:
-        stats = StreamApplier(ap, stream, owners).run() if streamed and stream is not None else ap.run()
+        if streamed and stream is not None:     # (a first copy only: its worker process is imported here)
+            from discrep.replica.stream import StreamApplier
+            stats = StreamApplier(ap, stream, owners).run()
+        else:
+            stats = ap.run()
         if not streamed and live_changed is not None and any(e.live for e in entries) and live_changed():
             raise LiveChangedError(f"cycle {cycle}: files read live changed while they were read",
                                    hint="run again: the cycle is rebuilt with those files copied")

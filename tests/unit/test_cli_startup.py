@@ -45,6 +45,16 @@ def test_a_command_imports_only_its_own_parts(argv, absent):
     assert not (_loaded(code) & absent)
 
 
+def test_the_remote_cycle_leaves_the_other_sides_parts_alone():
+    """The replica's remote path imports neither the source side nor the first copy's worker
+    process; the agent's imports no replica side."""
+    rep = _loaded("import discrep.run.remote, discrep.run.local, discrep.run.daemon")
+    assert not rep & {"discrep.source.build", "discrep.source.agent", "fuse_export", "discrep.replica.worker",
+                      "platform"}
+    agent = _loaded("import discrep.source.agent")
+    assert not {m for m in agent if m.startswith(("discrep.replica", "discrep.run", "paramiko"))}
+
+
 def test_messages_stay_cheap_to_define():
     """The agent protocol's message classes are plain classes (a dataclass costs ~1 ms to create)."""
     from discrep.protocol import agent_messages as am
