@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from types import ModuleType
@@ -34,6 +35,12 @@ COMMANDS: List[Tuple[str, str]] = [
     ("status", "status_cmd"), ("recover", "recover_cmd"), ("restore", "restore_cmd"), ("prune", "prune_cmd"),
     ("repair-state", "repair_state_cmd"), ("configcheck", "configcheck_cmd"), ("run", "run_cmd"),
     ("daemon", "daemon_cmd"), ("agent", "agent_cmd"), ("reset", "reset_cmd")]
+
+
+# one-shot cycle commands: once their result is printed nothing is left to release (every file, mount,
+# child process and connection is closed in a finally), so the console script ends the process without
+# the interpreter's teardown of its ~370 modules (40-160 ms measured on the replica, per cycle)
+FAST_EXIT = frozenset({"replicate", "run"})
 
 
 def command_module(name: str) -> ModuleType:
@@ -132,6 +139,9 @@ def _run(a: argparse.Namespace, warnings: WarningList) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The console script (``argv`` None: the process's own arguments; a FAST_EXIT command ends the
+    process here) or an in-process call (returns the exit code)."""
+    console = argv is None
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(argv)
@@ -148,7 +158,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
-    return _run(a, WarningList())
+    rc = _run(a, WarningList())
+    if console and a.cmd in FAST_EXIT:
+        _exit_now(rc)
+    return rc
+
+
+def _exit_now(rc: int) -> None:
+    """End the process at once: log handlers and standard streams flushed, no interpreter teardown."""
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
 
 
 if __name__ == "__main__":
