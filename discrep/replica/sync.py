@@ -206,9 +206,12 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
             stats = StreamApplier(ap, stream, owners).run()
         else:
             stats = ap.run()
-        if not streamed and live_changed is not None and any(e.live for e in entries) and live_changed():
-            raise LiveChangedError(f"cycle {cycle}: files read live changed while they were read",
-                                   hint="run again: the cycle is rebuilt with those files copied")
+        live = sum(1 for e in entries if e.live) if live_changed is not None and not streamed else 0
+        if live:
+            log.info("cycle %d: %d file(s) read live; asking the source whether any changed meanwhile", cycle, live)
+            if live_changed():
+                raise LiveChangedError(f"cycle {cycle}: files read live changed while they were read",
+                                       hint="run again: the cycle is rebuilt with those files copied")
         _commit(ap, reader, header, t0)
     except BaseException as exc:
         ap.close()

@@ -61,6 +61,7 @@ def test_unchanged_live_files_commit_in_one_pass(sshd: Sshd, work_dir: Path) -> 
     r = _replicate_v(sshd, src, dst)
     res = _ok(r)
     assert res["cycle"] == 2 and res["files_changed"] == N, res
+    assert f"{N} file(s) read live" in r.stderr, r.stderr       # not copied on the source first
     assert "running the cycle again" not in r.stderr
     assert helpers.tree_equal(src, dst) == []
 
