@@ -10,6 +10,10 @@ bytes that crossed TCP in both directions, SSH overhead included.  discrep runs
 ``discrep replicate -F CFG --remote-discrep <venv discrep> ALIAS:SRC DEST`` (transport
 auto: sshfs); rsync runs ``rsync -aHAXS --delete --exclude=/.discrep/ -e 'ssh -F CFG'``.
 Each row is checked with ``rsync -aHAXnci --delete`` (nothing printed = identical).
+CPU seconds per side: the replica's is the tool's process and the children it waited for
+(``RUSAGE_CHILDREN``: discrep with sshfs, rsync with its ssh); the source's is what the
+sshd master reaped from the run's sessions (sshd itself, the agent and its export, or
+rsync's sender; sftp-server) -- both tools pay their SSH crypto on each side.
 
 Cases are functions registered with @case(letter, title); each gets a Ctx and returns
 after preparing SRC; incremental cases call ctx.initial() (untimed first copy for both
@@ -22,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import socket
 import sqlite3
@@ -196,6 +201,21 @@ class Sshd:
                        f"  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
                        f"  Ciphers {CIPHER}\n  Compression no\n")
         return cfg
+
+    def children_cpu(self) -> float:
+        """CPU seconds (user + system) of every finished SSH session: the sshd master's reaped children
+        (per-connection sshd, the remote command and what it ran: the source side of a run)."""
+        f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[13]) + int(f[14])) / os.sysconf("SC_CLK_TCK")   # cutime, cstime
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every session of the last run ended (so its CPU is counted)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not os.path.exists(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") or \
+                    not open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().strip():
+                return
+            time.sleep(0.02)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -410,8 +430,14 @@ def case_n(ctx: Ctx) -> None:
 
 # --------------------------------------------------------------------------- runner
 
+def _own_children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 class Runner:
     def __init__(self, sshd: Sshd, delay_ms: float, bwlimit: str = ""):
+        self.sshd = sshd
         self.proxy = CountingProxy(sshd.port, delay_ms / 1000.0)
         self.cfg = sshd.client_config(self.proxy.port)
         self.extra = [f"--bwlimit={bwlimit}"] if bwlimit else []
@@ -423,37 +449,38 @@ class Runner:
     def run_discrep(self, ctx: Ctx) -> Dict:
         dst = ctx.root / "dst-discrep"
         self.proxy.reset()
-        t, cpu = time.monotonic(), _children_cpu()
+        self.sshd.settle()
+        cpu0, src0 = _own_children_cpu(), self.sshd.children_cpu()
+        t = time.monotonic()
         r = subprocess.run([DISCREP, "replicate", "--json", "-q", "-F", str(self.cfg), "--remote-discrep", DISCREP,
                             *(self.extra if self.timed else []), f"{ALIAS}:{ctx.src}", str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=dict(os.environ, TMPDIR=str(ctx.root)))
         wall = time.monotonic() - t
+        cpu = _own_children_cpu() - cpu0
+        self.sshd.settle()
         time.sleep(0.05)
         if r.returncode not in (0, 1):
             raise RuntimeError(f"discrep failed ({r.returncode}): {r.stderr.strip()}")
         return {"wall": wall, "wire": self.proxy.total, "res": json.loads(r.stdout.strip().splitlines()[-1]),
-                "max5": self.proxy.max_rate(5.0), "cpu": _children_cpu() - cpu}
+                "max5": self.proxy.max_rate(5.0), "cpu": cpu, "src_cpu": self.sshd.children_cpu() - src0}
 
     def run_rsync(self, ctx: Ctx) -> Dict:
         dst = ctx.root / "dst-rsync"
         self.proxy.reset()
-        t, cpu = time.monotonic(), _children_cpu()
+        self.sshd.settle()
+        cpu0, src0 = _own_children_cpu(), self.sshd.children_cpu()
+        t = time.monotonic()
         r = subprocess.run(["rsync", "-aHAXS", "--delete", "--exclude=/.discrep/", "-e", f"ssh -F {self.cfg}",
                             *(self.extra if self.timed else []), f"{ALIAS}:{ctx.src}/", f"{dst}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
         wall = time.monotonic() - t
+        cpu = _own_children_cpu() - cpu0
+        self.sshd.settle()
         time.sleep(0.05)
         if r.returncode != 0:
             raise RuntimeError(f"rsync failed ({r.returncode}): {r.stderr.strip()}")
-        return {"wall": wall, "wire": self.proxy.total, "max5": self.proxy.max_rate(5.0), "cpu": _children_cpu() - cpu}
-
-
-def _children_cpu() -> float:
-    """CPU seconds (user + system) of the reaped child processes: a tool's local side (discrep with its
-    sshfs and ssh children; rsync with its ssh), beside wall time on a shared machine."""
-    import resource
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+        return {"wall": wall, "wire": self.proxy.total, "max5": self.proxy.max_rate(5.0), "cpu": cpu,
+                "src_cpu": self.sshd.children_cpu() - src0}
 
 
 def identical(src: Path, dst: Path) -> bool:
@@ -510,8 +537,9 @@ def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
                 "wire_ratio": round(d["wire"] / r["wire"], 2) if r["wire"] else None,
                 "discrep_identical": ok_d, "rsync_identical": ok_r, "transport": d["res"].get("transport"),
                 "connections": d["res"].get("connections"),
-                "discrep_local_cpu_s": round(d["cpu"], 2), "rsync_local_cpu_s": round(r["cpu"], 2),
                 "history_written": d["res"].get("history_bytes"), "history_kept": hist_kept,
+                "discrep_cpu": round(d["cpu"], 2), "discrep_src_cpu": round(d["src_cpu"], 2),
+                "rsync_cpu": round(r["cpu"], 2), "rsync_src_cpu": round(r["src_cpu"], 2),
                 **(_rate_fields(BWLIMIT["rate"], d, r) if c.bwlimit else {})}
     finally:
         for fn in reversed(getattr(locals().get("ctx"), "cleanups", [])):
@@ -556,17 +584,18 @@ def table(rows: List[Dict]) -> str:
     out = [f"Both tools over one loopback sshd with cipher {CIPHER}, compression off, through a counting proxy.",
            "",
            "| case | discrep s | rsync s | time ratio | discrep wire | rsync wire | wire ratio | identical "
-           "| history written / kept |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| history written / kept | CPU s replica+source: discrep | rsync |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['case']} {r['title']} | error: {r['error']} | | | | | | | |")
+            out.append(f"| {r['case']} {r['title']} | error: {r['error']} | | | | | | | | | |")
             continue
         hw, hk = r.get("history_written"), r.get("history_kept")
         hist = f"{fmt_bytes(hw)} / {fmt_bytes(hk)}" if hw is not None and hk is not None else ""
         out.append(f"| {r['case']} {r['title']} | {r['discrep_s']:.2f} | {r['rsync_s']:.2f} | {r['time_ratio']}x | "
                    f"{fmt_bytes(r['discrep_wire'])} | {fmt_bytes(r['rsync_wire'])} | {r['wire_ratio']}x | "
-                   f"{'yes' if r['discrep_identical'] and r['rsync_identical'] else 'NO'} | {hist} |")
+                   f"{'yes' if r['discrep_identical'] and r['rsync_identical'] else 'NO'} | {hist} | "
+                   f"{r['discrep_cpu']:.2f}+{r['discrep_src_cpu']:.2f} | {r['rsync_cpu']:.2f}+{r['rsync_src_cpu']:.2f} |")
     limited = [r for r in rows if r.get("bwlimit")]
     if limited:
         out += ["", "Highest mean rate on the wire over any 5 s (both directions, SSH included) under --bwlimit:", "",

@@ -111,6 +111,13 @@ class LiveReadError(TransportError):
     exit_code = 11
 
 
+class LiveChangedError(TransportError):
+    """Files the replica read live (an incremental cycle's large files, not copied first) changed
+    while it read them: the cycle is rolled back and run again with those files copied."""
+
+    exit_code = 11
+
+
 class LockedError(Error):
     """Another discrep run holds the lock on this DEST or SRC."""
 

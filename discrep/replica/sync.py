@@ -28,10 +28,11 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from discrep.core import locks
-from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullError, Error, ManifestError,
+from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullError, Error, LiveChangedError,
+                                 ManifestError,
                                  WarningList)
 from discrep.core.paths import STATE_DIR, join, state_dir
 from discrep.core.statedir import StateDir
@@ -50,7 +51,6 @@ from discrep.replica.owners import OwnerMap
 from discrep.replica.reader import Reader, StreamedCycle
 from discrep.replica.retention import GridRule
 from discrep.replica.stats import Progress, SyncStats
-from discrep.replica.stream import StreamApplier
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,14 @@ def replica_lock(dest: bytes) -> Iterator[None]:
 
 def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, *,
          warnings: Optional[WarningList] = None, progress: Optional[Progress] = None,
-         stream: Optional[StreamedCycle] = None) -> SyncStats:
+         stream: Optional[StreamedCycle] = None, live_changed: Optional[Callable[[], bool]] = None) -> SyncStats:
     """Apply the cycle exported through ``reader`` to replica directory ``dest``.
 
     ``stream``: a cycle still being built (``reader.StreamedCycle``); a first copy into an
-    empty DEST is applied while it streams, any other cycle once its manifest is complete."""
+    empty DEST is applied while it streams, any other cycle once its manifest is complete.
+    ``live_changed``: asked, when every file is applied and before the commit, whether a file
+    the source let us read live (entries marked ``live``) changed meanwhile; if so the cycle
+    is rolled back (``LiveChangedError``): what was read of it is no point-in-time copy."""
     opts = options or ReplicaOptions()
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
@@ -97,7 +100,7 @@ def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, 
     with replica_lock(dest):
         cat = open_catalog(dest)
         try:
-            st = _sync(reader, dest, cat, warnings, progress, t0, opts, stream)
+            st = _sync(reader, dest, cat, warnings, progress, t0, opts, stream, live_changed)
             if not st.already_committed:
                 apply_retention(dest, cat, opts.keep_last, opts.keep_within_s, opts.keep_grid)
             return st
@@ -178,7 +181,8 @@ def retention_points(hist: Sequence[HistoryRow], have: Sequence[int]) -> List[re
 # -- one cycle, step by step ------------------------------------------------------
 
 def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningList, progress: Optional[Progress],
-          t0: float, opts: ReplicaOptions, stream: Optional[StreamedCycle]) -> SyncStats:
+          t0: float, opts: ReplicaOptions, stream: Optional[StreamedCycle],
+          live_changed: Optional[Callable[[], bool]] = None) -> SyncStats:
     header, cycle, base = _read_header(reader, stream)
     recover_locked(dest, cat)   # an interrupted earlier run: back to the last committed cycle first
     last = cat.last_committed()
@@ -215,7 +219,7 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
                              prot.protects if prot is not None else None)
         cat.begin(cycle, base, int(header.get("created_ns", 0)))
         return _apply(reader, dest, cat, header, entries, warnings, progress, t0, opts, stream, owners,
-                      fresh, streamed, last, prot)
+                      fresh, streamed, last, prot, live_changed)
     finally:
         if prot is not None:
             prot.close()
@@ -224,14 +228,24 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
 def _apply(reader: Reader, dest: bytes, cat: ReplicaCatalog, header: Dict[str, Any], entries: List[Entry],
            warnings: WarningList, progress: Optional[Progress], t0: float, opts: ReplicaOptions,
            stream: Optional[StreamedCycle], owners: OwnerMap, fresh: bool, streamed: bool, last: int,
-           prot: Optional[Protection]) -> SyncStats:
+           prot: Optional[Protection], live_changed: Optional[Callable[[], bool]]) -> SyncStats:
     """Apply the begun cycle and commit it, or roll DEST back to ``last``."""
     cycle = int(header["cycle"])
     ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
     ap.files.checksum = opts.checksum and not fresh
     ap.protect = prot
     try:
-        stats = StreamApplier(ap, stream, owners).run() if streamed and stream is not None else ap.run()
+        if streamed and stream is not None:     # (a first copy only: its worker process is imported here)
+            from discrep.replica.stream import StreamApplier
+            stats = StreamApplier(ap, stream, owners).run()
+        else:
+            stats = ap.run()
+        live = sum(1 for e in entries if e.live) if live_changed is not None and not streamed else 0
+        if live:
+            log.info("cycle %d: %d file(s) read live; asking the source whether any changed meanwhile", cycle, live)
+            if live_changed():
+                raise LiveChangedError(f"cycle {cycle}: files read live changed while they were read",
+                                       hint="run again: the cycle is rebuilt with those files copied")
         _commit(ap, reader, header, t0)
     except BaseException as exc:
         ap.close()

@@ -8,6 +8,9 @@ cycle, serves it read-only through FUSE from a child process, reads it back
 through that mount exactly as a remote replica reads sshfs, and acknowledges.
 The mount and the child are gone on every path out (finally).
 
+The source's side (build, export, FUSE bindings) is imported by ``replicate_local`` itself: a
+remote cycle imports this module for ``prepare_dest`` alone and must not pay for it.
+
 Thread-safety: runs in the caller's thread.
 """
 from __future__ import annotations
@@ -19,15 +22,8 @@ import tempfile
 import time
 from typing import Any, Dict, Optional
 
-import fuse_export
-
-from discrep.source.hooks import build_with_hooks, load_hook_file
-from discrep.source import cycles
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
-from discrep.source.export import make_view
-from discrep.source.filtering import prepare_filters
 from discrep.core.paths import STATE_DIR, nested, state_dir
-from discrep.transport.mount_reader import MountReader
 from discrep.replica.sync import result_fields, sync
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
@@ -78,6 +74,13 @@ def prepare_dest(dest: str, *, force: bool) -> int:
 def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
                     progress=None) -> Dict[str, Any]:
     """One whole cycle of a local pair (``opts.src`` and ``opts.dest`` on this host)."""
+    import fuse_export
+
+    from discrep.source import cycles
+    from discrep.source.export import make_view
+    from discrep.source.hooks import build_with_hooks, load_hook_file
+    from discrep.source.filtering import prepare_filters
+    from discrep.transport.mount_reader import MountReader
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
     src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)

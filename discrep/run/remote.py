@@ -47,7 +47,7 @@ from blockdiff.errors import BlockdiffError
 
 from discrep.core import errors as errmod
 from discrep.core.beneath import open_beneath
-from discrep.core.errors import Error, LiveReadError, ManifestError, TransportError, WarningList
+from discrep.core.errors import Error, LiveChangedError, LiveReadError, ManifestError, TransportError, WarningList
 from discrep.core.paths import show
 from discrep.protocol import layout
 from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle, below
@@ -178,6 +178,7 @@ class RemoteSession:
         self.local_dir: Optional[str] = None
         self.state_dir = self.remote_dir = ""
         self.cycles = 0
+        self.read_live = True           # large files of a copy snapshot read live, verified before commit
 
     # -- set-up ----------------------------------------------------------
     def _start_mount(self, target: str) -> None:
@@ -205,7 +206,7 @@ class RemoteSession:
         if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
         self.agent = AgentClient(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals,
-                                 timeout=self.cfg.io_timeout)
+                                 timeout=self.cfg.io_timeout, read_live=self.read_live)
         hello = self.agent.expect(Hello)
         below(hello.dir, hello.state_dir, "the agent's export directory")
         self.state_dir, self.remote_dir = hello.state_dir, hello.dir
@@ -227,7 +228,22 @@ class RemoteSession:
 
     # -- one cycle ---------------------------------------------------------
     def cycle(self, warnings: WarningList, progress=None) -> Dict[str, Any]:
-        """One cycle on this session: the source builds it, DEST is patched, the source is told."""
+        """One cycle on this session: the source builds it, DEST is patched, the source is told.  A
+        file read live that changed meanwhile rolls the cycle back: it is run again with copies."""
+        first = WarningList()
+        try:
+            res = self._cycle(first, progress)
+        except LiveChangedError as e:
+            log.info("%s; running the cycle again with the changed files copied", e)
+            self.read_live = False
+            try:
+                return self._cycle(warnings, progress)
+            finally:
+                self.read_live = True
+        warnings.items.extend(first.items)
+        return res
+
+    def _cycle(self, warnings: WarningList, progress=None) -> Dict[str, Any]:
         t0 = time.monotonic()
         # --force lets only the first cycle of a session into a non-empty DEST
         ropts = self.opts.replica if self.cycles == 0 else replace(self.opts.replica, force=False)
@@ -277,8 +293,8 @@ class RemoteSession:
         if opened:
             self._open(rcycle if plain else None, stream, totals)
         if not opened or not plain:
-            self._agent().send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals, filters=spec.wire(),
-                                       delete_excluded=spec.delete_excluded))
+            self._agent().send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals, read_live=self.read_live,
+                                          filters=spec.wire(), delete_excluded=spec.delete_excluded))
         kinds: Tuple[Type[Event], ...] = (Segment, Built) if stream else (Built,)
         return cast(Union[Segment, Built], self._agent().expect_any(kinds))
 
@@ -309,7 +325,7 @@ class RemoteSession:
         """Patch DEST from ``reader``: (sync's stats, the built cycle)."""
         try:
             stats = sync(reader, os.fsencode(self.dest), ropts, warnings=warnings, progress=progress,
-                         stream=stream)
+                         stream=stream, live_changed=self._agent().live_changed if stream is None else None)
             if stream is not None:
                 stream.finish()
         except (OSError, Error, BlockdiffError) as e:

@@ -101,7 +101,7 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
                 warnings: Optional[WarningList] = None,
                 on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True,
                 consistency: str = "", on_captured: Optional[Callable[[], None]] = None,
-                defer: bool = True, filters: Optional[FilterSpec] = None) -> BuiltCycle:
+                defer: bool = True, read_live: bool = False, filters: Optional[FilterSpec] = None) -> BuiltCycle:
     """Build the next cycle of ``root`` (see module doc).
 
     ``on_segment``: streamed build.  The manifest is also cut into segments
@@ -113,7 +113,11 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
 
     Snapshot hooks (``source.hooks``): ``consistency`` goes into the cycle header,
     ``on_captured`` is called once the snapshot holds everything the cycle exports, and
-    ``defer=False`` makes a streamed build capture its large files too instead of reading them live.
+    ``defer=False`` makes the build capture its large files too instead of reading them live.
+
+    ``read_live`` (the agent, whose replica verifies before it commits): a ``copy`` snapshot does
+    not copy large files, as in a streamed build; the replica reads them live and the cycle is
+    checked afterwards (source.deferred).
 
     ``filters``: the replica's rules (source.filtering): excluded paths are not walked nor
     journaled into the cycle; the cycle records the spec (cycle.json, the catalog's cycle row)."""
@@ -124,6 +128,7 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
     with locked_state(root) as (journal, catalog):
         build = _CycleBuild(root, journal, catalog, warnings, on_segment, filters or FilterSpec())
         build.consistency, build.on_captured, build.defer = consistency, on_captured, defer
+        build.read_live = read_live
         try:
             return build.run(snapshot_kind, force_scan, min_cycle, totals)
         finally:
@@ -155,6 +160,7 @@ class _CycleBuild:
         self.consistency = ""                             # snapshot hooks: see build_cycle
         self.on_captured: Optional[Callable[[], None]] = None
         self.defer = True
+        self.read_live = False                            # large files read live, verified after (copy)
 
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
@@ -211,7 +217,8 @@ class _CycleBuild:
             # read live and verified afterwards (settle_deferred), as a copy would have been
             self.snap = snapmod.take(self.kind, root, self.n, ordered, self.warnings, inline_max=SMALL_MAX,
                                      stats=self.stats,
-                                     defer_over=SMALL_MAX if self.on_segment is not None and self.defer else None)
+                                     defer_over=SMALL_MAX if (self.on_segment is not None or self.read_live)
+                                     and self.defer else None)
         for k in ("op", "path"):
             root_meta.pop(k, None)
         self.root_meta = root_meta
