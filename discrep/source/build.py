@@ -37,10 +37,12 @@ from discrep.journal.changes import coalesce
 from discrep.journal.store import Journal
 from discrep.protocol import cbt, layout
 from discrep.protocol.agent_messages import Segment
+from discrep.protocol.filterspec import FilterSpec
 from discrep.protocol.manifest import ManifestWriter, entry_for, file_line
 from discrep.source import snapshot as snapmod
 from discrep.source.catalog import CycleRec, PendingRow, SourceCatalog
 from discrep.source.cycles import cycle_dir, locked_state
+from discrep.source.filtering import SourceFilter
 from discrep.source.scan import map_through, scan
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,9 @@ class BuiltCycle:
 
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
                 warnings: Optional[WarningList] = None,
-                on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True) -> BuiltCycle:
+                on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True,
+                consistency: str = "", on_captured: Optional[Callable[[], None]] = None,
+                defer: bool = True, read_live: bool = False, filters: Optional[FilterSpec] = None) -> BuiltCycle:
     """Build the next cycle of ``root`` (see module doc).
 
     ``on_segment``: streamed build.  The manifest is also cut into segments
@@ -105,14 +109,31 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
     ``on_segment`` is called with a ``Segment`` (number, packs, entries, ...) after each one is
     on disk, so a replica can apply the cycle while it is still being built.  Segment 0 carries
     the totals (files, bytes) of the cycle -- unless ``totals`` is false: then a first cycle is
-    built as the tree is walked (the first segment comes at once, no walk before it)."""
+    built as the tree is walked (the first segment comes at once, no walk before it).
+
+    Snapshot hooks (``source.hooks``): ``consistency`` goes into the cycle header,
+    ``on_captured`` is called once the snapshot holds everything the cycle exports, and
+    ``defer=False`` makes the build capture its large files too instead of reading them live.
+
+    ``read_live`` (the agent, whose replica verifies before it commits): a ``copy`` snapshot does
+    not copy large files, as in a streamed build; the replica reads them live and the cycle is
+    checked afterwards (source.deferred).
+
+    ``filters``: the replica's rules (source.filtering): excluded paths are not walked nor
+    journaled into the cycle; the cycle records the spec (cycle.json, the catalog's cycle row)."""
     warnings = warnings if warnings is not None else WarningList()
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} does not exist or is not a directory",
                           hint="check the path")
     with locked_state(root) as (journal, catalog):
-        build = _CycleBuild(root, journal, catalog, warnings, on_segment)
-        return build.run(snapshot_kind, force_scan, min_cycle, totals)
+        build = _CycleBuild(root, journal, catalog, warnings, on_segment, filters or FilterSpec())
+        build.consistency, build.on_captured, build.defer = consistency, on_captured, defer
+        build.read_live = read_live
+        try:
+            return build.run(snapshot_kind, force_scan, min_cycle, totals)
+        finally:
+            if build.flt is not None:
+                build.flt.close()
 
 
 class _CycleBuild:
@@ -121,8 +142,11 @@ class _CycleBuild:
     maps; the pending catalog rows), record (the cycle in the catalog)."""
 
     def __init__(self, root: bytes, journal: Journal, catalog: SourceCatalog, warnings: WarningList,
-                 on_segment: Optional[Callable[[Segment], None]]):
+                 on_segment: Optional[Callable[[Segment], None]], spec: FilterSpec):
         self.root, self.journal, self.catalog, self.warnings = root, journal, catalog, warnings
+        self.spec = spec
+        self.flt = SourceFilter(root, spec) if spec.active else None      # None: everything selected
+        self.excluded_gone: List[bytes] = []              # catalog paths the rules now exclude: deletes
         self.on_segment = on_segment
         self.stats: Dict[bytes, os.stat_result] = {}      # lstat of what a scan or walk saw
         self.walk_errors: List[str] = []
@@ -133,6 +157,10 @@ class _CycleBuild:
         self.nfiles = self.nbytes = self.idx = 0
         self.segs = self.seg_mark = 0                     # segments cut, manifest count at the last cut
         self.base_snap: Optional[bytes] = None
+        self.consistency = ""                             # snapshot hooks: see build_cycle
+        self.on_captured: Optional[Callable[[], None]] = None
+        self.defer = True
+        self.read_live = False                            # large files read live, verified after (copy)
 
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
@@ -141,11 +169,16 @@ class _CycleBuild:
         try:
             self._plan(kind, force_scan, min_cycle, totals)
             ordered = self._capture()
+            atomic = self.kind == "btrfs" and not self.walking    # whole tree captured at once
+            if atomic and self.on_captured is not None:
+                self.on_captured()
             self._open_dir()
             try:
-                self._write(ordered)
+                self._write(ordered)        # copy, reflink: small files are captured here, into packs
             finally:
                 self.mw.close()
+            if not atomic and self.on_captured is not None:
+                self.on_captured()
             return self._record(t0)
         finally:
             for lp in (self.live, self.in_snap, getattr(getattr(self, "cap", None), "live", None)):
@@ -170,6 +203,9 @@ class _CycleBuild:
         self.kind = snapmod.choose(kind, self.root)
         self.use_journal = (not force_scan and self.base > 0 and self.journal.gap() is None
                             and watcher_alive(self.root))
+        if self.use_journal and self.flt is not None and self.flt.needs_scan(
+                self.journal.entries(self.acked_cut, self.journal.last_seq())):
+            self.use_journal = False
         # a first streamed cycle nobody shows totals for: walk, capture and stream in one pass
         self.walking = (self.on_segment is not None and not totals and self.base == 0 and not self.use_journal
                         and self.kind in ("copy", "reflink"))
@@ -186,11 +222,12 @@ class _CycleBuild:
             self.moves: Dict[bytes, bytes] = {}
             root_meta = entry_for(b"", root, os.lstat(root))
             self.snap, self.cap = snapmod.start(self.kind, root, self.n, self.warnings, inline_max=SMALL_MAX,
-                                                defer_over=SMALL_MAX)
-            ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors, self._vanished)
+                                                defer_over=SMALL_MAX if self.defer else None)
+            ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors, self._vanished, self.flt)
         else:
             self.cut, self.moves, root_meta, ordered = _changed_paths(
-                root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats, self.late)
+                root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats, self.late,
+                self.flt, self.excluded_gone)
             for p in self.late:
                 self.warnings.add(show(p), "moved or vanished while the source was scanned; "
                                            "left as it was, looked at again next cycle")
@@ -198,7 +235,8 @@ class _CycleBuild:
             # read live and verified afterwards (settle_deferred), as a copy would have been
             self.snap = snapmod.take(self.kind, root, self.n, ordered, self.warnings, inline_max=SMALL_MAX,
                                      stats=self.stats,
-                                     defer_over=SMALL_MAX if self.on_segment is not None else None)
+                                     defer_over=SMALL_MAX if (self.on_segment is not None or self.read_live)
+                                     and self.defer else None)
         for k in ("op", "path"):
             root_meta.pop(k, None)
         self.root_meta = root_meta
@@ -216,12 +254,18 @@ class _CycleBuild:
             "change_source": "journal" if self.use_journal else "scan",
             "block_size": blockdiff.FINE_SIZE, "factor": blockdiff.COARSE_FACTOR, "root": self.root_meta,
             "source_id": self.catalog.source_id()}
+        if self.spec.active or self.spec.delete_excluded:
+            self.header["filters"] = self.spec.record()
+        if self.consistency:
+            self.header["consistency"] = self.consistency
         self.mw = ManifestWriter(os.fsdecode(join(cdir, layout.MANIFEST_FILE)), self.header)
         self.packer = _Packer(cdir)
 
     # -- write -------------------------------------------------------------
     def _write(self, ordered: Iterable[bytes]) -> None:
         self._add_moves()
+        for p in self.excluded_gone:          # replicated before, excluded now: the replica decides
+            self._delete(p)
         self.base_snap = self._base_snapshot()
         self._add_paths(ordered)
         if self.walking:
@@ -395,7 +439,7 @@ class _CycleBuild:
             json.dump(dict(self.header, entries=mw.count, packs=self.packer.count), f)
         change_source = self.header["change_source"]
         rec = CycleRec(n, self.base, self.cut, "built", self.kind, self.snap.root, time.time_ns(),
-                       {"entries": mw.count, "change_source": change_source})
+                       {"entries": mw.count, "change_source": change_source, "filters": self.spec.record()})
         self.catalog.add_cycle(rec, self.pending)
         if self.snap.skipped or self.late:  # at-least-once: look again next cycle
             self.journal.append_many(("touch", p, None, None) for p in sorted(self.snap.skipped | self.late))
@@ -405,17 +449,20 @@ class _CycleBuild:
 
 
 def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: int, acked_cut: int,
-                   use_journal: bool, stats: Dict[bytes, os.stat_result], late: Set[bytes]
+                   use_journal: bool, stats: Dict[bytes, os.stat_result], late: Set[bytes],
+                   flt: Optional[SourceFilter] = None, gone: Optional[List[bytes]] = None
                    ) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
     """What the cycle looks at: (journal cut, moves new -> base, the top directory's entry, the
     touched paths in manifest order); ``stats`` gets the lstat of every touched path that exists
     (the scan's, or taken right after the cut); ``late`` the paths that moved or vanished while
-    the scan ran (not touched: looked at next cycle)."""
+    the scan ran (not touched: looked at next cycle).  ``flt``: only what the filter selects (the
+    scan does not walk excluded paths; excluded journal entries are dropped, those the catalog
+    holds go to ``gone``)."""
     scanned: List[bytes] = []
     if not use_journal:
         # with nothing acknowledged yet every path is new: the scan's list is used as it is
         # instead of being journaled and read back (the marker is still journaled)
-        sres = scan(root, catalog, journal, journal_touched=base > 0)
+        sres = scan(root, catalog, journal, journal_touched=base > 0, keep=flt.keep if flt else None)
         stats.update(sres.stats)
         late.update(sres.vanished)
         if base == 0:
@@ -424,16 +471,21 @@ def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: 
         wait_for_watcher(root, journal)
     cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
     cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
+    if flt is not None:
+        (gone if gone is not None else []).extend(flt.prune(cs, catalog.exists))
     touched = set(cs.touched)
     touched.update(scanned)
     for p in list(cs.expand):           # subtrees that must be looked at whole
         full = join(root, p)
         if os.path.isdir(full) and not os.path.islink(full):
-            touched.update(p + b"/" + rel for rel, _st in walk(full))
+            touched.update(p + b"/" + rel for rel, _st in walk(full, keep=flt.keep_below(p) if flt else None))
     for new in cs.moves:                # a moved directory's metadata is rewritten too
         touched.add(new)
     if not catalog.empty():             # (nothing replicated yet: no siblings, no stale subtrees)
+        asked = set(touched)
         _add_related(root, catalog, touched, stats, cs.moves, use_journal)
+        if flt is not None:             # what it added: only as the rules select
+            touched -= {p for p in touched - asked if not flt.allowed(p)}
     root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
     # parents before children, once (NUL sorts below every byte of a name: same order as by components)
     return cut, dict(cs.moves), root_meta, sorted(touched, key=lambda q: q.replace(b"/", b"\0"))
@@ -512,7 +564,8 @@ def _settle_paths(root: bytes, touched: Set[bytes], stats: Dict[bytes, os.stat_r
 
 
 def _walk_capturing(root: bytes, cap: "snapmod.Capturer", stats: Dict[bytes, os.stat_result],
-                    errors: List[str], vanished: Callable[[bytes], None]) -> Iterator[bytes]:
+                    errors: List[str], vanished: Callable[[bytes], None],
+                    flt: Optional[SourceFilter] = None) -> Iterator[bytes]:
     """Every path below ``root`` in manifest order, each captured into the snapshot (and its lstat
     put in ``stats``) just before it is yielded; unreadable directories go to ``errors``, entries
     gone while the walk ran to ``vanished``."""
@@ -521,7 +574,7 @@ def _walk_capturing(root: bytes, cap: "snapmod.Capturer", stats: Dict[bytes, os.
             vanished(rel)
         else:
             errors.append(f"{show(rel) or '.'}: {e.strerror}")
-    for rel, st in walk(root, on_error=on_error, on_vanished=vanished):
+    for rel, st in walk(root, on_error=on_error, keep=flt.keep if flt else None, on_vanished=vanished):
         stats[rel] = st
         cap.add(rel, st)
         yield rel

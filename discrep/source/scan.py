@@ -26,7 +26,7 @@ import logging
 import os
 import stat as statmod
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from discrep.core.errors import SourceError
 from discrep.journal.store import Journal
@@ -58,18 +58,20 @@ class ScanResult:
     vanished: List[bytes] = field(default_factory=list)
 
 
-def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touched: bool = True) -> ScanResult:
+def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touched: bool = True,
+         keep: Optional[Callable[[bytes, os.stat_result], bool]] = None) -> ScanResult:
     """Walk ``root``, journal what differs from ``catalog``; closes the journal gap.
 
     ``journal_touched=False``: the touched paths are only returned (the caller uses them
-    directly); the scan marker and moves are journaled all the same."""
+    directly); the scan marker and moves are journaled all the same.  ``keep``: the walk's
+    filter hook (source.filtering): catalog paths it excludes look vanished (deletes)."""
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} is not a directory")
     gen = journal.gap_generation()
     begin_seq = journal.last_seq()
     base = catalog.load_all()
     res = ScanResult()
-    seen_base, new_paths, live_dirs, unsure = _compare(root, base, res)
+    seen_base, new_paths, live_dirs, unsure = _compare(root, base, res, keep)
     missing = {p: r for p, r in base.items() if p not in seen_base and not _below_any(p, unsure)}
     moves, consumed = _match_renames(new_paths, missing, res)
     kept = _drop_implied(moves)
@@ -91,7 +93,8 @@ def _touch(res: ScanResult, rel: bytes, st: os.stat_result) -> None:
     res.stats[rel] = st
 
 
-def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult
+def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult,
+             keep: Optional[Callable[[bytes, os.stat_result], bool]] = None
              ) -> Tuple[Set[bytes], List[Tuple[bytes, os.stat_result]], Set[bytes], Set[bytes]]:
     """Walk the tree against the catalog: (catalog paths still there as the same object, paths
     that are new or another object now, the live directories, the paths whose state the walk
@@ -114,7 +117,7 @@ def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult
         else:
             errors.append(f"{os.fsdecode(rel) or '.'}: {e.strerror}")
 
-    for rel, st in walk(root, on_error=on_error, on_vanished=unsure.add):
+    for rel, st in walk(root, on_error=on_error, keep=keep, on_vanished=unsure.add):
         res.seen += 1
         if statmod.S_ISDIR(st.st_mode):
             live_dirs.add(rel)
