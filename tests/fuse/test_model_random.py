@@ -20,12 +20,12 @@ Variants (one pytest test each):
   taken after it) -- or, for a kill from outside that came after the commit, the source -- and
   the next cycle must equal the source.
 
-Known bugs.  Every bug this test found is fixed and kept as a plain test in
-test_model_regressions.py (bugs 1-9; 8 is in test_model_races.py).  The model has no guards and tolerates no symptom: a cycle
-must exit 0 and leave DEST equal to SRC.  (``DISCREP_MODEL_STRICT=1``, which turned the guards of
-the known bugs off, is accepted and changes nothing now.)  A new bug that cannot be fixed at once
-gets a strict-xfail regression test; a guard here, if one is needed to keep long runs useful,
-must name that test and go away with the fix.
+Known bugs. Every bug this test found is fixed and kept as a plain test in
+test_model_regressions.py (bugs 1-9; 8 is in test_model_races.py). The model has no guards and
+tolerates no symptom: a cycle must exit 0 and leave DEST equal to SRC. (``DISCREP_MODEL_STRICT=1``,
+which turned the guards of the known bugs off, is accepted and changes nothing now.) A new bug that
+cannot be fixed at once gets a strict-xfail regression test; a guard here, if one is needed to keep
+long runs useful, must name that test and go away with the fix.
 
 The operations of an example are recorded with ``note()`` as readable lines (``rename
 b'a' -> b'd/b'``), so a failure prints the shrunk sequence as operations on paths as well as
