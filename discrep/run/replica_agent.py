@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -142,8 +143,25 @@ def apply_cycle(dest: str, ropts: ReplicaOptions, listener: socket.socket, work:
             log.warning("cannot remove %s: %s", mnt, e)
 
 
+def relay_socket_ok(sock_path: str) -> bool:
+    """``sock_path`` is a replica agent's socket: ``<tmp>/discrep-push-*/sftp``, a socket in a 0700
+    directory of ours (the relay connects to nothing else the source names)."""
+    d, name = os.path.split(sock_path)
+    if name != SOCKET_NAME or not os.path.basename(d).startswith("discrep-push-") or not os.path.isabs(d):
+        return False
+    try:
+        dst, sst = os.lstat(d), os.lstat(sock_path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(dst.st_mode) and stat.S_IMODE(dst.st_mode) == 0o700 and dst.st_uid == os.getuid()
+            and stat.S_ISSOCK(sst.st_mode))
+
+
 def run_sftp_relay(sock_path: str) -> int:
     """Copy stdin to the unix socket ``sock_path`` and the socket to stdout until either ends."""
+    if not relay_socket_ok(sock_path):
+        log.error("%s is not a replica agent's socket", sock_path)
+        return 11
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(sock_path)

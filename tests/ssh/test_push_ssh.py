@@ -77,6 +77,9 @@ def test_push_first_copy_and_incremental(sshd: Sshd, work_dir: Path) -> None:
     _need()
     src, dst = work_dir / "src", work_dir / "dst"
     helpers.make_sample_tree(src)
+    with open(os.path.join(os.fsencode(src), b"caf\xe9 not utf-8.txt"), "wb") as f:   # names cross as bytes
+        f.write(b"latin-1 name\n")
+    os.symlink("../../outside", src / "dir_a" / "points_out")                        # a link is data
     res = _ok(push(sshd, src, dst))
     assert res["direction"] == "push" and res["cycle"] == 1 and res["connections"] == 1
     assert helpers.tree_equal(src, dst) == []
