@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -127,7 +128,11 @@ def test_push_errors_map(sshd: Sshd, work_dir: Path) -> None:
     _no_leftovers(sshd, src)
 
 
-def test_push_connection_killed_mid_cycle(sshd: Sshd, work_dir: Path) -> None:
+@pytest.mark.parametrize("how", ["sshd-killed", "ctrl-c"])
+def test_push_interrupted_mid_cycle(sshd: Sshd, work_dir: Path, how: str) -> None:
+    """The connection dies (every sshd process killed) or the user presses Ctrl-C while the replica
+    reads the cycle: the replica stays at its last committed cycle, nothing is left on either side,
+    and the next push completes."""
     _need()
     src, dst, before = work_dir / "src", work_dir / "dst", work_dir / "before"
     helpers.make_sample_tree(src)
@@ -148,18 +153,25 @@ def test_push_connection_killed_mid_cycle(sshd: Sshd, work_dir: Path) -> None:
             assert time.monotonic() < deadline, "the replica never mounted the export"
             time.sleep(0.005)
         time.sleep(0.5)
-        sshd.kill_all()
+        if how == "ctrl-c":
+            p.send_signal(signal.SIGINT)
+        else:
+            sshd.kill_all()
         out, err = p.communicate(timeout=90)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode in (11, 12), err
-    assert "lost" in err or "connection" in err.lower(), err
-    assert helpers.tree_equal(before, dst) == [], "the replica is not at its last committed cycle"
+    if how == "ctrl-c":
+        assert p.returncode == 130, err
+    else:
+        assert p.returncode in (11, 12), err
+        assert "lost" in err or "connection" in err.lower(), err
     _no_leftovers(sshd, src)
-    sshd.stop()
-    sshd.start()
+    assert helpers.tree_equal(before, dst) == [], "the replica is not at its last committed cycle"
+    if how != "ctrl-c":
+        sshd.stop()
+        sshd.start()
     res = _ok(push(sshd, src, dst))
     assert res["cycle"] >= 2
     assert helpers.tree_equal(src, dst) == []
