@@ -85,12 +85,14 @@ def replicate_push(opts: CycleOptions, warnings: Optional[WarningList] = None) -
     exe = opts.ssh.remote_discrep or "discrep"
     conn = Connection(cfg, bwlimit=bwlimit)
     conn.connect()
+    log.info("connected in %.2fs", time.monotonic() - t0)
     from discrep.transport.replica_client import ReplicaAgentClient
     client: Optional[ReplicaAgentClient] = None
     try:
         client = ReplicaAgentClient(conn, replica_agent_command(exe, rdest, opts.replica, cfg.io_timeout),
                                     cfg.io_timeout)
         hello = client.expect(ReplicaHello)
+        log.info("replica agent ready after %.2fs", time.monotonic() - t0)
         res = _cycle(opts, conn, client, hello, exe, warnings)
         client.send(PushBye())
         client.warnings_into(warnings)
@@ -104,6 +106,46 @@ def replicate_push(opts: CycleOptions, warnings: Optional[WarningList] = None) -
     res.update({"duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings), "direction": "push",
                 "connections": 1, **({"bwlimit": bwlimit} if bwlimit else {})})
     return res
+
+
+class DirectFiles:
+    """The export's big byte aliases opened straight from where they live, skipping the FUSE hop (as a
+    pull's DirectDataReader does): ``.discrep/data/<idx>`` from the snapshot, ``.discrep/pack/<k>`` from
+    the cycle directory.  Everything else (and anything that cannot be opened so) goes through the
+    export.  The manifest is the source's own; paths are opened beneath their directories anyway."""
+
+    def __init__(self, bsrc: bytes, cycle: int, snapshot: bytes) -> None:
+        from discrep.core.paths import dec
+        from discrep.protocol import layout
+        from discrep.protocol.manifest import read_lines
+        from discrep.source.cycles import cycle_dir
+        self.layout = layout
+        cdir = cycle_dir(bsrc, cycle)
+        with open(os.path.join(cdir, layout.MANIFEST_FILE), "rb") as f:
+            _header, entries = read_lines(f.read())
+        self.files: Dict[int, bytes] = {int(e["idx"]): dec(e["path"]) for e in entries
+                                        if e.get("op") == "file" and not e.get("live")}
+        self.snap_fd = os.open(snapshot, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.cycle_fd = os.open(cdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __call__(self, rel: bytes) -> Optional[int]:
+        from discrep.core.beneath import open_beneath
+        lay = self.layout
+        kind, _, name = rel.rpartition(b"/")
+        if not name.isdigit() or len(name) > 18:
+            return None
+        try:
+            if kind == lay.CONTROL + b"/" + lay.DATA and int(name) in self.files:
+                return open_beneath(self.snap_fd, self.files[int(name)], os.O_RDONLY | os.O_NONBLOCK)
+            if kind == lay.CONTROL + b"/" + lay.PACK:
+                return open_beneath(self.cycle_fd, lay.PACK_FILE % int(name), os.O_RDONLY)
+        except OSError:
+            return None
+        return None
+
+    def close(self) -> None:
+        os.close(self.snap_fd)
+        os.close(self.cycle_fd)
 
 
 def _need_fuse() -> None:
@@ -128,6 +170,7 @@ def _cycle(opts: CycleOptions, conn: Connection, client: Any, hello: ReplicaHell
     from discrep.transport.replica_client import ExportServer
     bsrc = os.fsencode(os.path.abspath(opts.src))
     rcycle = hello.cycle
+    t0 = time.monotonic()
     if rcycle < 0:
         raise TransportError(f"the replica agent reported cycle {rcycle}")
     spec = opts.replica.filter_spec()
@@ -136,22 +179,28 @@ def _cycle(opts: CycleOptions, conn: Connection, client: Any, hello: ReplicaHell
     hooks = opts.hooks if opts.hooks is not None else load_hook_file(bsrc)
     built = build_with_hooks(bsrc, hooks, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings,
                              force_scan=rescan, filters=spec)
+    t_built = time.monotonic()
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
         try:
             export = fuse_export.BackgroundExport(make_view(bsrc, built.cycle), mnt).start()
+            t_export = time.monotonic()
         except fuse_export.MountError as e:
             raise FuseUnavailableError(f"cannot mount the export: {e}") from None
+        direct = DirectFiles(bsrc, built.cycle, built.snapshot)
         try:
-            server = ExportServer(conn, f"{q(exe)} replica-agent --sftp-relay {q(hello.socket)}", mnt)
+            server = ExportServer(conn, f"{q(exe)} replica-agent --sftp-relay {q(hello.socket)}", mnt, direct)
             try:
                 client.send(Apply(cycle=built.cycle, filters=spec.wire(), delete_excluded=spec.delete_excluded))
                 applied = client.expect(Applied)
+                log.info("push cycle %d: build %.2fs, export %.2fs, replica applied in %.2fs", built.cycle,
+                         t_built - t0, t_export - t_built, time.monotonic() - t_export)
             finally:
                 stuck = server.close()
                 if stuck:
                     log.warning("%s", stuck)
         finally:
+            direct.close()
             export.stop()
     finally:
         shutil.rmtree(mnt, ignore_errors=True)

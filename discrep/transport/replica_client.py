@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import List, Optional, Tuple, Type, TypeVar, cast
+from typing import Callable, List, Optional, Tuple, Type, TypeVar, cast
 
 from discrep.core.errors import TransportError, WarningList
 from discrep.protocol.agent_messages import HINT, Alive, Failed, Message, parse_warning
@@ -135,16 +135,17 @@ class ReplicaAgentClient:
 class ExportServer:
     """The cycle's export served read-only on a relay channel (see module doc)."""
 
-    def __init__(self, conn: Connection, command: str, root: str) -> None:
+    def __init__(self, conn: Connection, command: str, root: str,
+                 direct: Optional[Callable[[bytes], Optional[int]]] = None) -> None:
         self.ch = conn.start(command)
-        self.root = root
+        self.root, self.direct = root, direct
         self.result: List[Tuple[str, object]] = []
         self.t = threading.Thread(target=self._run, daemon=True, name="discrep-sftp-serve")
         self.t.start()
 
     def _run(self) -> None:
         try:
-            self.result.append(("served", serve(self.ch, self.root)))
+            self.result.append(("served", serve(self.ch, self.root, self.direct)))
         except (SftpProtocolError, OSError, EOFError) as e:
             log.info("the export's SFTP session ended: %s", e)
             self.result.append(("error", e))

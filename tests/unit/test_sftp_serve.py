@@ -230,3 +230,32 @@ def _raw_listdir(client, path: bytes) -> list:
             if n not in (b".", b".."):
                 got.append(n)
     return sorted(got)
+
+
+def test_direct_opener(outside, tmp_path):
+    """``direct`` gives the bytes of a validated path another way; None falls back to the root."""
+    root, _ = outside
+    other = tmp_path / "other"
+    other.write_bytes(b"from the snapshot")
+    asked: list = []
+
+    def direct(rel: bytes):
+        asked.append(rel)
+        return os.open(other, os.O_RDONLY) if rel == b"d/f" else None
+    a, b = socket.socketpair()
+    t = threading.Thread(target=serve, args=(b, str(root), direct), daemon=True)
+    t.start()
+    c = paramiko.SFTPClient(NamedSocket(a))
+    try:
+        assert c.open("/d/f").read() == b"from the snapshot"
+        assert c.open("/d//./f").read() == b"from the snapshot"
+        with pytest.raises(IOError):
+            c.open("/d/../../secret/key")
+        with pytest.raises(IOError):
+            c.open("/up")                       # None: opened beneath the root, a symlink is refused
+    finally:
+        c.close()
+        a.close()
+        t.join(10)
+        b.close()
+    assert b"d/../../secret/key" not in asked and all(b".." not in r for r in asked)
