@@ -431,6 +431,11 @@ def case_n(ctx: Ctx) -> None:
     ctx.initial()
 
 
+@case("pl", "push --bwlimit: first copy of 32 MiB (a file and 1 000 small ones)", bwlimit=True, push=True)
+def case_pl(ctx: Ctx) -> None:
+    case_l(ctx)
+
+
 @case("pa", "push, initial: 100 000 files of 1-8 KiB (SRC host:DEST)", push=True)
 def case_pa(ctx: Ctx) -> None:
     case_a(ctx)

@@ -176,3 +176,23 @@ def test_push_interrupted_mid_cycle(sshd: Sshd, work_dir: Path, how: str) -> Non
     assert res["cycle"] >= 2
     assert helpers.tree_equal(src, dst) == []
     _no_leftovers(sshd, src)
+
+
+def test_push_filters(sshd: Sshd, work_dir: Path) -> None:
+    """Rules given on the source host select what the remote replica gets; --delete-excluded there too."""
+    _need()
+    src, dst, want = work_dir / "src", work_dir / "dst", work_dir / "want"
+    helpers.make_sample_tree(src)
+    (src / "junk.log").write_bytes(b"log\n")
+    (src / "dir_a" / "more.log").write_bytes(b"log\n")
+    _ok(push(sshd, src, dst, "--exclude", "*.log", "--exclude", "/dir_a/dir_b/"))
+    helpers.run(["rsync", "-aHAX", "--exclude=*.log", "--exclude=/dir_a/dir_b/", "--exclude=/.discrep/",
+                 f"{src}/", f"{want}/"])
+    assert helpers.tree_equal(want, dst) == []         # the same selection as rsync with the same rules
+    # excluded files put in DEST stay without --delete-excluded, and go with it
+    (dst / "kept.log").write_bytes(b"replica's own\n")
+    _ok(push(sshd, src, dst, "--exclude", "*.log", "--exclude", "/dir_a/dir_b/"))
+    assert (dst / "kept.log").exists()
+    _ok(push(sshd, src, dst, "--exclude", "*.log", "--delete-excluded"))
+    assert not (dst / "kept.log").exists() and (dst / "dir_a" / "dir_b").is_dir()
+    _no_leftovers(sshd, src)
