@@ -9,7 +9,9 @@ reach it through a counting TCP proxy (threads, optional one-way delay), so "wir
 bytes that crossed TCP in both directions, SSH overhead included.  discrep runs
 ``discrep replicate -F CFG --remote-discrep <venv discrep> ALIAS:SRC DEST`` (transport
 auto: sshfs); rsync runs ``rsync -aHAXS --delete --exclude=/.discrep/ -e 'ssh -F CFG'``.  Push rows
-(``p*``) run ``discrep replicate ... SRC ALIAS:DEST`` beside ``rsync ... SRC/ ALIAS:DEST/``.
+(``p*``) run ``discrep replicate ... SRC ALIAS:DEST`` beside ``rsync ... SRC/ ALIAS:DEST/``; there the
+tool's own process is the source side and sshd's sessions are the replica side, so the two CPU
+columns of a push row are source+replica.
 Each row is checked with ``rsync -aHAXnci --delete`` (nothing printed = identical).
 CPU seconds per side: the replica's is the tool's process and the children it waited for
 (``RUSAGE_CHILDREN``: discrep with sshfs, rsync with its ssh); the source's is what the

@@ -124,8 +124,9 @@ class ReplicaAgentClient:
         """EOF to the agent (it cleans up and exits); waits a little for its exit."""
         self._stop.set()
         try:
-            self.ch.shutdown_write()
-            self.ch.status_event.wait(15)
+            if self.conn.transport_alive():      # a dead connection: the remote side ends on its own
+                self.ch.shutdown_write()
+                self.ch.status_event.wait(15)
         except Exception as e:  # the connection is gone: the remote side cleans up on its own
             log.debug("closing the replica agent: %s", e)
         finally:
