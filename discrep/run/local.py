@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.core.paths import STATE_DIR, nested, state_dir
+from discrep.protocol.replicaid import check_replica_id
 from discrep.replica.sync import result_fields, sync
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
@@ -71,12 +72,21 @@ def prepare_dest(dest: str, *, force: bool) -> int:
         cat.close()
 
 
+def replica_id_of(dest: str) -> str:
+    """DEST's replica id (made once and kept in ``DEST/.discrep/replica.db``; DEST exists)."""
+    cat = ReplicaCatalog(os.fsdecode(state_dir(os.fsencode(dest))))
+    try:
+        return check_replica_id(cat.replica_id(), f"the replica id in {dest}/.discrep")
+    finally:
+        cat.close()
+
+
 def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
                     progress=None) -> Dict[str, Any]:
     """One whole cycle of a local pair (``opts.src`` and ``opts.dest`` on this host)."""
     import fuse_export
 
-    from discrep.source import cycles
+    from discrep.source import cycles, positions
     from discrep.source.export import make_view
     from discrep.source.hooks import build_with_hooks, load_hook_file
     from discrep.source.filtering import prepare_filters
@@ -95,16 +105,18 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailableError("/dev/fuse is missing")
     rcycle = prepare_dest(dest, force=opts.replica.force)
-    cycles.settle_source(bsrc, rcycle)
-    rescan = prepare_filters(bsrc, opts.replica.filter_spec())   # the rules changed: scan, or compare all
+    rid = opts.replica_id or replica_id_of(dest)
+    store = positions.store_for(bsrc, rid, rcycle)      # this replica's own position on the source
+    cycles.settle_source(bsrc, rcycle, store)
+    rescan = prepare_filters(bsrc, opts.replica.filter_spec(), store)   # the rules changed: scan, or compare all
     if opts.replica.checksum and rcycle:
-        cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
+        cycles.reset(bsrc, store)      # --checksum: a full cycle, so that every file is compared
     hooks = opts.hooks if opts.hooks is not None else load_hook_file(bsrc)
     built = build_with_hooks(bsrc, hooks, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings,
-                             force_scan=rescan, filters=opts.replica.filter_spec())
+                             force_scan=rescan, filters=opts.replica.filter_spec(), store=store)
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
-        view = make_view(bsrc, built.cycle)
+        view = make_view(bsrc, built.cycle, store=store)
         try:
             export = fuse_export.BackgroundExport(view, mnt).start()
         except fuse_export.MountError as e:
@@ -119,8 +131,9 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
             export.stop()
     finally:
         shutil.rmtree(mnt, ignore_errors=True)
-    cycles.ack_cycle(bsrc, built.cycle)
+    cycles.ack_cycle(bsrc, built.cycle, store)
     return {
+        "replica_id": rid,
         "cycle": built.cycle, "base": built.base, "change_source": built.change_source,
         "snapshot": built.provider, "entries": built.entries, **result_fields(stats),
         "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
