@@ -155,3 +155,44 @@ def test_three_replicas_in_turn_forget_and_fall_behind(work_dir):
         identical(src, dests["c"])
     finally:
         S.stop_watcher(p)
+
+
+def test_an_existing_pair_keeps_its_position(work_dir):
+    """A source and replica from before replica ids (one position in catalog.db, no id in DEST):
+    the replica's new id takes over that position -- no full comparison; one catch-up scan,
+    since the old cycle recorded no gap generation -- and the journal serves it after that."""
+    import sqlite3
+    src, dst = work_dir / "src", work_dir / "dst"
+    src.mkdir()
+    S.fill(src)
+    p = S.start_watcher(src, "inotify")
+    try:
+        S.sync_point(src)
+        first = replicate(src, dst)
+        sd = src / ".discrep"
+        (store,) = [r["store"] for r in cli("replicas", str(src))["replicas"]]
+        # the state an older version left: the position in catalog.db, no registry, no replica id
+        os.rename(sd / store, sd / "catalog.db")
+        (sd / "replicas.db").unlink()
+        con = sqlite3.connect(sd / "catalog.db")
+        con.execute("UPDATE cycles SET info = json_remove(info, '$.gap_gen')")
+        con.commit()
+        con.close()
+        con = sqlite3.connect(dst / ".discrep" / "replica.db")
+        con.execute("DELETE FROM meta WHERE k = 'replica_id'")
+        con.commit()
+        con.close()
+        change(src, 0)
+        S.sync_point(src)
+        r = replicate(src, dst)
+        assert r["base"] == first["cycle"] and r["change_source"] == "scan", r
+        identical(src, dst)
+        (pos,) = cli("replicas", str(src))["replicas"]
+        assert pos["store"] == "catalog.db" and pos["acked_cycle"] == r["cycle"], pos
+        change(src, 1)
+        S.sync_point(src)
+        r2 = replicate(src, dst)
+        assert r2["base"] == r["cycle"] and r2["change_source"] == "journal", r2
+        identical(src, dst)
+    finally:
+        S.stop_watcher(p)
