@@ -106,6 +106,7 @@ def ack_cycle(root: bytes, n: int, store: str = CATALOG_FILE) -> None:
         if rec.state != "built":
             raise SourceError(f"cycle {n} is {rec.state}; it cannot be acknowledged")
         catalog.ack(n)
+        positions.record_cut(root, store, rec.cut_seq)
         journal.trim(positions.trim_point(root, journal, store, rec.cut_seq))
         for old in catalog.cycles(["acked", "abandoned"]):
             if old.cycle < n or (old.cycle == n and old.provider == "copy"):
@@ -140,6 +141,7 @@ def reset(root: bytes, store: str = CATALOG_FILE) -> None:
         for rec in catalog.cycles(["built", "acked", "abandoned"]):
             _release(root, catalog, rec)
         catalog.forget()
+        positions.record_cut(root, store, None)
         if store == CATALOG_FILE and len(positions.stores(root)) <= 1:
             journal.mark_gap("source catalog reset")
 

@@ -36,9 +36,13 @@ What the stores share, and how it is kept correct:
   ``ts_ns``); its own scan, if it makes one, comes after.  That is only sound when no gap
   opened since its base cycle, which the gap generation guarantees.
 * **The registry** ``SRC/.discrep/replicas.db``: ``replicas(id, store, registered_ns,
-  seen_ns)`` and meta ``high_cycle``, ``hold_cap``.  A new id gets a fresh store, except that
-  the first id whose replica stands at the legacy store's acknowledged (or built) cycle
-  *adopts* ``catalog.db`` (the upgrade of an existing pair costs nothing).  An id the source
+  seen_ns, cut_seq)`` and meta ``high_cycle``, ``hold_cap``.  A new id gets a fresh store, except that
+  the first id whose replica stands at the legacy store's acknowledged (or built) cycle -- or
+  any first id while ``catalog.db`` holds no position -- *adopts* ``catalog.db`` (the upgrade of
+  an existing pair costs nothing, and a source with one replica keeps its position where
+  ``status`` and the service's metrics read it).  ``cut_seq`` repeats the store's acknowledged
+  cut (written after the store's own ack, under the source lock, so it is never ahead of it: a
+  stale value only holds more journal), so an ack reads one small file, not every catalog.  An id the source
   does not know, or whose position does not match the replica's committed cycle, gets a full
   comparison (``cycles.settle_source``), as a replaced replica always did.
 
@@ -81,7 +85,8 @@ DEFAULT_HOLD_CAP = 1_000_000        # journal entries one lagging replica may ho
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS replicas (
-    id TEXT PRIMARY KEY, store TEXT NOT NULL, registered_ns INTEGER NOT NULL, seen_ns INTEGER
+    id TEXT PRIMARY KEY, store TEXT NOT NULL, registered_ns INTEGER NOT NULL, seen_ns INTEGER,
+    cut_seq INTEGER
 );
 """ + META_SCHEMA
 
@@ -105,9 +110,11 @@ class _Registry:
     def close(self) -> None:
         self.con.close()
 
-    def rows(self) -> List[Tuple[str, str, int, int]]:
-        return [(r[0], r[1], r[2], r[3] or 0) for r in
-                self.con.execute("SELECT id, store, registered_ns, seen_ns FROM replicas ORDER BY registered_ns, id")]
+    def rows(self) -> List[Tuple[str, str, int, int, Optional[int]]]:
+        """(id, store, registered_ns, seen_ns, acknowledged cut or None) of every registered replica."""
+        return [(r[0], r[1], r[2], r[3] or 0, r[4]) for r in
+                self.con.execute("SELECT id, store, registered_ns, seen_ns, cut_seq FROM replicas "
+                                 "ORDER BY registered_ns, id")]
 
     def store_of(self, replica_id: str) -> Optional[str]:
         r = self.con.execute("SELECT store FROM replicas WHERE id = ?", (replica_id,)).fetchone()
@@ -159,9 +166,10 @@ def store_for(root: bytes, replica_id: Optional[str], replica_cycle: int) -> str
         return CATALOG_FILE
     fresh = store_file(replica_id)
     now = time.time_ns()
-    adopt = _legacy_at(root, replica_cycle)
     with _registry(root) as reg:
         assert reg is not None
+        known = reg.store_of(replica_id) is not None
+        adopt = not known and (_legacy_at(root, replica_cycle) or not _legacy_in_use(root))
         with transaction(reg.con) as con:
             r = con.execute("SELECT store FROM replicas WHERE id = ?", (replica_id,)).fetchone()
             if r is not None:
@@ -170,7 +178,7 @@ def store_for(root: bytes, replica_id: Optional[str], replica_cycle: int) -> str
             else:
                 taken = con.execute("SELECT 1 FROM replicas WHERE store = ?", (CATALOG_FILE,)).fetchone()
                 store = CATALOG_FILE if adopt and taken is None else fresh
-                con.execute("INSERT INTO replicas VALUES (?,?,?,?)", (replica_id, store, now, now))
+                con.execute("INSERT INTO replicas VALUES (?,?,?,?,NULL)", (replica_id, store, now, now))
                 log.info("replica %s registered (%s)", replica_id,
                          "takes over the legacy position" if store == CATALOG_FILE else "a new position")
     if store not in (CATALOG_FILE, fresh):
@@ -178,6 +186,8 @@ def store_for(root: bytes, replica_id: Optional[str], replica_cycle: int) -> str
                           hint="move SRC/.discrep/replicas.db aside (every replica gets a full comparison)")
     if store != CATALOG_FILE:
         _share_source_id(root, store)
+    elif not known:       # an adopted position holds the journal after its cut from now on
+        record_cut(root, store, _acked_cut(root, store))
     return store
 
 
@@ -197,7 +207,7 @@ def stores(root: bytes) -> Dict[str, str]:
     out: Dict[str, str] = {}
     with _registry(root, create=False) as reg:
         rows = reg.rows() if reg is not None else []
-    for rid, store, _reg, _seen in rows:
+    for rid, store, _reg, _seen, _cut in rows:
         out[rid] = store
     if CATALOG_FILE not in out.values() and _legacy_in_use(root):
         out[LEGACY_ID] = CATALOG_FILE
@@ -274,11 +284,12 @@ def trim_point(root: bytes, journal: Journal, store: str, cut: int) -> int:
     the lowest cut of every held position (a store lagging more than the hold cap is let go)."""
     with _registry(root, create=False) as reg:
         cap = reg.hold_cap() if reg is not None else DEFAULT_HOLD_CAP
+        cuts = {r[1]: r[4] for r in reg.rows()} if reg is not None else {}
     point = cut
     for rid, other in stores(root).items():
         if other == store:
             continue
-        ocut = _acked_cut(root, other)
+        ocut = cuts[other] if other in cuts else _acked_cut(root, other)   # (the legacy store: its catalog)
         if ocut is None or ocut >= point:
             continue
         if journal.count(ocut) > cap:
@@ -286,6 +297,15 @@ def trim_point(root: bytes, journal: Journal, store: str, cut: int) -> int:
             continue
         point = ocut
     return point
+
+
+def record_cut(root: bytes, store: str, cut: Optional[int]) -> None:
+    """``store``'s acknowledged cut is now ``cut`` (None: it holds nothing); after the store's own
+    change, under the source lock."""
+    with _registry(root, create=False) as reg:
+        if reg is not None:
+            with transaction(reg.con) as con:
+                con.execute("UPDATE replicas SET cut_seq = ? WHERE store = ?", (cut, store))
 
 
 def _acked_cut(root: bytes, store: str) -> Optional[int]:
