@@ -112,13 +112,22 @@ class _Registry:
 
     def rows(self) -> List[Tuple[str, str, int, int, Optional[int]]]:
         """(id, store, registered_ns, seen_ns, acknowledged cut or None) of every registered replica."""
-        return [(r[0], r[1], r[2], r[3] or 0, r[4]) for r in
+        return [(_checked(r[0], r[1]), r[1], r[2], r[3] or 0, r[4]) for r in
                 self.con.execute("SELECT id, store, registered_ns, seen_ns, cut_seq FROM replicas "
                                  "ORDER BY registered_ns, id")]
 
     def store_of(self, replica_id: str) -> Optional[str]:
         r = self.con.execute("SELECT store FROM replicas WHERE id = ?", (replica_id,)).fetchone()
-        return None if r is None else str(r[0])
+        return None if r is None else _checked(replica_id, r[0]) and str(r[0])
+
+
+def _checked(replica_id: object, store: object) -> str:
+    """A registry row is read like input: its id is an id and its store that id's file (or the
+    legacy catalog), never another file of the state directory."""
+    if not is_replica_id(replica_id) or store not in (CATALOG_FILE, f"catalog-{replica_id}.db"):
+        raise SourceError(f"the replica registry names a bad replica or store ({replica_id!r:.40}, {store!r:.60})",
+                          hint="move SRC/.discrep/replicas.db aside (every replica gets a full comparison)")
+    return str(replica_id)
 
     def hold_cap(self) -> int:
         return int(get_meta(self.con, "hold_cap") or DEFAULT_HOLD_CAP)
@@ -181,10 +190,8 @@ def store_for(root: bytes, replica_id: Optional[str], replica_cycle: int) -> str
                 con.execute("INSERT INTO replicas VALUES (?,?,?,?,NULL)", (replica_id, store, now, now))
                 log.info("replica %s registered (%s)", replica_id,
                          "takes over the legacy position" if store == CATALOG_FILE else "a new position")
-    if store not in (CATALOG_FILE, fresh):
-        raise SourceError(f"the replica registry of {os.fsdecode(root)} names a bad store {store!r:.60}",
-                          hint="move SRC/.discrep/replicas.db aside (every replica gets a full comparison)")
-    if store != CATALOG_FILE:
+    _checked(replica_id, store)
+    if store != CATALOG_FILE and (not known or not _has(root, store)):
         _share_source_id(root, store)
     elif not known:       # an adopted position holds the journal after its cut from now on
         record_cut(root, store, _acked_cut(root, store))
