@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.core.paths import STATE_DIR, nested, state_dir
@@ -43,6 +43,15 @@ def check_pair(src: str, dest: str) -> None:
 
 def prepare_dest(dest: str, *, force: bool) -> int:
     """Create DEST if needed; return the replica's last committed cycle."""
+    return _prepare(dest, force, with_id=False)[0]
+
+
+def prepare_replica(dest: str, *, force: bool) -> Tuple[int, str]:
+    """``prepare_dest``, and DEST's replica id (made once; one catalog open for both)."""
+    return _prepare(dest, force, with_id=True)
+
+
+def _prepare(dest: str, force: bool, with_id: bool) -> Tuple[int, str]:
     if not os.path.exists(dest):
         par = os.path.dirname(os.path.abspath(dest))
         if not os.path.isdir(par):
@@ -64,19 +73,12 @@ def prepare_dest(dest: str, *, force: bool) -> int:
                                    f"({len(others)} entries)",
                                    hint="use an empty directory, or --force to make it an exact copy "
                                         "(entries not in SRC are deleted)")
-        return 0
+        if not with_id:
+            return 0, ""
     cat = ReplicaCatalog(os.fsdecode(state_dir(os.fsencode(dest))))
     try:
-        return cat.last_committed()
-    finally:
-        cat.close()
-
-
-def replica_id_of(dest: str) -> str:
-    """DEST's replica id (made once and kept in ``DEST/.discrep/replica.db``; DEST exists)."""
-    cat = ReplicaCatalog(os.fsdecode(state_dir(os.fsencode(dest))))
-    try:
-        return check_replica_id(cat.replica_id(), f"the replica id in {dest}/.discrep")
+        rid = check_replica_id(cat.replica_id(), f"the replica id in {dest}/.discrep") if with_id else ""
+        return cat.last_committed(), rid
     finally:
         cat.close()
 
@@ -104,8 +106,8 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
         raise FuseUnavailableError(f"FUSE is not available: {e}") from None
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailableError("/dev/fuse is missing")
-    rcycle = prepare_dest(dest, force=opts.replica.force)
-    rid = opts.replica_id or replica_id_of(dest)
+    rcycle, rid = prepare_replica(dest, force=opts.replica.force)
+    rid = opts.replica_id or rid
     store = positions.store_for(bsrc, rid, rcycle)      # this replica's own position on the source
     cycles.settle_source(bsrc, rcycle, store)
     rescan = prepare_filters(bsrc, opts.replica.filter_spec(), store)   # the rules changed: scan, or compare all

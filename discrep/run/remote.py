@@ -53,7 +53,7 @@ from discrep.protocol import layout
 from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle, below
 from discrep.replica.sync import holds_only_state, result_fields, sync
 from discrep.replica.options import ReplicaOptions
-from discrep.run.local import prepare_dest, replica_id_of
+from discrep.run.local import prepare_replica
 from discrep.run.options import CycleOptions
 from discrep.transport.agent_client import AgentClient, CycleStream
 from discrep.transport.mount_reader import MountReader
@@ -248,7 +248,8 @@ class RemoteSession:
         t0 = time.monotonic()
         # --force lets only the first cycle of a session into a non-empty DEST
         ropts = self.opts.replica if self.cycles == 0 else replace(self.opts.replica, force=False)
-        rcycle = prepare_dest(self.dest, force=ropts.force)
+        rcycle, rid = prepare_replica(self.dest, force=ropts.force)
+        self.replica_id = self.opts.replica_id or rid
         # a first copy into an empty DEST is applied while the source still builds it
         want_stream = self.transport == "sshfs" and rcycle == 0 and holds_only_state(self.dest)
         marks = {"start": t0}
@@ -288,7 +289,6 @@ class RemoteSession:
     def _start_cycle(self, rcycle: int, stream: bool, totals: bool) -> Union[Segment, Built]:
         """Have the agent build the next cycle: its first segment (streamed) or ``built``."""
         spec = self.opts.replica.filter_spec()
-        self.replica_id = self.opts.replica_id or replica_id_of(self.dest)
         # rules and the replica id travel in the cycle command (validated and bounded there), never
         # on a command line
         if self.agent is None:

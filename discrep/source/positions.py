@@ -120,6 +120,9 @@ class _Registry:
         r = self.con.execute("SELECT store FROM replicas WHERE id = ?", (replica_id,)).fetchone()
         return None if r is None else _checked(replica_id, r[0]) and str(r[0])
 
+    def hold_cap(self) -> int:
+        return int(get_meta(self.con, "hold_cap") or DEFAULT_HOLD_CAP)
+
 
 def _checked(replica_id: object, store: object) -> str:
     """A registry row is read like input: its id is an id and its store that id's file (or the
@@ -128,9 +131,6 @@ def _checked(replica_id: object, store: object) -> str:
         raise SourceError(f"the replica registry names a bad replica or store ({replica_id!r:.40}, {store!r:.60})",
                           hint="move SRC/.discrep/replicas.db aside (every replica gets a full comparison)")
     return str(replica_id)
-
-    def hold_cap(self) -> int:
-        return int(get_meta(self.con, "hold_cap") or DEFAULT_HOLD_CAP)
 
 
 @contextmanager
