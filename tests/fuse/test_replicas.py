@@ -196,3 +196,31 @@ def test_an_existing_pair_keeps_its_position(work_dir):
         identical(src, dst)
     finally:
         S.stop_watcher(p)
+
+
+def test_two_replicas_with_different_filters(work_dir):
+    """Each position records its own rules: a replica with --exclude and one without, cycled in
+    turn, both from the journal, each equal to the source as its rules select it."""
+    src = work_dir / "src"
+    src.mkdir()
+    S.fill(src)
+    full, part = work_dir / "full", work_dir / "part"
+    p = S.start_watcher(src, "inotify")
+    try:
+        S.sync_point(src)
+        replicate(src, full)
+        cli("replicate", "--exclude=d3/", str(src), str(part))
+        for k in range(3):
+            change(src, k)
+            (src / "d3" / f"only-full{k}").write_bytes(b"x" * 100)
+            S.sync_point(src)
+            r = replicate(src, full)
+            assert r["change_source"] == "journal", r
+            identical(src, full)
+            r = cli("replicate", "--exclude=d3/", str(src), str(part))
+            assert r["change_source"] == "journal", r
+            assert not (part / "d3").exists()
+            diff = helpers.tree_equal(src, part)
+            assert [d for d in diff if "d3" not in d] == [], diff
+    finally:
+        S.stop_watcher(p)
