@@ -200,8 +200,8 @@ class _CycleBuild:
                             and watcher_alive(self.root)
                             and positions.journal_covers(self.journal, acked.info if acked else None,
                                                          self.acked_cut))
-        if self.use_journal and self.flt is not None and self.flt.needs_scan(
-                self.journal.entries(self.acked_cut, self.journal.last_seq())):
+        if self.use_journal and self.flt is not None and self.flt.needs_scan(positions.drop_foreign_scans(
+                self.journal.entries(self.acked_cut, self.plan_seq), self.plan_seq)):
             self.use_journal = False
         # a first streamed cycle nobody shows totals for: walk, capture and stream in one pass
         self.walking = (self.on_segment is not None and not totals and self.base == 0 and not self.use_journal
