@@ -38,6 +38,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, T
 
 from discrep.core import errors
 from discrep.core.errors import Error, ManifestError, TransportError
+from discrep.protocol.replicaid import check_replica_id
 
 HINT = "install the same discrep version on both hosts"
 MAX_PATH = 4096                 # longest path an event may name
@@ -99,6 +100,7 @@ class Message:
     SENDER: ClassVar[str] = ""     # who sends this kind of message
     NAME: ClassVar[str] = ""       # the message's name on the wire
     PATHS: ClassVar[Tuple[str, ...]] = ()   # fields that name a path on the source (see check_path)
+    IDS: ClassVar[Tuple[str, ...]] = ()     # fields that hold a replica id (protocol.replicaid)
     FIELDS: ClassVar[Tuple[Tuple[str, Any], ...]] = ()   # (name, default or _REQUIRED or a _Factory), in order
 
     def __init_subclass__(cls, **kw: Any) -> None:
@@ -180,6 +182,8 @@ class Message:
                                     f"({v!r:.60})", hint=HINT)
             if name in cls.PATHS and v is not None:
                 check_path(v, f"{cls.KEY} {cls.NAME!r}: field {name!r}")
+            if name in cls.IDS and v is not None:
+                check_replica_id(v, f"{cls.KEY} {cls.NAME!r}: field {name!r}")
             kw[name] = v
         return cls(**kw)
 
@@ -245,20 +249,27 @@ class StartCycle(Command):
     ``--replica-cycle``; continuous mode: the next one in the same session).  ``read_live``: the
     replica verifies (``verify``) before it commits, so a copy snapshot need not copy large files.
     ``filters``: the replica's rules as FilterRules JSON text (the agent bounds and validates it:
-    protocol.filterspec), ``delete_excluded`` its --delete-excluded."""
+    protocol.filterspec), ``delete_excluded`` its --delete-excluded.  ``replica_id``: the replica's
+    id (protocol.replicaid, checked on decode): the source keeps its acknowledged position per id
+    (source.positions); without one the replica shares the source's legacy position."""
     NAME: ClassVar[str] = "cycle"
+    IDS: ClassVar[Tuple[str, ...]] = ("replica_id",)
     replica_cycle: int
     stream: bool = False
     totals: bool = True
     read_live: bool = False
     filters: Optional[str] = None
     delete_excluded: bool = False
+    replica_id: Optional[str] = None
 
 
 class Ack(Command):
-    """The replica committed ``cycle``: unmount, acknowledge it on the source."""
+    """The replica committed ``cycle``: unmount, acknowledge it on the source (in the position of
+    ``replica_id``, which must be the one the cycle was built for)."""
     NAME: ClassVar[str] = "ack"
+    IDS: ClassVar[Tuple[str, ...]] = ("replica_id",)
     cycle: int
+    replica_id: Optional[str] = None
 
 
 class Export(Command):

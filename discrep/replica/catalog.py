@@ -202,3 +202,12 @@ class ReplicaCatalog:
 
     def set_meta(self, k: str, v: str) -> None:
         set_meta(self.con, k, v)
+
+    def replica_id(self) -> str:
+        """This replica's id (protocol.replicaid), made once: the source keeps a position per id."""
+        rid = get_meta(self.con, "replica_id")
+        if rid is not None:
+            return rid
+        import uuid
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('replica_id', ?)", (uuid.uuid4().hex,))
+        return str(get_meta(self.con, "replica_id"))

@@ -20,10 +20,11 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.core.paths import STATE_DIR, nested, state_dir
+from discrep.protocol.replicaid import check_replica_id
 from discrep.replica.sync import result_fields, sync
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
@@ -42,6 +43,15 @@ def check_pair(src: str, dest: str) -> None:
 
 def prepare_dest(dest: str, *, force: bool) -> int:
     """Create DEST if needed; return the replica's last committed cycle."""
+    return _prepare(dest, force, with_id=False)[0]
+
+
+def prepare_replica(dest: str, *, force: bool) -> Tuple[int, str]:
+    """``prepare_dest``, and DEST's replica id (made once; one catalog open for both)."""
+    return _prepare(dest, force, with_id=True)
+
+
+def _prepare(dest: str, force: bool, with_id: bool) -> Tuple[int, str]:
     if not os.path.exists(dest):
         par = os.path.dirname(os.path.abspath(dest))
         if not os.path.isdir(par):
@@ -63,10 +73,12 @@ def prepare_dest(dest: str, *, force: bool) -> int:
                                    f"({len(others)} entries)",
                                    hint="use an empty directory, or --force to make it an exact copy "
                                         "(entries not in SRC are deleted)")
-        return 0
+        if not with_id:
+            return 0, ""
     cat = ReplicaCatalog(os.fsdecode(state_dir(os.fsencode(dest))))
     try:
-        return cat.last_committed()
+        rid = check_replica_id(cat.replica_id(), f"the replica id in {dest}/.discrep") if with_id else ""
+        return cat.last_committed(), rid
     finally:
         cat.close()
 
@@ -76,7 +88,7 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
     """One whole cycle of a local pair (``opts.src`` and ``opts.dest`` on this host)."""
     import fuse_export
 
-    from discrep.source import cycles
+    from discrep.source import cycles, positions
     from discrep.source.export import make_view
     from discrep.source.hooks import build_with_hooks, load_hook_file
     from discrep.source.filtering import prepare_filters
@@ -94,17 +106,19 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
         raise FuseUnavailableError(f"FUSE is not available: {e}") from None
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailableError("/dev/fuse is missing")
-    rcycle = prepare_dest(dest, force=opts.replica.force)
-    cycles.settle_source(bsrc, rcycle)
-    rescan = prepare_filters(bsrc, opts.replica.filter_spec())   # the rules changed: scan, or compare all
+    rcycle, rid = prepare_replica(dest, force=opts.replica.force)
+    rid = opts.replica_id or rid
+    store = positions.store_for(bsrc, rid, rcycle)      # this replica's own position on the source
+    cycles.settle_source(bsrc, rcycle, store)
+    rescan = prepare_filters(bsrc, opts.replica.filter_spec(), store)   # the rules changed: scan, or compare all
     if opts.replica.checksum and rcycle:
-        cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
+        cycles.reset(bsrc, store)      # --checksum: a full cycle, so that every file is compared
     hooks = opts.hooks if opts.hooks is not None else load_hook_file(bsrc)
     built = build_with_hooks(bsrc, hooks, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings,
-                             force_scan=rescan, filters=opts.replica.filter_spec())
+                             force_scan=rescan, filters=opts.replica.filter_spec(), store=store)
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
-        view = make_view(bsrc, built.cycle)
+        view = make_view(bsrc, built.cycle, store=store)
         try:
             export = fuse_export.BackgroundExport(view, mnt).start()
         except fuse_export.MountError as e:
@@ -119,8 +133,9 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
             export.stop()
     finally:
         shutil.rmtree(mnt, ignore_errors=True)
-    cycles.ack_cycle(bsrc, built.cycle)
+    cycles.ack_cycle(bsrc, built.cycle, store)
     return {
+        "replica_id": rid,
         "cycle": built.cycle, "base": built.base, "change_source": built.change_source,
         "snapshot": built.provider, "entries": built.entries, **result_fields(stats),
         "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),

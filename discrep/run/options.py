@@ -29,6 +29,7 @@ class CycleOptions:
     ssh: SshOptions = field(default_factory=SshOptions)
     every: Optional[float] = None          # continuous mode: seconds between cycles
     hooks: Optional[HookOptions] = None    # snapshot hooks of a local source (None: SRC/.discrep/hooks.toml)
+    replica_id: Optional[str] = None       # the replica's id on the source (None: DEST's own, made once)
 
     @property
     def remote_source(self) -> bool:

@@ -53,7 +53,7 @@ from discrep.protocol import layout
 from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle, below
 from discrep.replica.sync import holds_only_state, result_fields, sync
 from discrep.replica.options import ReplicaOptions
-from discrep.run.local import prepare_dest
+from discrep.run.local import prepare_replica
 from discrep.run.options import CycleOptions
 from discrep.transport.agent_client import AgentClient, CycleStream
 from discrep.transport.mount_reader import MountReader
@@ -179,6 +179,7 @@ class RemoteSession:
         self.state_dir = self.remote_dir = ""
         self.cycles = 0
         self.read_live = True           # large files of a copy snapshot read live, verified before commit
+        self.replica_id: Optional[str] = None     # this replica's position on the source
 
     # -- set-up ----------------------------------------------------------
     def _start_mount(self, target: str) -> None:
@@ -247,7 +248,8 @@ class RemoteSession:
         t0 = time.monotonic()
         # --force lets only the first cycle of a session into a non-empty DEST
         ropts = self.opts.replica if self.cycles == 0 else replace(self.opts.replica, force=False)
-        rcycle = prepare_dest(self.dest, force=ropts.force)
+        rcycle, rid = prepare_replica(self.dest, force=ropts.force)
+        self.replica_id = self.opts.replica_id or rid
         # a first copy into an empty DEST is applied while the source still builds it
         want_stream = self.transport == "sshfs" and rcycle == 0 and holds_only_state(self.dest)
         marks = {"start": t0}
@@ -287,14 +289,13 @@ class RemoteSession:
     def _start_cycle(self, rcycle: int, stream: bool, totals: bool) -> Union[Segment, Built]:
         """Have the agent build the next cycle: its first segment (streamed) or ``built``."""
         spec = self.opts.replica.filter_spec()
-        # rules travel in the cycle command (validated and bounded there), never on a command line
-        plain = not spec.active and not spec.delete_excluded
-        opened = self.agent is None
-        if opened:
-            self._open(rcycle if plain else None, stream, totals)
-        if not opened or not plain:
-            self._agent().send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals, read_live=self.read_live,
-                                          filters=spec.wire(), delete_excluded=spec.delete_excluded))
+        # rules and the replica id travel in the cycle command (validated and bounded there), never
+        # on a command line
+        if self.agent is None:
+            self._open(None, stream, totals)
+        self._agent().send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals, read_live=self.read_live,
+                                      filters=spec.wire(), delete_excluded=spec.delete_excluded,
+                                      replica_id=self.replica_id))
         kinds: Tuple[Type[Event], ...] = (Segment, Built) if stream else (Built,)
         return cast(Union[Segment, Built], self._agent().expect_any(kinds))
 
@@ -347,7 +348,7 @@ class RemoteSession:
         """The replica committed cycle ``n``: tell the source (a failure here is settled by the next run)."""
         try:
             t_ack = time.monotonic()
-            self._agent().send(Ack(cycle=n))
+            self._agent().send(Ack(cycle=n, replica_id=self.replica_id))
             self._agent().expect(Acked)
             log.info("remote cycle %d: acknowledged in %.2fs", n, time.monotonic() - t_ack)
         except (TransportError, OSError, socket.error, EOFError) as e:

@@ -70,7 +70,9 @@ from discrep.protocol.agent_messages import (Ack, Acked, Alive, Built, Bye, Comm
                                              warning_line)
 from discrep.source.build import BuiltCycle
 from discrep.source.hooks import build_with_hooks, load_hook_file
+from discrep.source.catalog import CATALOG_FILE
 from discrep.source.cycles import ack_cycle, settle_source
+from discrep.source.positions import store_for
 from discrep.source.deferred import close_deferred, settle_deferred
 from discrep.source.export import make_view
 from discrep.source.filtering import prepare_filters
@@ -219,6 +221,8 @@ class _Agent:
         self.built: Optional[BuiltCycle] = None           # the cycle being served
         self.settled: Optional[Tuple[List[Dict[str, Any]], List[bytes]]] = None   # its deferred files
         self.served = 0
+        self.replica_id: Optional[str] = None              # whose position the cycle is built against
+        self.store = CATALOG_FILE
         self.streamed = False                              # the cycle being served was streamed
         self.state_dir = os.path.join(real, ".discrep")
         os.makedirs(self.state_dir, exist_ok=True)
@@ -255,7 +259,9 @@ class _Agent:
         if isinstance(cmd, Ack):
             # the export serves cycle N, which the ack keeps (it releases older ones): answer first,
             # unmount after (the replica closes its side meanwhile instead of waiting for ours)
-            ack_cycle(self.bsrc, cmd.cycle)
+            if cmd.replica_id != self.replica_id:     # a replica moves only its own position
+                raise SourceError("the ack names another replica than the cycle was built for")
+            ack_cycle(self.bsrc, cmd.cycle, self.store)
             self.out.say(Acked(cycle=cmd.cycle))
             self.end_cycle()
         elif isinstance(cmd, Export):          # a streamed cycle's replica needs the export
@@ -274,14 +280,15 @@ class _Agent:
         elif isinstance(cmd, StartCycle):      # the next cycle (continuous mode: same session)
             self.end_cycle()
             self.cycle(cmd.replica_cycle, cmd.stream, cmd.totals, cmd.read_live,
-                       FilterSpec.from_wire(cmd.filters, cmd.delete_excluded))
+                       FilterSpec.from_wire(cmd.filters, cmd.delete_excluded), cmd.replica_id)
 
     def cycle(self, rcycle: int, stream: bool, totals: bool = True, read_live: bool = False,
-              filters: Optional[FilterSpec] = None) -> None:
+              filters: Optional[FilterSpec] = None, replica_id: Optional[str] = None) -> None:
         """Settle against the replica's cycle ``rcycle``, build the next one with the replica's
         ``filters``, export it (unless streamed).  ``read_live``: the replica verifies before it
         commits (``verify``), so the export serves the large files of a copy snapshot from the
-        live files, held open, instead of copies."""
+        live files, held open, instead of copies.  ``replica_id`` (checked on decode): the
+        position the cycle is built against and acknowledged in (source.positions)."""
         if self.built is not None:
             close_deferred(self.built)
         self.served += 1
@@ -289,15 +296,18 @@ class _Agent:
         mnt = os.path.join(self.workdir, f"m{self.served}")   # a fresh path per cycle: no stale caches
         os.mkdir(mnt)
         self.to_export.clear()
-        settle_source(self.bsrc, rcycle)
+        self.replica_id = replica_id
+        self.store = store_for(self.bsrc, replica_id, rcycle)
+        settle_source(self.bsrc, rcycle, self.store)
         spec = filters or FilterSpec()
-        rescan = prepare_filters(self.bsrc, spec)
+        rescan = prepare_filters(self.bsrc, spec, self.store)
         t_build = time.monotonic()
         self.streamed = stream
         b = build_with_hooks(self.bsrc, load_hook_file(self.bsrc), snapshot_kind=self.snapshot_kind,
                              min_cycle=rcycle + 1, warnings=self.warnings,
                              on_segment=self.out.say if stream else None, totals=totals,
-                             read_live=read_live and not stream, force_scan=rescan, filters=spec)
+                             read_live=read_live and not stream, force_scan=rescan, filters=spec,
+                             store=self.store)
         self.out.say(Built(cycle=b.cycle, base=b.base, entries=b.entries, snapshot=b.provider,
                            change_source=b.change_source, path=os.fsdecode(b.snapshot),
                            build_s=round(time.monotonic() - t_build, 3)))
@@ -324,7 +334,7 @@ class _Agent:
                 live = {p: b"/proc/%d/fd/%d" % (os.getpid(), fd) for p, (_i, _b, fd) in self.built.deferred.items()}
         n, mnt = self.to_export.pop()
         try:
-            self.export = fuse_export.BackgroundExport(make_view(self.bsrc, n, live), mnt).start()
+            self.export = fuse_export.BackgroundExport(make_view(self.bsrc, n, live, self.store), mnt).start()
         except (fuse_export.FuseUnavailable, fuse_export.MountError) as e:
             raise FuseUnavailableError(f"cannot mount the export on the source: {e}") from None
         self.out.say(Ready(mountpoint=mnt))

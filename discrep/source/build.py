@@ -39,8 +39,9 @@ from discrep.protocol import cbt, layout
 from discrep.protocol.agent_messages import Segment
 from discrep.protocol.filterspec import FilterSpec
 from discrep.protocol.manifest import ManifestWriter, entry_for, file_line
+from discrep.source import positions
 from discrep.source import snapshot as snapmod
-from discrep.source.catalog import CycleRec, PendingRow, SourceCatalog
+from discrep.source.catalog import CATALOG_FILE, CycleRec, PendingRow, SourceCatalog
 from discrep.source.cycles import cycle_dir, locked_state
 from discrep.source.filtering import SourceFilter
 from discrep.source.scan import map_through, scan
@@ -95,13 +96,15 @@ class BuiltCycle:
     warnings: WarningList = field(default_factory=WarningList)
     reused: bool = False
     deferred: Dict[bytes, Tuple[int, os.stat_result, int]] = field(default_factory=dict)  # path -> (idx, before, fd)
+    store: str = CATALOG_FILE             # the position it was built against (source.positions)
 
 
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
                 warnings: Optional[WarningList] = None,
                 on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True,
                 consistency: str = "", on_captured: Optional[Callable[[], None]] = None,
-                defer: bool = True, read_live: bool = False, filters: Optional[FilterSpec] = None) -> BuiltCycle:
+                defer: bool = True, read_live: bool = False, filters: Optional[FilterSpec] = None,
+                store: str = CATALOG_FILE) -> BuiltCycle:
     """Build the next cycle of ``root`` (see module doc).
 
     ``on_segment``: streamed build.  The manifest is also cut into segments
@@ -120,13 +123,17 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
     checked afterwards (source.deferred).
 
     ``filters``: the replica's rules (source.filtering): excluded paths are not walked nor
-    journaled into the cycle; the cycle records the spec (cycle.json, the catalog's cycle row)."""
+    journaled into the cycle; the cycle records the spec (cycle.json, the catalog's cycle row).
+
+    ``store``: the replica's position (source.positions): the cycle is built against that
+    catalog, since that replica's own last cycle."""
     warnings = warnings if warnings is not None else WarningList()
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} does not exist or is not a directory",
                           hint="check the path")
-    with locked_state(root) as (journal, catalog):
+    with locked_state(root, store) as (journal, catalog):
         build = _CycleBuild(root, journal, catalog, warnings, on_segment, filters or FilterSpec())
+        build.catalog_file = store
         build.consistency, build.on_captured, build.defer = consistency, on_captured, defer
         build.read_live = read_live
         try:
@@ -161,6 +168,7 @@ class _CycleBuild:
         self.on_captured: Optional[Callable[[], None]] = None
         self.defer = True
         self.read_live = False                            # large files read live, verified after (copy)
+        self.catalog_file = CATALOG_FILE                  # the position's store (source.positions)
 
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
@@ -199,12 +207,16 @@ class _CycleBuild:
         acked = catalog.last_acked()
         self.base, self.acked_cut = (acked.cycle, acked.cut_seq) if acked else (0, 0)
         last = catalog.last_cycle()
-        self.n = max((last.cycle + 1) if last else 1, min_cycle)
+        self.n = positions.reserve_cycle(self.root, catalog, max((last.cycle + 1) if last else 1, min_cycle))
         self.kind = snapmod.choose(kind, self.root)
+        # other positions' scans journaled so far are not this one's (source.positions)
+        self.gap_gen, self.plan_seq = self.journal.gap_generation(), self.journal.last_seq()
         self.use_journal = (not force_scan and self.base > 0 and self.journal.gap() is None
-                            and watcher_alive(self.root))
-        if self.use_journal and self.flt is not None and self.flt.needs_scan(
-                self.journal.entries(self.acked_cut, self.journal.last_seq())):
+                            and watcher_alive(self.root)
+                            and positions.journal_covers(self.journal, acked.info if acked else None,
+                                                         self.acked_cut))
+        if self.use_journal and self.flt is not None and self.flt.needs_scan(positions.drop_foreign_scans(
+                self.journal.entries(self.acked_cut, self.plan_seq), self.plan_seq)):
             self.use_journal = False
         # a first streamed cycle nobody shows totals for: walk, capture and stream in one pass
         self.walking = (self.on_segment is not None and not totals and self.base == 0 and not self.use_journal
@@ -227,7 +239,7 @@ class _CycleBuild:
         else:
             self.cut, self.moves, root_meta, ordered = _changed_paths(
                 root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats, self.late,
-                self.flt, self.excluded_gone)
+                self.flt, self.excluded_gone, self.plan_seq)
             for p in self.late:
                 self.warnings.add(show(p), "moved or vanished while the source was scanned; "
                                            "left as it was, looked at again next cycle")
@@ -439,25 +451,27 @@ class _CycleBuild:
             json.dump(dict(self.header, entries=mw.count, packs=self.packer.count), f)
         change_source = self.header["change_source"]
         rec = CycleRec(n, self.base, self.cut, "built", self.kind, self.snap.root, time.time_ns(),
-                       {"entries": mw.count, "change_source": change_source, "filters": self.spec.record()})
+                       {"entries": mw.count, "change_source": change_source, "filters": self.spec.record(),
+                        "gap_gen": self.gap_gen})
         self.catalog.add_cycle(rec, self.pending)
         if self.snap.skipped or self.late:  # at-least-once: look again next cycle
             self.journal.append_many(("touch", p, None, None) for p in sorted(self.snap.skipped | self.late))
         log.info("cycle %d built: %d entries, %d files, %.2fs", n, mw.count, self.nfiles, time.monotonic() - t0)
         return BuiltCycle(n, self.base, self.cut, self.kind, self.snap.root, change_source, mw.count, self.nfiles,
-                          self.nbytes, self.warnings, deferred=self.deferred)
+                          self.nbytes, self.warnings, deferred=self.deferred, store=self.catalog_file)
 
 
 def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: int, acked_cut: int,
                    use_journal: bool, stats: Dict[bytes, os.stat_result], late: Set[bytes],
-                   flt: Optional[SourceFilter] = None, gone: Optional[List[bytes]] = None
-                   ) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
+                   flt: Optional[SourceFilter] = None, gone: Optional[List[bytes]] = None,
+                   plan_seq: int = 0) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
     """What the cycle looks at: (journal cut, moves new -> base, the top directory's entry, the
     touched paths in manifest order); ``stats`` gets the lstat of every touched path that exists
     (the scan's, or taken right after the cut); ``late`` the paths that moved or vanished while
     the scan ran (not touched: looked at next cycle).  ``flt``: only what the filter selects (the
     scan does not walk excluded paths; excluded journal entries are dropped, those the catalog
-    holds go to ``gone``)."""
+    holds go to ``gone``).  Scan blocks journaled up to ``plan_seq`` were other positions'
+    (source.positions.drop_foreign_scans)."""
     scanned: List[bytes] = []
     if not use_journal:
         # with nothing acknowledged yet every path is new: the scan's list is used as it is
@@ -470,7 +484,7 @@ def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: 
     if use_journal:
         wait_for_watcher(root, journal)
     cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
-    cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
+    cs = coalesce(positions.drop_foreign_scans(journal.entries(acked_cut, cut), plan_seq), catalog.exists)
     if flt is not None:
         (gone if gone is not None else []).extend(flt.prune(cs, catalog.exists))
     touched = set(cs.touched)

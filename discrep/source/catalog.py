@@ -105,12 +105,16 @@ class CycleRec:
     info: dict
 
 
+CATALOG_FILE = "catalog.db"      # the legacy (id-less) replica's catalog; others: source.positions
+
+
 class SourceCatalog:
-    def __init__(self, state: "Union[StateDir, str]"):
+    def __init__(self, state: "Union[StateDir, str]", filename: str = CATALOG_FILE):
+        """``filename``: which catalog of the state directory (one per replica: source.positions)."""
         self.state = state_of(state, SourceError)
         self._owns_state = self.state is not state
         try:
-            self.path, self.con = open_store(self.state, "catalog.db", _SCHEMA, SourceError, "source catalog",
+            self.path, self.con = open_store(self.state, filename, _SCHEMA, SourceError, "source catalog",
                                              hint="move it aside; the next cycle becomes a full comparison")
         except BaseException:
             if self._owns_state:

@@ -60,7 +60,7 @@ def settle_deferred(root: bytes, b: BuiltCycle, warnings: WarningList, materiali
         elif how == "gone":
             gone.append(p)
     if fresh or gone:
-        with locked_state(root) as (journal, catalog):
+        with locked_state(root, b.store) as (journal, catalog):
             catalog.settle_pending(b.cycle, fresh, gone)
             journal.append_many(("touch", p, None, None) for p in gone)   # at-least-once: next cycle
     return redo, gone

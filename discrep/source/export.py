@@ -42,7 +42,7 @@ from discrep.protocol.manifest import read_lines
 from discrep.core.paths import dec, join
 from discrep.core.paths import state_dir
 from discrep.source.cycles import cycle_dir
-from discrep.source.catalog import SourceCatalog
+from discrep.source.catalog import CATALOG_FILE, SourceCatalog
 from discrep.protocol import layout
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,14 @@ def _ranges(path: bytes, size: int, token: str, follow: bool = False) -> bytes:
         os.close(fd)
 
 
-def make_view(root: bytes, cycle: int, live: Optional[Dict[bytes, bytes]] = None) -> "fuse_export.ExportView":
-    """The read-only view of built cycle ``cycle`` of source ``root``; ``live``: path -> the
-    ``/proc/<pid>/fd/<n>`` path of a file read live (see the module doc)."""
+def make_view(root: bytes, cycle: int, live: Optional[Dict[bytes, bytes]] = None,
+              store: str = CATALOG_FILE) -> "fuse_export.ExportView":
+    """The read-only view of built cycle ``cycle`` of source ``root`` (a cycle of position ``store``:
+    source.positions); ``live``: path -> the ``/proc/<pid>/fd/<n>`` path of a file read live (see
+    the module doc)."""
     live = live or {}
     sd = os.fsdecode(state_dir(root))
-    cat = SourceCatalog(sd)
+    cat = SourceCatalog(sd, store)
     try:
         rec = cat.cycle(cycle)
     finally:

@@ -31,6 +31,7 @@ from discrep.journal.store import Entry
 from discrep.protocol.filters import Filter
 from discrep.protocol.filterspec import FilterSpec, beneath_reader
 from discrep.source import cycles
+from discrep.source.catalog import CATALOG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,11 @@ class SourceFilter:
         return gone
 
 
-def prepare_filters(root: bytes, spec: FilterSpec) -> bool:
-    """Before a build: compare ``spec`` with the last acknowledged cycle's; reset the source when
-    the replica may hold files the old rules protected (see module doc).  True: this cycle scans."""
-    acked = cycles.acked_cycle(root)
+def prepare_filters(root: bytes, spec: FilterSpec, store: str = CATALOG_FILE) -> bool:
+    """Before a build: compare ``spec`` with the last acknowledged cycle's of position ``store``;
+    reset that position when the replica may hold files the old rules protected (see module doc).
+    True: this cycle scans."""
+    acked = cycles.acked_cycle(root, store)
     if acked is None:
         return False                      # a first (full) cycle compares everything anyway
     old = FilterSpec.from_record(acked.info.get("filters") if isinstance(acked.info, dict) else None)
@@ -113,7 +115,7 @@ def prepare_filters(root: bytes, spec: FilterSpec) -> bool:
     if old.active and not old.delete_excluded:
         log.info("the filter rules changed since cycle %d: a full comparison (excluded files the old rules "
                  "kept on the replica are settled by the new ones)", acked.cycle)
-        cycles.reset(root)
+        cycles.reset(root, store)
     else:
         log.info("the filter rules changed since cycle %d: this cycle scans", acked.cycle)
     return True

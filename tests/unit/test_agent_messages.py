@@ -111,3 +111,17 @@ def test_warning_lines() -> None:
     assert am.parse_warning(am.warning_line("a/b: skipped: FIFOs")) == ("a/b", "skipped: FIFOs")
     assert am.parse_warning("discrep: warning: no path here") == (None, "no path here")
     assert am.parse_warning("Traceback (most recent call last):") is None
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "ABCDEF0123456789ABCDEF0123456789", "0" * 31, "0" * 33, "",
+                                 "/tmp/x", "0" * 31 + "\n", "g" * 32])
+def test_replica_id_is_a_bounded_token(bad: str) -> None:
+    """A replica id names a file on the source: 32 lowercase hex digits, nothing else, on decode."""
+    for line in (json.dumps({"cmd": "cycle", "replica_cycle": 1, "replica_id": bad}),
+                 json.dumps({"cmd": "ack", "cycle": 1, "replica_id": bad})):
+        with pytest.raises(ManifestError, match="replica_id"):
+            am.Command.decode(line)
+    good = "0123456789abcdef" * 2
+    assert am.Command.decode(am.StartCycle(replica_cycle=3, replica_id=good).encode()).replica_id == good
+    assert am.Command.decode(am.Ack(cycle=3, replica_id=good).encode()) == am.Ack(3, good)
+    assert am.Command.decode('{"cmd": "ack", "cycle": 3}') == am.Ack(3)      # an id-less (older) replica

@@ -68,10 +68,10 @@ def test_messages_behave_as_frozen_values():
     a.redo.append({"op": "file"})
     assert b.redo == [] and a != b                       # each message its own default list
     assert am.Ack(5) == am.Ack(cycle=5) and hash(am.Ack(5)) == hash(am.Ack(cycle=5)) and am.Ack(5) != am.Acked(5)
-    assert repr(am.Ack(5)) == "Ack(cycle=5)"
+    assert repr(am.Ack(5)) == "Ack(cycle=5, replica_id=None)"
     with pytest.raises(AttributeError):
         am.Ack(5).cycle = 6
-    for bad in (lambda: am.Ack(), lambda: am.Ack(1, 2), lambda: am.Ack(cycle=1, x=2), lambda: am.Ack(1, cycle=1)):
+    for bad in (lambda: am.Ack(), lambda: am.Ack(1, None, 2), lambda: am.Ack(cycle=1, x=2), lambda: am.Ack(1, cycle=1)):
         with pytest.raises(TypeError):
             bad()
     assert [n for n, _d in am.Failed.FIELDS] == ["error", "kind", "exit_code"]
