@@ -29,7 +29,7 @@ example jobs file:
   keep_within = "7d"
 
 job keys: source, dest, every | schedule, rpo, snapshot, transport, ssh_config, remote_discrep,
-keep_last, keep_within, numeric_ids.  top level only: metrics_listen, max_concurrent."""
+keep_last, keep_within, numeric_ids, nosuid.  top level only: metrics_listen, max_concurrent."""
 
 
 def add_config_arg(sp: argparse.ArgumentParser) -> None:

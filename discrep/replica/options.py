@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from discrep.protocol.manifest import MAX_FILE_SIZE
+
 
 @dataclass(frozen=True)
 class ReplicaOptions:
@@ -22,3 +24,5 @@ class ReplicaOptions:
     max_delete_pct: Optional[float] = None  # ... or more than this percentage of the replica's entries
     checksum: bool = False                 # compare DEST's actual bytes, not the catalog's signatures
     dry_run: bool = False                  # say what the cycle would do; change nothing
+    max_file_size: int = MAX_FILE_SIZE     # refuse a cycle declaring a larger file (bounds memory and space)
+    nosuid: bool = False                   # strip setuid/setgid bits and file capabilities on the replica

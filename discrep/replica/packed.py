@@ -64,11 +64,12 @@ class PackedWriter:
     """Writes packed files of a first copy in place (see module doc).  ``parent_fd(rel)``: the
     fd of rel's parent directory, made if missing; ``dirty`` collects the directories written to."""
 
-    def __init__(self, parent_fd: Callable[[bytes], int], dirty: Set[bytes], owners: OwnerMap):
+    def __init__(self, parent_fd: Callable[[bytes], int], dirty: Set[bytes], owners: OwnerMap, *,
+                 nosuid: bool = False):
         self.parent_fd = parent_fd
         self.dirty = dirty
         self.owners = owners
-        self.meta = MetaWriter()
+        self.meta = MetaWriter(nosuid=nosuid)
 
     def write(self, r: Dict[str, Any], blob_of: BlobOf) -> Optional[CatalogRow]:
         """The catalog row of raw entry ``r`` after writing it, or None when ``r`` is not of the

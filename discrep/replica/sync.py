@@ -39,6 +39,7 @@ from discrep.protocol.manifest import Entry, read_lines
 from discrep.replica.apply import Applier
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.dest import remove_stage
+from discrep.replica.files import check_size
 from discrep.replica.history import available, prune, rollback
 from discrep.replica.options import ReplicaOptions
 from discrep.replica.plan import check_max_delete
@@ -49,6 +50,8 @@ from discrep.replica.stream import StreamApplier
 
 log = logging.getLogger(__name__)
 
+MAX_CYCLE_BYTES = 1 << 20     # a cycle description (a small JSON object)
+
 
 def result_fields(stats: SyncStats) -> dict:
     """The replica's figures in a cycle result (--json): one place for local and remote cycles."""
@@ -57,7 +60,8 @@ def result_fields(stats: SyncStats) -> dict:
             "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
             "dirs_created": stats.dirs, "symlinks": stats.symlinks,
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
-            "history_bytes": stats.history_bytes, "streamed": stats.streamed,
+            "files_meta_changed": stats.files_meta_changed, "history_bytes": stats.history_bytes,
+            "streamed": stats.streamed,
             "worker_segments": stats.worker_segments}
 
 
@@ -193,9 +197,13 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
     _map_root_owner(header, owners)
     if not streamed:
         check_max_delete(cat, dest, bool(header.get("full")), entries, opts)
+        for e in entries:                  # before anything is touched
+            if e.op == "file":
+                check_size(e, opts.max_file_size)
     cat.begin(cycle, base, int(header.get("created_ns", 0)))
-    ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
+    ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh, nosuid=opts.nosuid)
     ap.files.checksum = opts.checksum and not fresh
+    ap.files.max_size = opts.max_file_size
     try:
         stats = StreamApplier(ap, stream, owners).run() if streamed and stream is not None else ap.run()
         _commit(ap, reader, header, t0)
@@ -211,7 +219,7 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
 def _read_header(reader: Reader, stream: Optional[StreamedCycle]) -> Tuple[Dict[str, Any], int, int]:
     """The cycle description (a copy: owners get mapped in it), its cycle and base."""
     try:
-        header = dict(stream.header) if stream is not None else json.loads(reader.read_all(layout.CYCLE_REL))
+        header = dict(stream.header) if stream is not None else json.loads(reader.read_all(layout.CYCLE_REL, MAX_CYCLE_BYTES))
         return header, int(header["cycle"]), int(header["base"])
     except (ValueError, KeyError, TypeError):
         raise ManifestError("the export's .discrep/cycle is not a valid cycle description") from None

@@ -136,6 +136,7 @@ JOB_KEYS: Dict[str, Callable[[Any], Any]] = {
     "snapshot": _choice(SNAPSHOT_KINDS), "transport": _choice(TRANSPORTS),
     "ssh_config": _str, "remote_discrep": _str,
     "keep_last": _count, "keep_within": _duration, "numeric_ids": _bool,
+    "nosuid": _bool,
 }
 TOP_KEYS: Dict[str, Callable[[Any], Any]] = {"metrics_listen": _listen, "max_concurrent": _count}
 
@@ -166,7 +167,7 @@ def _job(name: str, v: Dict[str, Any], where: str, problems: List[str]) -> Optio
     if any(p.startswith(where + ":") for p in problems):
         return None
     replica = ReplicaOptions(keep_last=v.get("keep_last", 10), keep_within_s=v.get("keep_within"),
-                             numeric_ids=v.get("numeric_ids", False))
+                             numeric_ids=v.get("numeric_ids", False), nosuid=v.get("nosuid", False))
     ssh = SshOptions(remote_discrep=v.get("remote_discrep", "discrep"), ssh_config=v.get("ssh_config"),
                      transport=v.get("transport", "auto"))
     opts = CycleOptions(src=v["source"], dest=v["dest"], snapshot=v.get("snapshot", "auto"),
