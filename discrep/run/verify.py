@@ -21,7 +21,7 @@ import blockdiff
 from discrep.core.errors import DestinationError
 from discrep.core.paths import join, show, state_dir
 from discrep.core.walk import walk
-from discrep.core.xattrs import read_xattrs
+from discrep.core.xattrs import only_replicated, read_xattrs
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.sync import replica_lock
 
@@ -42,6 +42,7 @@ def compare_trees(src: bytes, dest: bytes, *, limit: int = 100) -> List[str]:
     seen = set()
     links_src: Dict[Tuple[int, int], bytes] = {}
     links_dst: Dict[Tuple[int, int], bytes] = {}
+    priv = os.geteuid() == 0      # xattrs: the names the replica manages (core.xattrs.replicated)
     for rel, st in walk(src):
         if len(diffs) >= limit:
             break
@@ -61,7 +62,7 @@ def compare_trees(src: bytes, dest: bytes, *, limit: int = 100) -> List[str]:
         elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
             if st.st_mode != dt.st_mode:
                 diffs.append(f"mode differs: {show(rel)} {oct(st.st_mode)} != {oct(dt.st_mode)}")
-            if read_xattrs(join(src, rel)) != read_xattrs(d):
+            if only_replicated(read_xattrs(join(src, rel)), priv) != only_replicated(read_xattrs(d), priv):
                 diffs.append(f"xattrs differ: {show(rel)}")
         else:
             continue  # special files are not replicated
