@@ -78,6 +78,18 @@ def replica_lock(dest: bytes) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def run_lock(dest: bytes) -> Iterator[None]:
+    """One whole replicate run into DEST (the source builds, DEST applies, the source is told):
+    a second run started meanwhile is refused at once (LockedError, exit 13) instead of racing the
+    first for the source's cycle -- which made the run that committed fail its acknowledgement."""
+    with StateDir(dest) as sd, locks.holding(
+            sd.file("run.lock"), f"another 'discrep replicate' into {os.fsdecode(dest)} is running; this run "
+                                 f"changed nothing",
+            hint="wait for it to finish (it replicates the same changes); two runs never share a DEST"):
+        yield
+
+
 def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, *,
          warnings: Optional[WarningList] = None, progress: Optional[Progress] = None,
          stream: Optional[StreamedCycle] = None) -> SyncStats:

@@ -27,7 +27,7 @@ from discrep.core.errors import DestinationError, FuseUnavailableError, UsageErr
 from discrep.source.export import make_view
 from discrep.core.paths import STATE_DIR, nested, state_dir
 from discrep.transport.mount_reader import MountReader
-from discrep.replica.sync import result_fields, sync
+from discrep.replica.sync import result_fields, run_lock, sync
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
 
@@ -88,7 +88,14 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
         raise FuseUnavailableError(f"FUSE is not available: {e}") from None
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailableError("/dev/fuse is missing")
-    rcycle = prepare_dest(dest, force=opts.replica.force)
+    prepare_dest(dest, force=opts.replica.force)
+    with run_lock(bdest):     # the whole run: a second one into DEST is refused, not raced
+        return _cycle(opts, src, bsrc, dest, bdest, warnings, progress, t0)
+
+
+def _cycle(opts: CycleOptions, src: str, bsrc: bytes, dest: str, bdest: bytes, warnings: WarningList,
+           progress, t0: float) -> Dict[str, Any]:
+    rcycle = prepare_dest(dest, force=opts.replica.force)     # what DEST committed, now that we hold it
     cycles.settle_source(bsrc, rcycle)
     if opts.replica.checksum and rcycle:
         cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared

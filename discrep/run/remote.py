@@ -44,7 +44,7 @@ from discrep.core.errors import Error, LiveReadError, ManifestError, TransportEr
 from discrep.core.paths import show
 from discrep.protocol import layout
 from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle, below
-from discrep.replica.sync import holds_only_state, result_fields, sync
+from discrep.replica.sync import holds_only_state, result_fields, run_lock, sync
 from discrep.replica.options import ReplicaOptions
 from discrep.run.local import prepare_dest
 from discrep.run.options import CycleOptions
@@ -203,11 +203,17 @@ class RemoteSession:
 
     # -- one cycle ---------------------------------------------------------
     def cycle(self, warnings: WarningList, progress=None) -> Dict[str, Any]:
-        """One cycle on this session: the source builds it, DEST is patched, the source is told."""
-        t0 = time.monotonic()
+        """One cycle on this session: the source builds it, DEST is patched, the source is told; a
+        second run into DEST meanwhile is refused at once (``replica.sync.run_lock``)."""
         # --force lets only the first cycle of a session into a non-empty DEST
         ropts = self.opts.replica if self.cycles == 0 else replace(self.opts.replica, force=False)
-        rcycle = prepare_dest(self.dest, force=ropts.force)
+        prepare_dest(self.dest, force=ropts.force)
+        with run_lock(os.fsencode(self.dest)):
+            return self._cycle(ropts, warnings, progress)
+
+    def _cycle(self, ropts: ReplicaOptions, warnings: WarningList, progress) -> Dict[str, Any]:
+        t0 = time.monotonic()
+        rcycle = prepare_dest(self.dest, force=ropts.force)     # what DEST committed, now that we hold it
         # a first copy into an empty DEST is applied while the source still builds it
         want_stream = self.transport == "sshfs" and rcycle == 0 and holds_only_state(self.dest)
         marks = {"start": t0}
