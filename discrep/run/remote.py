@@ -282,6 +282,7 @@ class RemoteSession:
     def _apply(self, reader: Any, stream: Optional[CycleStream], first: Union[Segment, Built],
                ropts: ReplicaOptions, warnings: WarningList, progress) -> Tuple[Any, Built]:
         """Patch DEST from ``reader``: (sync's stats, the built cycle)."""
+        watch = StallWatch(reader, self.cfg.io_timeout, self._abort_mount, self.cfg.describe())
         try:
             stats = sync(reader, os.fsencode(self.dest), ropts, warnings=warnings, progress=progress,
                          stream=stream)
@@ -290,17 +291,26 @@ class RemoteSession:
         except (OSError, Error, BlockdiffError) as e:
             # a vanished export looks like a missing file, EIO or a short read from the reader: a lost
             # connection is checked first, then data from the source that blockdiff cannot parse is malformed
-            lost = _lost_reason(self.conn, self.agent, self.mount)
+            lost = watch.reason or _lost_reason(self.conn, self.agent, self.mount)
             if lost:
                 raise TransportError(f"{lost} during the cycle ({e})",
                                      hint="the replica stays at its last committed cycle; run again") from None
             if isinstance(e, BlockdiffError):
                 raise ManifestError(f"the source sent data that cannot be parsed: {e}") from None
             raise
+        finally:
+            watch.stop()
         built = stream.built if stream is not None else first
         if not isinstance(built, Built):
             raise TransportError("the source agent streamed a cycle without building it")
         return stats, built
+
+    def _abort_mount(self) -> None:
+        """End sshfs (stopped or stuck; SIGKILL ends a stopped process too): the kernel fails every
+        read still waiting on the mount; the session's cleanup removes the mount itself."""
+        proc = getattr(self.mount, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def _ack(self, n: int, warnings: WarningList) -> None:
         """The replica committed cycle ``n``: tell the source (a failure here is settled by the next run)."""
@@ -336,6 +346,37 @@ def _log_times(built: Built, streamed: bool, marks: Dict[str, float]) -> None:
              "sync %.2fs%s", built.cycle, m["conn"] - m["start"], m["snap"] - m["conn"], m["ready"] - m["snap"],
              m["mount"] - m["ready"], m["sync"] - m["mount"],
              f" (streamed; source built in {built.build_s}s)" if streamed else "")
+
+
+class StallWatch:
+    """--timeout for what the SSH connection's keepalives cannot see: a read or open through the
+    mount that waits longer than ``timeout`` s (the source agent, its export or sshfs stopped
+    answering) makes ``abort`` end the mount, so the blocked reads fail and the cycle ends with
+    exit 11 and ``reason``.  One thread, polling ``reader.stalled_for()`` while a cycle applies."""
+
+    def __init__(self, reader: Any, timeout: float, abort: Callable[[], None], desc: str):
+        self.reason: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        stalled = getattr(reader, "stalled_for", None)
+        if stalled is None or timeout <= 0:
+            return
+
+        def watch() -> None:
+            while not self._stop.wait(min(1.0, timeout / 4)):
+                waited = stalled()
+                if waited > timeout:
+                    self.reason = f"no answer through the mount of {desc} for {waited:.0f}s (--timeout {timeout:g})"
+                    log.error("%s: ending the mount", self.reason)
+                    abort()
+                    return
+        self._thread = threading.Thread(target=watch, daemon=True, name="discrep-stall-watch")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _lost_reason(conn: Connection, export: Optional[AgentClient], mount) -> Optional[str]:
