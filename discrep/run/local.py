@@ -99,7 +99,8 @@ def _cycle(opts: CycleOptions, src: str, bsrc: bytes, dest: str, bdest: bytes, w
     cycles.settle_source(bsrc, rcycle)
     if opts.replica.checksum and rcycle:
         cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
-    built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings)
+    with cycles.disk_full_said(bsrc):
+        built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings)
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
         view = make_view(bsrc, built.cycle)

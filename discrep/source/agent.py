@@ -64,7 +64,7 @@ from discrep.protocol.agent_messages import (Ack, Acked, Alive, Built, Bye, Comm
                                              Hello, Ready, StartCycle, UnknownMessage, Verified, Verify,
                                              warning_line)
 from discrep.source.build import BuiltCycle, build_cycle
-from discrep.source.cycles import ack_cycle, settle_source
+from discrep.source.cycles import ack_cycle, disk_full_said, settle_source
 from discrep.source.deferred import close_deferred, settle_deferred
 from discrep.source.export import make_view
 
@@ -274,8 +274,9 @@ class _Agent:
         self.to_export.clear()
         settle_source(self.bsrc, rcycle)
         t_build = time.monotonic()
-        b = build_cycle(self.bsrc, snapshot_kind=self.snapshot_kind, min_cycle=rcycle + 1, warnings=self.warnings,
-                        on_segment=self.out.say if stream else None, totals=totals)
+        with disk_full_said(self.bsrc):
+            b = build_cycle(self.bsrc, snapshot_kind=self.snapshot_kind, min_cycle=rcycle + 1,
+                            warnings=self.warnings, on_segment=self.out.say if stream else None, totals=totals)
         self.out.say(Built(cycle=b.cycle, base=b.base, entries=b.entries, snapshot=b.provider,
                            change_source=b.change_source, path=os.fsdecode(b.snapshot),
                            build_s=round(time.monotonic() - t_build, 3)))
