@@ -4,7 +4,9 @@
 ``protocol.ranges`` batches -- each one file name the export answers with the compressed
 bytes -- read in parallel through the reader's pool, and cuts the answers back into the
 ranges wanted.  ``split_by_extents`` separates changed ranges of a sparse file into data and
-holes; ``LazySig`` is a new file's signature built from digests taken as its data arrived.
+holes; ``LazySig`` is a new file's signature built from digests taken as its data arrived
+(its memory grows with the data, never with a declared size); ``windows`` cuts a whole fetch
+into bounded pieces.
 
 Thread-safety: pure functions and values; the reads fan out to the reader's pool.
 """

@@ -197,7 +197,7 @@ class FilePatcher:
             n = 0
             for group in windows(ranges, FETCH_WINDOW):
                 if lazy is not None:
-                    lazy.reserve(group[-1][0] + group[-1][1])
+                    lazy.reserve(max(o + ln for o, ln in group))   # extents need not be sorted
                 got = self.reader.copy_ranges(rel, group, fd, lazy.on_data if lazy is not None else None)
                 if got != sum(ln for _o, ln in group):
                     raise ManifestError(f"the source sent less data for {show(e.path)} than its manifest declares")

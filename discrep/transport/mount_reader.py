@@ -4,7 +4,9 @@
 crosses the mount (``bytes_read``: what the cycle cost on the wire, signatures
 included).  ``copy_ranges`` reads many ranges in parallel (a thread pool: over
 sshfs many requests are in flight on one connection, so round trips overlap)
-and writes each range into a local fd as it arrives.
+and writes each range into a local fd as it arrives.  ``stalled_for`` says how long the
+oldest read or open still in the kernel has waited (a stopped source or sshfs; see
+``run.remote.StallWatch``).
 
 MountReader and the SFTP reader of the SSH transport satisfy the replica's
 ``replica.reader.Reader`` protocol (structurally: the transport does not import the
