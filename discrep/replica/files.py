@@ -22,6 +22,7 @@ from blockdiff import cdc_index
 from discrep.core import platform
 from discrep.core.errors import ManifestError
 from discrep.core.paths import basename, enc, parent, show
+from discrep.core.writes import pwrite_all
 from discrep.protocol import cbt, layout
 from discrep.protocol.manifest import MAX_FILE_SIZE, Entry
 from discrep.replica.catalog import CatalogRow, ReplicaCatalog
@@ -149,7 +150,7 @@ class FilePatcher:
         whole, sig = blockdiff.sign_small(data)
         if len(data) != e.size or whole != e.h:
             raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
-        self._write_new(e, lambda fd: os.pwrite(fd, data, 0) if data else 0, sig)
+        self._write_new(e, lambda fd: pwrite_all(fd, data, 0) if data else 0, sig)
 
     def _write_new(self, e: Entry, fill: Fill, sig: Sig) -> None:
         """Create the file in the stage, fill it, apply metadata, rename into place.
@@ -282,13 +283,13 @@ class FilePatcher:
                 os.ftruncate(fd, e.size)
             n = 0
             for off, data in fetch_ranges(self.reader, e, ranges).items():
-                os.pwrite(fd, data, off)
+                pwrite_all(fd, data, off)
                 n += len(data)
             for off, ln in holes:
                 try:
                     platform.punch_hole(fd, off, ln)
                 except Exception:
-                    os.pwrite(fd, bytes(ln), off)
+                    pwrite_all(fd, bytes(ln), off)
             if e.size > old_sig.file_size:
                 os.ftruncate(fd, e.size)
             self.stats.bytes_written += n
@@ -305,10 +306,10 @@ class FilePatcher:
         _clone(ofd, fd, min(e.size, os.fstat(ofd).st_size))
         n = 0
         for off, data in fetch_ranges(self.reader, e, ranges).items():
-            os.pwrite(fd, data, off)
+            pwrite_all(fd, data, off)
             n += len(data)
         for off, ln in holes:
-            os.pwrite(fd, bytes(ln), off)
+            pwrite_all(fd, bytes(ln), off)
         return n
 
     def _save_old(self, e: Entry, fd: int, changed: List[Tuple[int, int]]) -> None:

@@ -52,6 +52,7 @@ from blockdiff import framing
 from discrep.core import platform
 from discrep.core.errors import HistoryCorruptError, ManifestError, UnsafePathError, UsageError
 from discrep.core.paths import STATE_DIR, basename, check_rel, join, parent
+from discrep.core.writes import pwrite_all
 from discrep.core.xattrs import set_xattrs_fd
 from discrep.replica.dirs import DirFds, reserve, syncfs
 
@@ -312,7 +313,7 @@ def _patch(target: _Target, rec: Dict) -> None:
             raise HistoryCorruptError(f"{rec['path']!r} of a patch record is not a regular file")
         pos = 0
         for off, ln in rec["ranges"]:
-            os.pwrite(fd, data[pos:pos + ln], off)
+            pwrite_all(fd, data[pos:pos + ln], off)
             pos += ln
         os.ftruncate(fd, rec["old_size"])
         for off, ln in rec.get("holes", []):

@@ -282,7 +282,7 @@ class RemoteSession:
     def _apply(self, reader: Any, stream: Optional[CycleStream], first: Union[Segment, Built],
                ropts: ReplicaOptions, warnings: WarningList, progress) -> Tuple[Any, Built]:
         """Patch DEST from ``reader``: (sync's stats, the built cycle)."""
-        watch = StallWatch(reader, self.cfg.io_timeout, self._abort_mount, self.cfg.describe())
+        watch = StallWatch(reader, self.cfg.io_timeout, self._abort_mount, self.cfg.describe(), self._mount_io)
         try:
             stats = sync(reader, os.fsencode(self.dest), ropts, warnings=warnings, progress=progress,
                          stream=stream)
@@ -304,6 +304,10 @@ class RemoteSession:
         if not isinstance(built, Built):
             raise TransportError("the source agent streamed a cycle without building it")
         return stats, built
+
+    def _mount_io(self) -> int:
+        proc = getattr(self.mount, "proc", None)
+        return _bytes_received(proc.pid) if proc is not None else 0
 
     def _abort_mount(self) -> None:
         """End sshfs (stopped or stuck; SIGKILL ends a stopped process too): the kernel fails every
@@ -349,12 +353,17 @@ def _log_times(built: Built, streamed: bool, marks: Dict[str, float]) -> None:
 
 
 class StallWatch:
-    """--timeout for what the SSH connection's keepalives cannot see: a read or open through the
-    mount that waits longer than ``timeout`` s (the source agent, its export or sshfs stopped
-    answering) makes ``abort`` end the mount, so the blocked reads fail and the cycle ends with
-    exit 11 and ``reason``.  One thread, polling ``reader.stalled_for()`` while a cycle applies."""
+    """--timeout for what the SSH connection's keepalives cannot see (rsync's meaning: no data for
+    that long): while reads through the mount wait and no data arrives -- neither a read completes
+    nor does sshfs receive ``MIN_PROGRESS`` bytes of answers (``io``) -- for ``timeout`` s, the
+    source agent, its export or sshfs stopped answering: ``abort`` ends the mount, the blocked
+    reads fail and the cycle ends with exit 11 and ``reason``.  A slow link is progress, not a
+    stall.  One thread, polling ``reader.stalled_for()`` while a cycle applies."""
 
-    def __init__(self, reader: Any, timeout: float, abort: Callable[[], None], desc: str):
+    MIN_PROGRESS = 16 << 10
+
+    def __init__(self, reader: Any, timeout: float, abort: Callable[[], None], desc: str,
+                 io: Callable[[], int] = lambda: 0):
         self.reason: Optional[str] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -363,10 +372,14 @@ class StallWatch:
             return
 
         def watch() -> None:
+            mark = (time.monotonic(), reader.bytes_read, io())
             while not self._stop.wait(min(1.0, timeout / 4)):
-                waited = stalled()
-                if waited > timeout:
-                    self.reason = f"no answer through the mount of {desc} for {waited:.0f}s (--timeout {timeout:g})"
+                now, done, got = time.monotonic(), reader.bytes_read, io()
+                if stalled() == 0.0 or done != mark[1] or got - mark[2] >= self.MIN_PROGRESS:
+                    mark = (now, done, got)          # nothing waits, or data arrived: not stalled
+                elif now - mark[0] > timeout:
+                    self.reason = (f"no data through the mount of {desc} for {now - mark[0]:.0f}s "
+                                   f"(--timeout {timeout:g})")
                     log.error("%s: ending the mount", self.reason)
                     abort()
                     return
@@ -377,6 +390,19 @@ class StallWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def _bytes_received(pid: int) -> int:
+    """Bytes process ``pid`` has read so far (/proc/PID/io rchar; 0 when it is gone): for sshfs,
+    the SFTP answers arriving from its ssh."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _lost_reason(conn: Connection, export: Optional[AgentClient], mount) -> Optional[str]:

@@ -30,6 +30,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from discrep.core.beneath import EscapeError, open_beneath
 from discrep.core.errors import ManifestError, TransportError
 from discrep.core.paths import show
+from discrep.core.writes import pwrite_all
 from discrep.protocol import layout
 from discrep.protocol.manifest import MAX_MANIFEST_BYTES
 
@@ -203,7 +204,7 @@ class MountReader:
             data = self.pread(rel, n, off)
             if len(data) != n:
                 raise ManifestError(f"export file {os.fsdecode(rel)} is shorter than the manifest says")
-            os.pwrite(out_fd, data, off)
+            pwrite_all(out_fd, data, off)
             if on_data is not None:
                 on_data(off, data)
             return n
