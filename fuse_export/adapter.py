@@ -25,6 +25,7 @@ exit it from one thread.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -35,10 +36,11 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar, Union
 
 from .errors import ExportError
 from .model import ExportView, stable_ino
@@ -87,7 +89,8 @@ def load_fuse() -> ModuleType:
     global _fuse_module
     if _fuse_module is None:
         try:
-            import mfusepy  # noqa: WPS433 - lazy on purpose
+            with _library_named():
+                import mfusepy  # noqa: WPS433 - lazy on purpose
         except ImportError as e:
             raise FuseUnavailable(f"the FUSE binding mfusepy is not installed ({e}); pip install mfusepy") from e
         except (OSError, AttributeError) as e:
@@ -96,6 +99,33 @@ def load_fuse() -> ModuleType:
             ) from e
         _fuse_module = mfusepy
     return _fuse_module
+
+
+# what mfusepy's search (ctypes.util.find_library: 'fuse', then 'fuse3') finds on Linux, by soname
+_SONAMES = ("libfuse.so.2", "libfuse3.so.3")
+
+
+@contextlib.contextmanager
+def _library_named() -> Iterator[None]:
+    """mfusepy looks libfuse up with ``ctypes.util.find_library``, which runs ``ldconfig -p`` and
+    then a compiler for each name it does not find (20-50 ms at every agent start).  Unless the
+    user chose a library (FUSE_LIBRARY_PATH / FUSE_LIBRARY_NAME), name the one its search would
+    find (FUSE 2 first) by soname for the import: dlopen finds it through the loader cache."""
+    if sys.platform != "linux" or os.environ.get("FUSE_LIBRARY_PATH") or os.environ.get("FUSE_LIBRARY_NAME"):
+        yield
+        return
+    for name in _SONAMES:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        os.environ["FUSE_LIBRARY_PATH"] = name
+        try:
+            yield
+        finally:
+            os.environ.pop("FUSE_LIBRARY_PATH", None)
+        return
+    yield                                # none by soname: mfusepy's own search says what is missing
 
 
 def to_bytes(path: str) -> bytes:

@@ -10,6 +10,10 @@ bytes that crossed TCP in both directions, SSH overhead included.  discrep runs
 ``discrep replicate -F CFG --remote-discrep <venv discrep> ALIAS:SRC DEST`` (transport
 auto: sshfs); rsync runs ``rsync -aHAXS --delete --exclude=/.discrep/ -e 'ssh -F CFG'``.
 Each row is checked with ``rsync -aHAXnci --delete`` (nothing printed = identical).
+CPU seconds per side: the replica's is the tool's process and the children it waited for
+(``RUSAGE_CHILDREN``: discrep with sshfs, rsync with its ssh); the source's is what the
+sshd master reaped from the run's sessions (sshd itself, the agent and its export, or
+rsync's sender; sftp-server) -- both tools pay their SSH crypto on each side.
 
 Cases are functions registered with @case(letter, title); each gets a Ctx and returns
 after preparing SRC; incremental cases call ctx.initial() (untimed first copy for both
@@ -22,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import socket
 import sqlite3
@@ -49,6 +54,7 @@ class CountingProxy:
         self.target = ("127.0.0.1", target_port)
         self.delay = delay_s
         self.up = self.down = 0
+        self.events: List = []       # (monotonic time, bytes) per chunk read, both directions
         self._lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -61,6 +67,21 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.up = self.down = 0
+            self.events = []
+
+    def max_rate(self, window_s: float = 5.0) -> float:
+        """Highest mean rate (bytes/s, both directions) over any ``window_s`` window of the run
+        (shorter runs: their bytes over ``window_s``)."""
+        with self._lock:
+            ev = list(self.events)
+        best, lo, acc = 0, 0, 0
+        for t, n in ev:
+            acc += n
+            while ev[lo][0] <= t - window_s:
+                acc -= ev[lo][1]
+                lo += 1
+            best = max(best, acc)
+        return best / window_s
 
     @property
     def total(self) -> int:
@@ -92,6 +113,7 @@ class CountingProxy:
                     break
                 with self._lock:
                     setattr(self, direction, getattr(self, direction) + len(d))
+                    self.events.append((time.monotonic(), len(d)))
                 b.sendall(d)
         except OSError:
             pass
@@ -131,6 +153,7 @@ class CountingProxy:
                     break
                 with self._lock:
                     setattr(self, direction, getattr(self, direction) + len(d))
+                    self.events.append((time.monotonic(), len(d)))
                 q.put((time.monotonic(), d))
         except OSError:
             pass
@@ -179,6 +202,21 @@ class Sshd:
                        f"  Ciphers {CIPHER}\n  Compression no\n")
         return cfg
 
+    def children_cpu(self) -> float:
+        """CPU seconds (user + system) of every finished SSH session: the sshd master's reaped children
+        (per-connection sshd, the remote command and what it ran: the source side of a run)."""
+        f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[13]) + int(f[14])) / os.sysconf("SC_CLK_TCK")   # cutime, cstime
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every session of the last run ended (so its CPU is counted)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not os.path.exists(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") or \
+                    not open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().strip():
+                return
+            time.sleep(0.02)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -194,14 +232,16 @@ CASES: Dict[str, "Case"] = {}
 
 
 class Case:
-    def __init__(self, key: str, title: str, fn: Callable, delay_ms: float = 0.0, loop_gb: int = 0):
+    def __init__(self, key: str, title: str, fn: Callable, delay_ms: float = 0.0, loop_gb: int = 0,
+                 bwlimit: bool = False):
         self.key, self.title, self.fn, self.delay_ms = key, title, fn, delay_ms
         self.loop_gb = loop_gb   # > 0: the case's trees live on a loop-mounted ext4 of that size
+        self.bwlimit = bwlimit   # both tools get --bwlimit=BWLIMIT; the row reports their max 5-s rates
 
 
-def case(key: str, title: str, *, delay_ms: float = 0.0, loop_gb: int = 0):
+def case(key: str, title: str, *, delay_ms: float = 0.0, loop_gb: int = 0, bwlimit: bool = False):
     def deco(fn):
-        CASES[key] = Case(key, title, fn, delay_ms, loop_gb)
+        CASES[key] = Case(key, title, fn, delay_ms, loop_gb, bwlimit)
         return fn
     return deco
 
@@ -356,6 +396,32 @@ def case_h(ctx: Ctx) -> None:
     case_c(ctx)
 
 
+BWLIMIT = {"rate": "2M"}      # --bwlimit RATE of the bench (rsync's syntax; both tools get it in rows l, L)
+
+
+def _rate_bps(text: str) -> int:
+    """rsync's --bwlimit syntax in bytes/s (K/M/G powers of 1024, KB/MB/GB of 1000, bare = KiB/s)."""
+    import re
+    m = re.match(r"^(\d+(?:\.\d+)?)([KMG]?)(B?)$", text.strip(), re.I)
+    if not m:
+        raise ValueError(f"bad rate {text!r}")
+    base = 1000 if m.group(3) else 1024
+    return int(float(m.group(1)) * base ** {"": 1, "K": 1, "M": 2, "G": 3}[m.group(2).upper()])
+
+
+@case("l", "--bwlimit: first copy of 32 MiB (a file and 1 000 small ones)", bwlimit=True)
+def case_l(ctx: Ctx) -> None:
+    _big_file(ctx.src / "big.bin", (16 if ctx.quick else 32) << 20)
+    _small_files(ctx, 1000)
+
+
+@case("L", "--bwlimit: case c's 100 overwrites in a 256 MiB file, incremental", bwlimit=True)
+def case_big_l(ctx: Ctx) -> None:
+    _big_file(ctx.src / "img", 256 << 20)
+    ctx.initial()
+    _random_writes(ctx.src / "img", ctx.rng)
+
+
 @case("n", "no change at all: the per-cycle floor (a 3 MiB file, nothing changed)")
 def case_n(ctx: Ctx) -> None:
     _big_file(ctx.src / "f.bin", 3 << 20)
@@ -364,10 +430,18 @@ def case_n(ctx: Ctx) -> None:
 
 # --------------------------------------------------------------------------- runner
 
+def _own_children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 class Runner:
-    def __init__(self, sshd: Sshd, delay_ms: float):
+    def __init__(self, sshd: Sshd, delay_ms: float, bwlimit: str = ""):
+        self.sshd = sshd
         self.proxy = CountingProxy(sshd.port, delay_ms / 1000.0)
         self.cfg = sshd.client_config(self.proxy.port)
+        self.extra = [f"--bwlimit={bwlimit}"] if bwlimit else []
+        self.timed = False       # initial() copies run unlimited; the timed run gets the extra options
 
     def close(self) -> None:
         self.proxy.close()
@@ -375,28 +449,38 @@ class Runner:
     def run_discrep(self, ctx: Ctx) -> Dict:
         dst = ctx.root / "dst-discrep"
         self.proxy.reset()
+        self.sshd.settle()
+        cpu0, src0 = _own_children_cpu(), self.sshd.children_cpu()
         t = time.monotonic()
         r = subprocess.run([DISCREP, "replicate", "--json", "-q", "-F", str(self.cfg), "--remote-discrep", DISCREP,
-                            f"{ALIAS}:{ctx.src}", str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            *(self.extra if self.timed else []), f"{ALIAS}:{ctx.src}", str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=dict(os.environ, TMPDIR=str(ctx.root)))
         wall = time.monotonic() - t
+        cpu = _own_children_cpu() - cpu0
+        self.sshd.settle()
         time.sleep(0.05)
         if r.returncode not in (0, 1):
             raise RuntimeError(f"discrep failed ({r.returncode}): {r.stderr.strip()}")
-        return {"wall": wall, "wire": self.proxy.total, "res": json.loads(r.stdout.strip().splitlines()[-1])}
+        return {"wall": wall, "wire": self.proxy.total, "res": json.loads(r.stdout.strip().splitlines()[-1]),
+                "max5": self.proxy.max_rate(5.0), "cpu": cpu, "src_cpu": self.sshd.children_cpu() - src0}
 
     def run_rsync(self, ctx: Ctx) -> Dict:
         dst = ctx.root / "dst-rsync"
         self.proxy.reset()
+        self.sshd.settle()
+        cpu0, src0 = _own_children_cpu(), self.sshd.children_cpu()
         t = time.monotonic()
         r = subprocess.run(["rsync", "-aHAXS", "--delete", "--exclude=/.discrep/", "-e", f"ssh -F {self.cfg}",
-                            f"{ALIAS}:{ctx.src}/", f"{dst}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            *(self.extra if self.timed else []), f"{ALIAS}:{ctx.src}/", f"{dst}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
         wall = time.monotonic() - t
+        cpu = _own_children_cpu() - cpu0
+        self.sshd.settle()
         time.sleep(0.05)
         if r.returncode != 0:
             raise RuntimeError(f"rsync failed ({r.returncode}): {r.stderr.strip()}")
-        return {"wall": wall, "wire": self.proxy.total}
+        return {"wall": wall, "wire": self.proxy.total, "max5": self.proxy.max_rate(5.0), "cpu": cpu,
+                "src_cpu": self.sshd.children_cpu() - src0}
 
 
 def identical(src: Path, dst: Path) -> bool:
@@ -437,10 +521,11 @@ def loop_ext4(size_gb: int):
 
 def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
     root = Path(tempfile.mkdtemp(prefix=f"case-{c.key}-", dir=base))
-    runner = Runner(sshd, c.delay_ms)
+    runner = Runner(sshd, c.delay_ms, BWLIMIT["rate"] if c.bwlimit else "")
     try:
         ctx = Ctx(root, quick, runner)
         c.fn(ctx)
+        runner.timed = True
         d = runner.run_discrep(ctx)
         r = runner.run_rsync(ctx)
         ok_d = identical(ctx.src, root / "dst-discrep")
@@ -451,12 +536,23 @@ def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
                 "discrep_wire": d["wire"], "rsync_wire": r["wire"],
                 "wire_ratio": round(d["wire"] / r["wire"], 2) if r["wire"] else None,
                 "discrep_identical": ok_d, "rsync_identical": ok_r, "transport": d["res"].get("transport"),
-                "history_written": d["res"].get("history_bytes"), "history_kept": hist_kept}
+                "connections": d["res"].get("connections"),
+                "history_written": d["res"].get("history_bytes"), "history_kept": hist_kept,
+                "discrep_cpu": round(d["cpu"], 2), "discrep_src_cpu": round(d["src_cpu"], 2),
+                "rsync_cpu": round(r["cpu"], 2), "rsync_src_cpu": round(r["src_cpu"], 2),
+                **(_rate_fields(BWLIMIT["rate"], d, r) if c.bwlimit else {})}
     finally:
         for fn in reversed(getattr(locals().get("ctx"), "cleanups", [])):
             fn()
         runner.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _rate_fields(bwlimit: str, d: Dict, r: Dict) -> Dict:
+    """A --bwlimit row: each tool's highest 5-s mean rate on the wire (both directions), vs the limit."""
+    limit = _rate_bps(bwlimit)
+    return {"bwlimit": bwlimit, "discrep_max5s_Bps": round(d["max5"]), "rsync_max5s_Bps": round(r["max5"]),
+            "discrep_max5s_vs_limit": round(d["max5"] / limit, 3), "rsync_max5s_vs_limit": round(r["max5"] / limit, 3)}
 
 
 def _history_kept(dst: Path, cycle) -> Optional[int]:
@@ -488,17 +584,26 @@ def table(rows: List[Dict]) -> str:
     out = [f"Both tools over one loopback sshd with cipher {CIPHER}, compression off, through a counting proxy.",
            "",
            "| case | discrep s | rsync s | time ratio | discrep wire | rsync wire | wire ratio | identical "
-           "| history written / kept |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| history written / kept | CPU s replica+source: discrep | rsync |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['case']} {r['title']} | error: {r['error']} | | | | | | | |")
+            out.append(f"| {r['case']} {r['title']} | error: {r['error']} | | | | | | | | | |")
             continue
         hw, hk = r.get("history_written"), r.get("history_kept")
         hist = f"{fmt_bytes(hw)} / {fmt_bytes(hk)}" if hw is not None and hk is not None else ""
         out.append(f"| {r['case']} {r['title']} | {r['discrep_s']:.2f} | {r['rsync_s']:.2f} | {r['time_ratio']}x | "
                    f"{fmt_bytes(r['discrep_wire'])} | {fmt_bytes(r['rsync_wire'])} | {r['wire_ratio']}x | "
-                   f"{'yes' if r['discrep_identical'] and r['rsync_identical'] else 'NO'} | {hist} |")
+                   f"{'yes' if r['discrep_identical'] and r['rsync_identical'] else 'NO'} | {hist} | "
+                   f"{r['discrep_cpu']:.2f}+{r['discrep_src_cpu']:.2f} | {r['rsync_cpu']:.2f}+{r['rsync_src_cpu']:.2f} |")
+    limited = [r for r in rows if r.get("bwlimit")]
+    if limited:
+        out += ["", "Highest mean rate on the wire over any 5 s (both directions, SSH included) under --bwlimit:", "",
+                "| case | limit | discrep max 5 s | rsync max 5 s |", "|---|---|---|---|"]
+        for r in limited:
+            out.append(f"| {r['case']} | {r['bwlimit']} | {fmt_bytes(r['discrep_max5s_Bps'])}/s "
+                       f"({r.get('discrep_max5s_vs_limit', '?')}x) | {fmt_bytes(r['rsync_max5s_Bps'])}/s "
+                       f"({r.get('rsync_max5s_vs_limit', '?')}x) |")
     return "\n".join(out)
 
 
@@ -526,12 +631,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--cases", default="a,b,c,d,e", help=f"comma-separated, from {','.join(CASES)} (default a-e)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ap.add_argument("--tmpfs-size", default="12g")
+    ap.add_argument("--bwlimit", default=BWLIMIT["rate"], metavar="RATE",
+                    help="the limit both tools get in the --bwlimit rows l and L (default %(default)s)")
     ap.add_argument("--sig", action="store_true", help="also measure source-side signature throughput")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (tmpfs mount, sshd, FUSE)", file=sys.stderr)
         return 2
     keys = [k.strip() for k in a.cases.split(",") if k.strip()]
+    BWLIMIT["rate"] = a.bwlimit
+    _rate_bps(a.bwlimit)
     for k in keys:
         if k not in CASES:
             print(f"bench: unknown case {k!r}", file=sys.stderr)

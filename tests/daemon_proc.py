@@ -28,6 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 DISCREP = str(REPO / ".venv" / "bin" / "discrep")
 
 
+def committed(dest: Path) -> int:
+    """The replica's last committed cycle (0 before the first); read through its catalog, only to
+    wait for cycles -- the tests check replicas with the independent oracle of helpers.py."""
+    from discrep.replica.catalog import ReplicaCatalog
+    if not (dest / ".discrep" / "replica.db").exists():
+        return 0
+    c = ReplicaCatalog(str(dest / ".discrep"))
+    try:
+        return c.last_committed()
+    finally:
+        c.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -101,6 +101,36 @@ def run(cmd: List[str], *, check: bool = True, timeout: float = 120) -> subproce
     return proc
 
 
+def discrep_cli(*args: str, code: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m discrep ARGS`` (a subprocess: nothing here imports discrep) and assert its exit code."""
+    import sys
+    p = subprocess.run([sys.executable, "-m", "discrep", *args], capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == code, f"exit {p.returncode} (wanted {code}): {p.stdout}{p.stderr}"
+    return p
+
+
+def tree_digest(root: os.PathLike | str, *, dir_mtimes: bool = True, volatile: Iterable[str] = ()) -> str:
+    """A digest of every name, type and mode under ``root``, each regular file's size, mtime and
+    bytes, and (``dir_mtimes``) every directory's mtime.  Files named in ``volatile`` (a lock file a
+    run rewrites) count by name and mode only.  For "nothing changed here" checks."""
+    import hashlib
+    skip = set(volatile)
+    h = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files) + dirs:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            h.update(os.path.relpath(p, root).encode() + b"\0%o" % st.st_mode)
+            if stat.S_ISDIR(st.st_mode) and dir_mtimes:
+                h.update(b" %d" % st.st_mtime_ns)
+            if stat.S_ISREG(st.st_mode) and name not in skip:
+                h.update(b" %d %d" % (st.st_size, st.st_mtime_ns))
+                with open(p, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- test dirs
 
 def _proc_start_time(pid: int) -> Optional[str]:

@@ -22,6 +22,8 @@ def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--stream", action="store_true", help="announce manifest segments while building")
     sp.add_argument("--timeout", type=float, default=None,
                     help="say alive every timeout/4 s; end after this many seconds without a word from the replica")
+    sp.add_argument("--read-live", action="store_true",
+                    help="the replica verifies before it commits: a copy snapshot reads large files live")
     sp.add_argument("--no-totals", dest="totals", action="store_false",
                     help="a streamed first copy starts at once instead of counting the tree first")
 
@@ -29,7 +31,7 @@ def register(sp: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     from discrep.source.agent import run_agent
     rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals,
-                   timeout=a.timeout)
+                   timeout=a.timeout, read_live=a.read_live)
     # no interpreter shutdown: it would wait for a stuck export child forever (its cleanup is bounded)
     for f in (sys.stdout, sys.stderr):
         try:

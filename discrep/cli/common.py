@@ -7,12 +7,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
+from discrep.replica.retention import GridRule, parse_grid
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
-from discrep.transport.options import DEFAULT_TIMEOUT, TRANSPORTS, SshOptions
+from discrep.source.options import DEFAULT_HOOK_TIMEOUT, HOOK_FAILURES, MAX_HOOK_TIMEOUT, HookOptions
+from discrep.transport.options import DEFAULT_TIMEOUT, TRANSPORTS, SshOptions, is_remote
+from discrep.transport.pace import parse_rate
+
+if TYPE_CHECKING:
+    from discrep.protocol.filterspec import FilterSpec
 
 Progress = Callable[..., None]
 
@@ -65,15 +71,64 @@ def add_replica_args(sp: argparse.ArgumentParser, force_help: str) -> None:
 def add_keep_args(sp: argparse.ArgumentParser, last_help: str, within_help: str) -> None:
     sp.add_argument("--keep-last", type=int, default=10, metavar="N", help=last_help)
     sp.add_argument("--keep-within", metavar="DURATION", help=within_help)
+    sp.add_argument("--keep", metavar="GRID",
+                    help='also keep the newest point of each period: "24x1h, 30x1d, 12x30d" (the last 24 hours, '
+                         '30 days, 12 thirty-day periods; units m, h, d, w)')
+
+
+def keep_grid(a: argparse.Namespace) -> Tuple[GridRule, ...]:
+    text = getattr(a, "keep", None)
+    return parse_grid(text) if text else ()
+
+
+class _RuleAction(argparse.Action):
+    """Collects every filter option, in command-line order, as (option, value) in ``filter_rules``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        got = list(getattr(ns, "filter_rules", None) or [])
+        got.append((self.dest, values))
+        setattr(ns, "filter_rules", got)
+
+
+def add_filter_args(sp: argparse.ArgumentParser, delete_excluded: bool = True) -> None:
+    """rsync's filter options; rules apply in the order given, the first matching one wins."""
+    g = sp.add_argument_group("filters (rsync's FILTER RULES: first match wins; /PAT anchors at SRC, "
+                              "a trailing / matches directories, * ? [..] ** and dir/***)")
+    sp.set_defaults(filter_rules=[])
+    g.add_argument("--exclude", dest="exclude", action=_RuleAction, metavar="PATTERN",
+                   help="exclude paths matching PATTERN (an excluded directory is not descended)")
+    g.add_argument("--include", dest="include", action=_RuleAction, metavar="PATTERN",
+                   help="include paths matching PATTERN (put it before the exclude it overrides)")
+    g.add_argument("--exclude-from", dest="exclude-from", action=_RuleAction, metavar="FILE",
+                   help="read exclude patterns from FILE, one per line (# and ; start comments)")
+    g.add_argument("--include-from", dest="include-from", action=_RuleAction, metavar="FILE",
+                   help="read include patterns from FILE, one per line")
+    g.add_argument("-f", "--filter", dest="filter", action=_RuleAction, metavar="RULE",
+                   help="a filter rule: '- PATTERN', '+ PATTERN', 'dir-merge .discrepignore' (per-directory "
+                        "rule files, read from the source tree), or '!' to clear the rules so far")
+    if delete_excluded:
+        g.add_argument("--delete-excluded", action="store_true",
+                       help="also delete excluded files from DEST (default: excluded files already in DEST "
+                            "are kept untouched); they count toward --max-delete")
+
+
+def filter_spec(a: argparse.Namespace) -> "FilterSpec":
+    """The filter options of ``a`` as one ``FilterSpec`` (rules in command-line order)."""
+    from discrep.protocol.filters import FilterRules
+    from discrep.protocol.filterspec import FilterSpec
+    rules = FilterRules.parse(getattr(a, "filter_rules", None) or [])
+    return FilterSpec(rules, bool(getattr(a, "delete_excluded", False)))
 
 
 def replica_options(a: argparse.Namespace) -> ReplicaOptions:
     count, pct = parse_max_delete(getattr(a, "max_delete", None))
     return ReplicaOptions(keep_last=a.keep_last,
                           keep_within_s=parse_duration(a.keep_within) if a.keep_within else None,
+                          keep_grid=keep_grid(a),
                           numeric_ids=a.numeric_ids, force=a.force, max_delete=count, max_delete_pct=pct,
                           checksum=bool(getattr(a, "checksum", False)), dry_run=bool(getattr(a, "dry_run", False)),
-                          nosuid=bool(getattr(a, "nosuid", False)))
+                          filters=filter_spec(a), nosuid=bool(getattr(a, "nosuid", False)))
 
 
 def parse_max_delete(text: Optional[str]) -> Tuple[Optional[int], Optional[float]]:
@@ -106,6 +161,50 @@ def add_ssh_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="fail the cycle (exit 11) when a connection to the source makes no progress for this "
                         f"long (like rsync's --timeout; default {DEFAULT_TIMEOUT:.0f})")
+    g.add_argument("--bwlimit", type=_rate, default=0, metavar="RATE",
+                   help="limit the SSH connection to RATE KiB/s, both directions and every byte together "
+                        "(like rsync's --bwlimit: K, M, G suffixes; 0 = no limit)")
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_hook_args(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("application-consistent recovery points (local SRC; a remote SRC's hooks are "
+                              "configured on its host in SRC/.discrep/hooks.toml)")
+    g.add_argument("--pre-snapshot", metavar="CMD",
+                   help="run CMD (/bin/sh -c, in SRC) before the snapshot: quiesce the application, e.g. "
+                        "'fsfreeze -f /srv', a database's backup-start call")
+    g.add_argument("--post-snapshot", metavar="CMD",
+                   help="run CMD after the snapshot; it always runs once --pre-snapshot ran")
+    g.add_argument("--hook-timeout", type=_hook_seconds, default=DEFAULT_HOOK_TIMEOUT, metavar="SECONDS",
+                   help=f"kill a hook (its process group) that runs longer (default {DEFAULT_HOOK_TIMEOUT:.0f})")
+    g.add_argument("--hook-failure", choices=list(HOOK_FAILURES), default="fail",
+                   help="when --pre-snapshot fails or times out: fail the cycle (default, exit 9), or take a "
+                        "crash-consistent recovery point and mark it so")
+
+
+def _hook_seconds(text: str) -> float:
+    v = parse_duration(text)
+    if not 0 < v <= MAX_HOOK_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and {MAX_HOOK_TIMEOUT:.0f} seconds")
+    return v
+
+
+def hook_options(a: argparse.Namespace) -> Optional[HookOptions]:
+    """The snapshot hooks of the command line, or None (then SRC/.discrep/hooks.toml applies)."""
+    pre, post = getattr(a, "pre_snapshot", None), getattr(a, "post_snapshot", None)
+    if not pre and not post:
+        return None
+    if is_remote(a.src):
+        raise UsageError("--pre-snapshot/--post-snapshot run on this host: for a remote SRC configure the hooks on "
+                         "the source host, in SRC/.discrep/hooks.toml",
+                         hint="see README, 'Application-consistent recovery points'")
+    return HookOptions(pre_snapshot=pre, post_snapshot=post, timeout_s=a.hook_timeout, on_failure=a.hook_failure)
 
 
 def _seconds(text: str) -> float:
@@ -118,8 +217,8 @@ def _seconds(text: str) -> float:
 def cycle_options(a: argparse.Namespace) -> CycleOptions:
     return CycleOptions(src=a.src, dest=a.dest, snapshot=a.snapshot, replica=replica_options(a),
                         ssh=SshOptions(remote_discrep=a.remote_discrep, ssh_config=a.ssh_config,
-                                       transport=a.transport, timeout=a.timeout),
-                        every=a.every)
+                                       transport=a.transport, timeout=a.timeout, bwlimit=a.bwlimit),
+                        every=a.every, hooks=hook_options(a))
 
 
 def summary(res: Dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ example jobs file:
   source = "/home"
   dest = "/backup/home"
   rpo = "1h"                         # how stale is too stale
+  exclude = ["*.tmp", "/.cache/"]    # rsync filter rules: filter, then include, then exclude
 
   [jobs.web]
   source = "backup@web1:/srv/www"    # a remote source: [user@]host:path
@@ -28,8 +29,9 @@ example jobs file:
   schedule = "0 * * * *"             # cron syntax instead of 'every'
   keep_within = "7d"
 
-job keys: source, dest, every | schedule, rpo, snapshot, transport, ssh_config, remote_discrep,
-keep_last, keep_within, numeric_ids, nosuid.  top level only: metrics_listen, max_concurrent."""
+job keys: source, dest, every | schedule, rpo, snapshot, transport, ssh_config, remote_discrep, bwlimit,
+keep_last, keep_within, numeric_ids, nosuid, filter, include, exclude (lists of rsync rules), delete_excluded.
+top level only: metrics_listen, max_concurrent."""
 
 
 def add_config_arg(sp: argparse.ArgumentParser) -> None:

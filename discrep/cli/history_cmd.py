@@ -19,10 +19,10 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     out, applying = list_points(a.dest)
     if not a.json:
         print(f"{'cycle':>5}  {'source snapshot time':19}  {'files':>7}  {'read':>12}  {'written':>12}  "
-              f"{'history':>10}  restorable")
+              f"{'history':>10}  {'consistency':14}  restorable")
         for r in out:
             print(f"{r['cycle']:>5}  {r['source_time']:19}  {r['files_changed'] or 0:>7}  "
-                  f"{r['bytes_transferred'] or 0:>12}  {r['bytes_written'] or 0:>12}  {r['history_bytes']:>10}  "
+                  f"{r['bytes_transferred'] or 0:>12}  {r['bytes_written'] or 0:>12}  {r['history_bytes']:>10}  {r['consistency']:14}  "
                   f"{'yes' if r['restorable'] else 'no (history pruned)'}")
         if applying:
             print(f"cycle {applying} was interrupted: run 'discrep recover {a.dest}'")

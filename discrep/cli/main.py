@@ -1,5 +1,9 @@
 """``discrep`` entry point: the parser built from the command modules, logging, the one error handler.
 
+``COMMANDS`` names each command and its module; a run imports only the module of the command it
+runs (start-up time: ``discrep agent`` runs once per remote cycle), ``--help`` and a bad command
+import them all.
+
 Every command returns a result; ``main`` maps ``errors.Error`` subclasses to their exit codes
 (0 ok, 1 warnings, 2 error, 3-99 specific) and prints one line saying what went wrong and
 what to do.
@@ -9,26 +13,53 @@ Thread-safety: the CLI runs in the main thread.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from types import ModuleType
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 from discrep import __version__
-from discrep.cli import (ack_cmd, agent_cmd, configcheck_cmd, daemon_cmd, export_cmd, history_cmd, prune_cmd,
-                         recover_cmd, repair_state_cmd, replicate_cmd, reset_cmd, restore_cmd, run_cmd,
-                         snapshot_cmd, status_cmd, sync_cmd, verify_cmd, watch_cmd)
 from discrep.cli.common import printable
 from discrep.core.errors import EXIT_OK, EXIT_WARNINGS, Error, Interrupted, WarningList
 
 log = logging.getLogger("discrep")
 
-# in the order of `discrep --help`
-COMMANDS: List[ModuleType] = [replicate_cmd, snapshot_cmd, export_cmd, sync_cmd, ack_cmd, verify_cmd,
-                              history_cmd, watch_cmd, status_cmd, recover_cmd, restore_cmd, prune_cmd,
-                              repair_state_cmd, configcheck_cmd, run_cmd, daemon_cmd, agent_cmd, reset_cmd]
+# (command name, its module in discrep.cli), in the order of `discrep --help`; each module's NAME is its name
+COMMANDS: List[Tuple[str, str]] = [
+    ("replicate", "replicate_cmd"), ("snapshot", "snapshot_cmd"), ("export", "export_cmd"), ("sync", "sync_cmd"),
+    ("ack", "ack_cmd"), ("verify", "verify_cmd"), ("history", "history_cmd"), ("find", "find_cmd"),
+    ("watch", "watch_cmd"),
+    ("status", "status_cmd"), ("recover", "recover_cmd"), ("restore", "restore_cmd"), ("prune", "prune_cmd"),
+    ("repair-state", "repair_state_cmd"), ("configcheck", "configcheck_cmd"), ("run", "run_cmd"),
+    ("daemon", "daemon_cmd"), ("agent", "agent_cmd"), ("reset", "reset_cmd")]
+
+
+# one-shot cycle commands: once their result is printed nothing is left to release (every file, mount,
+# child process and connection is closed in a finally), so the console script ends the process without
+# the interpreter's teardown of its ~370 modules (40-160 ms measured on the replica, per cycle)
+FAST_EXIT = frozenset({"replicate", "run"})
+
+
+def command_module(name: str) -> ModuleType:
+    """The module of command ``name`` (imported now)."""
+    return importlib.import_module("discrep.cli." + dict(COMMANDS)[name])
+
+
+def _named_command(argv: Sequence[str]) -> Optional[str]:
+    """The command ``argv`` runs when it is plainly one of ours (options before it are only -v and
+    --verbose), else None (help, --version, a typo: the full parser says what is wrong)."""
+    known = dict(COMMANDS)
+    for arg in argv:
+        if arg in known:
+            return arg
+        if arg == "--verbose" or (arg.startswith("-v") and set(arg[1:]) == {"v"}):
+            continue
+        return None
+    return None
 
 EPILOG = """\
 examples:
@@ -46,7 +77,8 @@ exit codes: 0 ok, 1 finished with warnings, 2 error, 3-99 specific errors (see R
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The parser; given the ``argv`` it will parse, only the command that names is registered."""
     p = argparse.ArgumentParser(
         prog="discrep", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Replicate a directory tree in discrete cycles: journal what changed, snapshot it, "
@@ -55,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"discrep {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    for mod in COMMANDS:
+    only = _named_command(argv) if argv is not None else None
+    for name, _module in COMMANDS:
+        if only is not None and name != only:
+            continue
+        mod = command_module(name)
         if getattr(mod, "HIDDEN", False):
             sp = sub.add_parser(mod.NAME, help=mod.HELP)
         else:
@@ -104,7 +140,12 @@ def _run(a: argparse.Namespace, warnings: WarningList) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    """The console script (``argv`` None: the process's own arguments; a FAST_EXIT command ends the
+    process here) or an in-process call (returns the exit code)."""
+    console = argv is None
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     a = parser.parse_args(argv)
     if not getattr(a, "command", None):
         parser.print_help()
@@ -118,7 +159,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
-    return _run(a, WarningList())
+    rc = _run(a, WarningList())
+    if console and a.cmd in FAST_EXIT:
+        _exit_now(rc)
+    return rc
+
+
+def _exit_now(rc: int) -> None:
+    """End the process at once: log handlers and standard streams flushed, no interpreter teardown."""
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
 
 
 if __name__ == "__main__":

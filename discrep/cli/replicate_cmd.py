@@ -7,6 +7,7 @@ from typing import Any, Dict
 
 from discrep.cli import common
 from discrep.core.errors import UsageError, WarningList
+from discrep.run.options import CycleOptions
 
 NAME = "replicate"
 HELP = "run one cycle: SRC -> DEST (the first run is the full copy)"
@@ -24,6 +25,8 @@ def register(sp: argparse.ArgumentParser) -> None:
                          "is built on the source, nothing is written in DEST (local sources)")
     sp.add_argument("--every", type=float, metavar="SECONDS",
                     help="continuous mode: run a cycle every SECONDS (sooner when the journal has entries)")
+    common.add_hook_args(sp)
+    common.add_filter_args(sp)
     common.add_ssh_args(sp)
 
 
@@ -33,7 +36,7 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     from discrep.run.remote import replicate_remote
     opts = common.cycle_options(a)
     if opts.replica.dry_run:
-        return _dry_run(opts.src, opts.dest, opts.remote_source or opts.every is not None)
+        return _dry_run(opts, opts.remote_source or opts.every is not None)
     if opts.replica.checksum and opts.remote_source:
         raise UsageError("--checksum works for a local SRC for now",
                          hint="run 'discrep verify DEST --scrub' on the replica host to find damaged files")
@@ -45,13 +48,14 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     return replicate_local(opts, warnings, prog)
 
 
-def _dry_run(src: str, dest: str, unsupported: bool) -> Dict[str, Any]:
+def _dry_run(opts: CycleOptions, unsupported: bool) -> Dict[str, Any]:
     from discrep.run.dryrun import dry_run
     from discrep.run.local import check_pair
     if unsupported:
         raise UsageError("--dry-run works for a local SRC, once (not with --every or a remote SRC) for now")
-    check_pair(os.path.abspath(src), os.path.abspath(dest))
-    return dry_run(os.fsencode(os.path.abspath(src)), os.fsencode(os.path.abspath(dest))).result()
+    src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)
+    check_pair(src, dest)
+    return dry_run(os.fsencode(src), os.fsencode(dest), opts.replica.filter_spec()).result()
 
 
 def show(a: argparse.Namespace, res: Dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ def register(sp: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
-    from discrep.source.build import build_cycle
+    from discrep.source.hooks import build_with_hooks, load_hook_file
     from discrep.source.cycles import settle_source
     src = os.fsencode(os.path.abspath(a.src))
     if not os.path.isdir(src):
@@ -31,7 +31,8 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     if a.replica_cycle is not None:
         settle_source(src, a.replica_cycle)
         min_cycle = a.replica_cycle + 1
-    b = build_cycle(src, snapshot_kind=a.snapshot, warnings=warnings, force_scan=a.scan, min_cycle=min_cycle)
+    b = build_with_hooks(src, load_hook_file(src), snapshot_kind=a.snapshot, warnings=warnings, force_scan=a.scan,
+                         min_cycle=min_cycle)
     return {"cycle": b.cycle, "base": b.base, "entries": b.entries, "snapshot": b.provider,
             "change_source": b.change_source, "path": os.fsdecode(b.snapshot)}
 

@@ -79,6 +79,10 @@ def _print(out: Dict[str, Any]) -> None:
                   f"{st.get('files_deleted')} deleted, {st.get('bytes_transferred')} bytes read"
                   + (f", {st.get('change_source')}" if st.get("change_source") else "")
                   + (f", {st.get('duration_s')}s" if st.get("duration_s") is not None else ""))
+        app = r.get("last_app_consistent_cycle")
+        if r.get("last_consistency") not in (None, "crash") or app:
+            print(f"  consistency: last point {r['last_consistency']}; last application-consistent "
+                  f"point: {app or 'none'}")
         print(f"  daemon:    {r['daemon']}")
         if r["last_error"]:
             print(f"  last error ({_fmt_age(r['last_error_age_s'])} ago): {r['last_error']}")
@@ -112,6 +116,9 @@ def _print_job(name: str, j: Dict[str, Any]) -> None:
               f"{r.get('bytes_transferred')} bytes read, {r.get('bytes_written')} written, "
               f"{r.get('change_source')}, {r.get('duration_s')}s")
     print(f"  replica:      last committed cycle {j['last_cycle'] or '-'}"
+          + (f" ({j['last_consistency']})" if j.get("last_consistency") not in (None, "crash") else "")
+          + (f"; last application-consistent: {j['last_app_consistent_cycle']}"
+             if j.get("last_app_consistent_cycle") else "")
           + (f"; cycle {j['interrupted_cycle']} was interrupted" if j["interrupted_cycle"] else ""))
     c = j["cycles"]
     print(f"  cycles:       {c['ok']} ok, {c['warning']} with warnings, {c['error']} failed")

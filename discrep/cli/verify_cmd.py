@@ -5,6 +5,7 @@ import argparse
 import os
 from typing import Any, Dict
 
+from discrep.cli import common
 from discrep.core.errors import UsageError, VerifyMismatchError, WarningList
 
 NAME = "verify"
@@ -17,6 +18,7 @@ def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--scrub", action="store_true",
                     help="check DEST's files against its own catalog's signatures, without the source "
                          "(hand edits, bit rot); exit 17 with the damaged paths")
+    common.add_filter_args(sp, delete_excluded=False)
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
@@ -28,7 +30,8 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     for p in (a.src, a.dest):
         if not os.path.isdir(p):
             raise UsageError(f"{p} is not a directory")
-    diffs = compare_trees(os.fsencode(os.path.abspath(a.src)), os.fsencode(os.path.abspath(a.dest)))
+    diffs = compare_trees(os.fsencode(os.path.abspath(a.src)), os.fsencode(os.path.abspath(a.dest)),
+                          filters=common.filter_spec(a))
     if diffs:
         for d in diffs:
             print(d)

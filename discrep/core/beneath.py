@@ -19,12 +19,13 @@ Threading: pure functions; the probe result is cached (a race only probes twice)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
 import struct
 from typing import List, Optional
+
+from discrep.core.platform import load_libc
 
 SYS_OPENAT2 = 437                  # the same number on every Linux architecture (unified table)
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -55,7 +56,7 @@ def components(rel: bytes) -> List[bytes]:
 def _openat2(dirfd: int, path: bytes, flags: int) -> int:
     global _syscall
     if _syscall is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = load_libc()
         fn = libc.syscall
         fn.restype = ctypes.c_long
         _syscall = fn

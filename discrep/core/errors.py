@@ -80,6 +80,12 @@ class SnapshotError(Error):
     exit_code = 9
 
 
+class HookFailedError(SnapshotError):
+    """A pre_snapshot hook failed or timed out and the job wants no crash-consistent point instead."""
+
+    exit_code = 9
+
+
 class JournalError(Error):
     """The journal is unreadable or has a gap that a catch-up scan must close."""
 
@@ -101,6 +107,13 @@ class HostKeyError(TransportError):
 class LiveReadError(TransportError):
     """A file the source let the replica read live could not be read whole (it changed or went
     away meanwhile); the source's check after the reads (agent ``verify``) says what became of it."""
+
+    exit_code = 11
+
+
+class LiveChangedError(TransportError):
+    """Files the replica read live (an incremental cycle's large files, not copied first) changed
+    while it read them: the cycle is rolled back and run again with those files copied."""
 
     exit_code = 11
 

@@ -40,7 +40,6 @@ import errno
 import fcntl
 import logging
 import os
-import platform as _py_platform
 import stat
 import struct
 import tempfile
@@ -76,7 +75,7 @@ def _not_supported(op: str, exc: OSError) -> NotSupported:
 
 def _ioc_layout() -> Tuple[int, int, int, int]:
     """(NONE, WRITE, READ, SIZEBITS) for this CPU's ioctl encoding."""
-    machine = _py_platform.machine().lower()
+    machine = os.uname().machine.lower()     # (the platform module costs ms of regex compiles)
     if machine.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
         return 1, 4, 2, 13
     return 0, 1, 2, 14
@@ -166,11 +165,19 @@ _libc_lock = threading.Lock()
 _libc: Optional[ctypes.CDLL] = None
 
 
+def load_libc() -> ctypes.CDLL:
+    """A fresh C library handle (``use_errno``): by its glibc soname (``find_library`` costs ms)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _get_libc() -> ctypes.CDLL:
     global _libc
     with _libc_lock:
         if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc = load_libc()
         return _libc
 
 

@@ -13,11 +13,13 @@ from typing import Callable, Iterator, Optional, Tuple
 from discrep.core.paths import STATE_DIR
 
 
-def walk(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = None
+def walk(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = None,
+         keep: Optional[Callable[[bytes, os.stat_result], bool]] = None
          ) -> Iterator[Tuple[bytes, os.stat_result]]:
     """Yield (relative path, lstat) for every entry below ``root`` (root itself excluded, and
     ``ROOT/.discrep``), in manifest order: each directory's entries by name, a directory's subtree
-    right after it (the order of ``sorted(paths, key=lambda p: p.replace(b"/", b"\\0"))``)."""
+    right after it (the order of ``sorted(paths, key=lambda p: p.replace(b"/", b"\\0"))``).
+    ``keep(rel, lstat)`` false: the entry is skipped and, a directory, never descended (filters)."""
     def listing(rel: bytes) -> Iterator[os.DirEntry]:
         try:
             with os.scandir(root + b"/" + rel if rel else root) as it:
@@ -41,6 +43,8 @@ def walk(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = 
         try:
             st = e.stat(follow_symlinks=False)
         except FileNotFoundError:
+            continue
+        if keep is not None and not keep(crel, st):
             continue
         yield crel, st
         if statmod.S_ISDIR(st.st_mode):

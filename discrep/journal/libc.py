@@ -10,12 +10,13 @@ in the thread whose libc call failed, right after it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from typing import Optional
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from discrep.core.platform import load_libc
+
+libc = load_libc()
 
 
 def errno_error(op: str, path: Optional[bytes] = None) -> OSError:

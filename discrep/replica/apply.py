@@ -32,6 +32,7 @@ from discrep.replica.dirs import O_FILE
 from discrep.replica.files import FilePatcher
 from discrep.replica.meta import MetaWriter
 from discrep.replica.packs import PackSource
+from discrep.replica.protect import Protection
 from discrep.replica.reader import Reader
 from discrep.replica.stats import Progress, SyncStats
 
@@ -74,6 +75,7 @@ class Applier:
         self.moves = Moves()
         self.deleted: List[bytes] = []
         self.rows: List[CatalogRow] = []
+        self.protect: Optional[Protection] = None     # the replica's filter rules keep these entries
         dir_paths = {e.path for e in entries if e.op == "dir"}
         self.dest = Dest(dest, self.stats.cycle, fresh=fresh, dir_paths=dir_paths)
         self.meta = MetaWriter(lambda rel, msg: warnings.add(show(rel), msg), nosuid=nosuid)
@@ -133,10 +135,31 @@ class Applier:
 
     def _deletes(self, deletes: List[Entry]) -> None:
         for e in sorted(deletes, key=lambda d: -depth(d.path)):
+            if self.protect is not None:
+                if self.dest.dirs.lstat(e.path) is not None:
+                    self._remove(e.path)
+                continue
             if self.dest.dirs.lstat(e.path) is not None:
                 self.dest.trash(e.path)
                 self.stats.files_deleted += 1
             self.deleted.append(e.path)
+
+    def _remove(self, rel: bytes) -> bool:
+        """Trash ``rel`` unless the filter rules protect it; a directory holding protected entries
+        keeps them and itself, its other entries go.  True when ``rel`` went."""
+        pr = self.protect
+        if pr is not None:
+            if pr.protects(rel) and self.moves.base_of(rel) == rel:   # (a move of this cycle put it here)
+                return False
+            st = self.dest.dirs.lstat(rel)
+            if st is not None and statmod.S_ISDIR(st.st_mode) and pr.holds_protected(rel):
+                for child in list(pr.children(rel)):
+                    self._remove(child)
+                return False
+        self.dest.trash(rel)
+        self.stats.files_deleted += 1
+        self.deleted.append(rel)
+        return True
 
     def _remove_extraneous(self, keep: Set[bytes]) -> None:
         """Full cycle: anything in DEST that the snapshot does not have goes to the trash."""
@@ -154,8 +177,11 @@ class Applier:
                 if not d and rel == STATE_DIR:
                     continue
                 if rel not in keep:
-                    self.dest.trash(rel)
-                    self.stats.files_deleted += 1
+                    if self.protect is None:
+                        self.dest.trash(rel)
+                        self.stats.files_deleted += 1
+                    else:
+                        self._remove(rel)
                 else:
                     st = dirs.lstat(rel)
                     if st is not None and statmod.S_ISDIR(st.st_mode):

@@ -19,19 +19,19 @@ closes them), never the root fd.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from typing import Callable, Dict, Optional, Set, TypeVar
 
 from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.core.paths import basename, open_dir_nofollow, parent, show
+from discrep.core.platform import load_libc
 
 MAX_CACHED = 512        # directory fds kept open at once
 O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC
 T = TypeVar("T")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = load_libc()
 
 
 def syncfs(fd: int) -> None:

@@ -534,3 +534,39 @@ def clone_replica(src: bytes, dst: bytes) -> None:
     for rel, st in reversed(dirs):
         platform.copy_metadata(join(src, rel), join(dst, rel), st)
     platform.copy_metadata(src, dst, os.lstat(src))
+
+
+def walk_back(dest: bytes, state: bytes, committed: List[int], work: bytes,
+              clone_tree: Callable[[bytes, bytes], None], visit: Callable[[int, bytes], None]) -> List[int]:
+    """Visit every restorable recovery point, newest first, on a scratch copy of DEST: ``clone_tree``
+    makes the new directory ``work`` from DEST, ``visit(cycle, work)`` sees it as the newest committed
+    cycle, then each cycle's history is undone on it (as ``restore`` does) and ``visit`` sees the
+    cycle before, until the oldest committed cycle or one whose later history was pruned.  Returns
+    the cycles visited."""
+    if not committed:
+        return []
+    have = set(available(state))
+    points = sorted(committed, reverse=True)
+    clone_tree(dest, work)
+    scratch = work + b".keep"
+    os.mkdir(scratch, 0o700)
+    seen = [points[0]]
+    wfd = os.open(work, O_DIR)
+    try:
+        visit(points[0], work)
+        for c, before in zip(points, points[1:]):
+            if c not in have:
+                break
+            sc = join(scratch, b"%d" % c)
+            os.mkdir(sc, 0o700)
+            target = _Target(wfd, hist_dir(state, c), sc)
+            try:
+                undo(read_log(hist_dir(state, c)), target)
+            finally:
+                target.close()
+            visit(before, work)
+            seen.append(before)
+    finally:
+        os.close(wfd)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return seen

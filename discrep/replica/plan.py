@@ -12,7 +12,7 @@ Thread-safety: the applying thread only (it uses that thread's catalog connectio
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from discrep.core.errors import MaxDeleteError
 from discrep.core.paths import show
@@ -36,19 +36,22 @@ def subtree_size(cat: ReplicaCatalog, rel: bytes) -> int:
     return max(1, int(n))
 
 
-def deletions(cat: ReplicaCatalog, full: bool, entries: List[Entry]) -> Tuple[int, List[bytes]]:
-    """(entries deleted, the deleted paths at the top of each deleted subtree)."""
+def deletions(cat: ReplicaCatalog, full: bool, entries: List[Entry],
+              protects: Optional[Callable[[bytes], bool]] = None) -> Tuple[int, List[bytes]]:
+    """(entries deleted, the deleted paths at the top of each deleted subtree); ``protects``: the
+    paths the replica's filter rules keep (not counted)."""
+    keeps = protects or (lambda _p: False)
     if full:
         keep = {e.path for e in entries if e.is_upsert}
         gone = [bytes(r[0]) for r in cat.con.execute("SELECT path FROM files ORDER BY path")
-                if bytes(r[0]) not in keep]
+                if bytes(r[0]) not in keep and not keeps(bytes(r[0]))]
         tops: List[bytes] = []
         for p in gone:
             if not tops or not p.startswith(tops[-1] + b"/"):
                 tops.append(p)
         return len(gone), tops
     moved_out = {e.old for e in entries if e.op == "move"}
-    tops = sorted(e.path for e in entries if e.op == "delete")
+    tops = sorted(e.path for e in entries if e.op == "delete" and not keeps(e.path))
     return sum(subtree_size(cat, p) for p in tops if p not in moved_out), tops
 
 
@@ -64,13 +67,13 @@ def limit_of(opts: ReplicaOptions, total: int) -> Optional[int]:
 
 
 def check_max_delete(cat: ReplicaCatalog, dest: bytes, full: bool, entries: List[Entry],
-                     opts: ReplicaOptions) -> int:
+                     opts: ReplicaOptions, protects: Optional[Callable[[bytes], bool]] = None) -> int:
     """Raise ``MaxDeleteError`` when the cycle would delete more than the limit; else the count."""
     total = catalog_size(cat)
     lim = limit_of(opts, total)
     if lim is None:
         return 0
-    n, tops = deletions(cat, full, entries)
+    n, tops = deletions(cat, full, entries, protects)
     if n <= lim:
         return n
     first = ", ".join(show(p) for p in tops[:SHOWN]) + (", ..." if len(tops) > SHOWN else "")

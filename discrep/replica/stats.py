@@ -32,6 +32,7 @@ class SyncStats:
     duration_s: float = 0.0
     streamed: bool = False       # applied while the source was still building it (replica.stream)
     worker_segments: int = 0     # of those, manifest segments a second process applied (replica.worker)
+    consistency: str = ""        # the source's snapshot hooks: "app", "crash-fallback" (pre hook failed) or ""
 
 
 # progress(files done, files in all, bytes read, bytes of files done, bytes of files in all)

@@ -28,25 +28,30 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from discrep.core import locks
-from discrep.core.errors import CycleMismatchError, DestinationError, DiskFullError, ManifestError, WarningList
+from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullError, Error, LiveChangedError,
+                                 ManifestError,
+                                 WarningList)
 from discrep.core.paths import STATE_DIR, join, state_dir
 from discrep.core.statedir import StateDir
 from discrep.protocol import layout
 from discrep.protocol.manifest import Entry, read_lines
 from discrep.replica.apply import Applier
-from discrep.replica.catalog import ReplicaCatalog
+from discrep.replica import retention
+from discrep.replica.catalog import HistoryRow, ReplicaCatalog
 from discrep.replica.dest import remove_stage
 from discrep.replica.files import check_size
 from discrep.replica.history import available, prune, rollback
 from discrep.replica.options import ReplicaOptions
 from discrep.replica.plan import check_max_delete
+from discrep.replica.protect import Protection, protection
+from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.owners import OwnerMap
 from discrep.replica.reader import Reader, StreamedCycle
+from discrep.replica.retention import GridRule
 from discrep.replica.stats import Progress, SyncStats
-from discrep.replica.stream import StreamApplier
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ def result_fields(stats: SyncStats) -> dict:
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
             "files_meta_changed": stats.files_meta_changed, "history_bytes": stats.history_bytes,
             "streamed": stats.streamed,
-            "worker_segments": stats.worker_segments}
+            "worker_segments": stats.worker_segments, "consistency": stats.consistency}
 
 
 def holds_only_state(dest) -> bool:
@@ -92,11 +97,14 @@ def run_lock(dest: bytes) -> Iterator[None]:
 
 def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, *,
          warnings: Optional[WarningList] = None, progress: Optional[Progress] = None,
-         stream: Optional[StreamedCycle] = None) -> SyncStats:
+         stream: Optional[StreamedCycle] = None, live_changed: Optional[Callable[[], bool]] = None) -> SyncStats:
     """Apply the cycle exported through ``reader`` to replica directory ``dest``.
 
     ``stream``: a cycle still being built (``reader.StreamedCycle``); a first copy into an
-    empty DEST is applied while it streams, any other cycle once its manifest is complete."""
+    empty DEST is applied while it streams, any other cycle once its manifest is complete.
+    ``live_changed``: asked, when every file is applied and before the commit, whether a file
+    the source let us read live (entries marked ``live``) changed meanwhile; if so the cycle
+    is rolled back (``LiveChangedError``): what was read of it is no point-in-time copy."""
     opts = options or ReplicaOptions()
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
@@ -108,9 +116,9 @@ def sync(reader: Reader, dest: bytes, options: Optional[ReplicaOptions] = None, 
     with replica_lock(dest):
         cat = open_catalog(dest)
         try:
-            st = _sync(reader, dest, cat, warnings, progress, t0, opts, stream)
+            st = _sync(reader, dest, cat, warnings, progress, t0, opts, stream, live_changed)
             if not st.already_committed:
-                apply_retention(dest, cat, opts.keep_last, opts.keep_within_s)
+                apply_retention(dest, cat, opts.keep_last, opts.keep_within_s, opts.keep_grid)
             return st
         finally:
             cat.close()
@@ -161,24 +169,36 @@ def recover(dest: bytes) -> Optional[Tuple[int, int]]:
             cat.close()
 
 
-def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int,
-                    keep_within_s: Optional[float]) -> List[int]:
-    """Prune history no kept recovery point needs (the newest cycle is always kept)."""
+def apply_retention(dest: bytes, cat: ReplicaCatalog, keep_last: int, keep_within_s: Optional[float],
+                    grid: Sequence[GridRule] = ()) -> List[int]:
+    """Prune history no kept recovery point needs (the newest cycle is always kept; see
+    ``replica.retention``)."""
     hist = cat.history()
     committed = [h.cycle for h in hist]
     if not committed:
         return []
-    keep = set(committed[-max(1, keep_last):])
-    if keep_within_s is not None:
-        now = time.time_ns()
-        keep |= {h.cycle for h in hist if now - h.committed_ns <= keep_within_s * 1e9}
-    return prune(state_path(cat), committed, keep)
+    decisions = retention.plan(retention_points(hist, available(state_path(cat))), time.time_ns(), keep_last,
+                               keep_within_s, grid)
+    return prune(state_path(cat), committed, [d.cycle for d in decisions if d.keep])
+
+
+def retention_points(hist: Sequence[HistoryRow], have: Sequence[int]) -> List[retention.Point]:
+    """The committed cycles that can still be restored (every later cycle has its history), as
+    retention sees them: a point's time is its source snapshot time."""
+    got, out = set(have), []
+    later_ok = True
+    for h in reversed(hist):
+        if later_ok:
+            out.append(retention.Point(h.cycle, h.source_time_ns or h.committed_ns))
+        later_ok = later_ok and h.cycle in got
+    return out[::-1]
 
 
 # -- one cycle, step by step ------------------------------------------------------
 
 def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningList, progress: Optional[Progress],
-          t0: float, opts: ReplicaOptions, stream: Optional[StreamedCycle]) -> SyncStats:
+          t0: float, opts: ReplicaOptions, stream: Optional[StreamedCycle],
+          live_changed: Optional[Callable[[], bool]] = None) -> SyncStats:
     header, cycle, base = _read_header(reader, stream)
     recover_locked(dest, cat)   # an interrupted earlier run: back to the last committed cycle first
     last = cat.last_committed()
@@ -198,6 +218,7 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
             f"the export is cycle {cycle} built on cycle {base}, but {os.fsdecode(dest)} is at cycle {last}",
             hint="run 'discrep replicate' (it rebuilds against the replica), or 'discrep reset SRC' for a "
                  "full comparison")
+    _check_filters(header, opts.filter_spec())
     owners = OwnerMap(opts.numeric_ids)
     fresh = bool(header.get("full")) and last == 0 and holds_only_state(dest)
     streamed = stream is not None and fresh
@@ -208,16 +229,44 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
         owners.map_entries(entries)
     _map_root_owner(header, owners)
     if not streamed:
-        check_max_delete(cat, dest, bool(header.get("full")), entries, opts)
         for e in entries:                  # before anything is touched
             if e.op == "file":
                 check_size(e, opts.max_file_size)
-    cat.begin(cycle, base, int(header.get("created_ns", 0)))
+    prot = None if fresh else protection(dest, opts.filter_spec())
+    try:
+        if not streamed:
+            check_max_delete(cat, dest, bool(header.get("full")), entries, opts,
+                             prot.protects if prot is not None else None)
+        cat.begin(cycle, base, int(header.get("created_ns", 0)))
+        return _apply(reader, dest, cat, header, entries, warnings, progress, t0, opts, stream, owners,
+                      fresh, streamed, last, prot, live_changed)
+    finally:
+        if prot is not None:
+            prot.close()
+
+
+def _apply(reader: Reader, dest: bytes, cat: ReplicaCatalog, header: Dict[str, Any], entries: List[Entry],
+           warnings: WarningList, progress: Optional[Progress], t0: float, opts: ReplicaOptions,
+           stream: Optional[StreamedCycle], owners: OwnerMap, fresh: bool, streamed: bool, last: int,
+           prot: Optional[Protection], live_changed: Optional[Callable[[], bool]]) -> SyncStats:
+    """Apply the begun cycle and commit it, or roll DEST back to ``last``."""
+    cycle = int(header["cycle"])
     ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh, nosuid=opts.nosuid)
     ap.files.checksum = opts.checksum and not fresh
     ap.files.max_size = opts.max_file_size
+    ap.protect = prot
     try:
-        stats = StreamApplier(ap, stream, owners).run() if streamed and stream is not None else ap.run()
+        if streamed and stream is not None:     # (a first copy only: its worker process is imported here)
+            from discrep.replica.stream import StreamApplier
+            stats = StreamApplier(ap, stream, owners).run()
+        else:
+            stats = ap.run()
+        live = sum(1 for e in entries if e.live) if live_changed is not None and not streamed else 0
+        if live:
+            log.info("cycle %d: %d file(s) read live; asking the source whether any changed meanwhile", cycle, live)
+            if live_changed():
+                raise LiveChangedError(f"cycle {cycle}: files read live changed while they were read",
+                                       hint="run again: the cycle is rebuilt with those files copied")
         _commit(ap, reader, header, t0)
     except BaseException as exc:
         ap.close()
@@ -273,11 +322,25 @@ def _commit(ap: Applier, reader: Reader, header: Dict[str, Any], t0: float) -> N
     stats = ap.stats
     stats.bytes_transferred = reader.bytes_read
     stats.duration_s = time.monotonic() - t0
+    c = header.get("consistency")
+    stats.consistency = c if c in ("app", "crash-fallback") else ""      # a claim of the source, checked
     ap.cat.commit(stats.cycle, full=bool(header.get("full")), moves=ap.moves.pairs, deletes=ap.deleted,
                   rows=ap.rows, stats=asdict(stats))
     sid = header.get("source_id")
     if sid:
         ap.cat.set_meta("source_id", str(sid))
+    ap.cat.set_meta("filters", json.dumps(header.get("filters")))    # the rules DEST was made with
+
+
+def _check_filters(header: Dict[str, Any], spec: FilterSpec) -> None:
+    """The source applied this replica's rules (an older source ignores them: refused, not misapplied)."""
+    try:
+        used = FilterSpec.from_record(header.get("filters"))
+    except Error:
+        raise ManifestError("the export's cycle description records malformed filter rules") from None
+    if used.rules != spec.rules:
+        raise ManifestError("the source built this cycle with other filter rules than this replica's",
+                            hint="install the same discrep version on both hosts (filters need both to know them)")
 
 
 def _roll_back(dest: bytes, cat: ReplicaCatalog, cycle: int, last: int, exc: BaseException) -> None:

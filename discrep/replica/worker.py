@@ -27,8 +27,6 @@ pool), the main thread applies; in the parent, ``FreshWorker`` is used by one th
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -42,8 +40,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 
-
 from discrep.core import errors
+from discrep.core.platform import load_libc
 from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.core.paths import parent, show
 from discrep.protocol import layout
@@ -232,7 +230,7 @@ class SegmentApplier:
 
 def _die_with_parent() -> None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = load_libc()
         libc.prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
     except Exception:
         pass

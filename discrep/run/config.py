@@ -13,6 +13,10 @@ Default path ``/etc/discrep/discrep.toml`` (``-c FILE`` everywhere).  Shape::
     rpo = "1h"                           # how stale is too stale (status and the lag metric)
     keep_last = 48
     keep_within = "7d"
+    exclude = ["*.tmp", "/cache/"]       # rsync filter rules (see README): filter, then include, then
+    include = []                         # exclude, each in list order; filter = ["- PAT", "+ PAT",
+    filter = ["dir-merge .discrepignore"]   # "dir-merge NAME"]; first match wins
+    delete_excluded = false              # true: excluded files are deleted from DEST too
 
 Every key is checked: an unknown key, a value of the wrong type or out of range is a
 ``ConfigError`` naming the file, the job and the key, and saying what is allowed.  ``load``
@@ -32,8 +36,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
+from discrep.replica.retention import GridRule, parse_grid
 from discrep.run.options import SNAPSHOT_KINDS, CycleOptions, parse_duration
-from discrep.transport.options import TRANSPORTS, SshOptions
+from discrep.source.options import DEFAULT_HOOK_TIMEOUT, HOOK_FAILURES, MAX_HOOK_TIMEOUT, HookOptions
+from discrep.transport.options import TRANSPORTS, SshOptions, is_remote
+from discrep.transport.pace import parse_rate
 
 DEFAULT_PATH = "/etc/discrep/discrep.toml"
 MAX_JOBS = 1000
@@ -105,6 +112,16 @@ def _count(v: Any) -> int:
     return v
 
 
+MAX_RULES = 4096                          # (protocol.filters.MAX_RULES; imported only when rules are built)
+
+
+def _str_list(v: Any) -> List[str]:
+    if not isinstance(v, list) or len(v) > MAX_RULES or \
+            not all(isinstance(x, str) and x and "\0" not in x for x in v):
+        raise ValueError(f"a list of non-empty strings (at most {MAX_RULES})")
+    return list(v)
+
+
 def _choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if v not in options:
@@ -120,6 +137,15 @@ def _cron(v: Any) -> str:
     return v
 
 
+def _rate(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError('a rate like rsync\'s --bwlimit: KiB/s (500) or "2M"')
+    try:
+        return parse_rate(str(v))
+    except ValueError:
+        raise ValueError('a rate like rsync\'s --bwlimit: KiB/s (500) or "2M"') from None
+
+
 def _listen(v: Any) -> Tuple[str, int]:
     if not isinstance(v, str) or ":" not in v:
         raise ValueError('"HOST:PORT", e.g. "127.0.0.1:9811"')
@@ -129,15 +155,48 @@ def _listen(v: Any) -> Tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _grid(v: Any) -> Tuple[GridRule, ...]:
+    if not isinstance(v, str):
+        raise ValueError('a grid such as "24x1h, 30x1d, 12x30d"')
+    try:
+        return parse_grid(v)
+    except UsageError as e:
+        raise ValueError(f'a grid such as "24x1h, 30x1d, 12x30d" ({e})') from None
+
+
+def _hook_timeout(v: Any) -> float:
+    s = _duration(v)
+    if s > MAX_HOOK_TIMEOUT:
+        raise ValueError(f"a duration of at most {MAX_HOOK_TIMEOUT:.0f}s")
+    return s
+
+
+def _hooks(v: Dict[str, Any], where: str, problems: List[str]) -> Optional[HookOptions]:
+    """The job's snapshot hooks (None: the source's own SRC/.discrep/hooks.toml applies)."""
+    if "pre_snapshot" not in v and "post_snapshot" not in v:
+        return None
+    if is_remote(v["source"]):
+        problems.append(f"{where}: pre_snapshot/post_snapshot run on this host; for the remote source "
+                        f"{v['source']!r} configure them on the source host in SRC/.discrep/hooks.toml")
+        return None
+    return HookOptions(pre_snapshot=v.get("pre_snapshot"), post_snapshot=v.get("post_snapshot"),
+                       timeout_s=v.get("hook_timeout", DEFAULT_HOOK_TIMEOUT),
+                       on_failure=v.get("hook_failure", "fail"))
+
+
 # job key -> checker; the keys a job (or the top level, as a default) may have
 JOB_KEYS: Dict[str, Callable[[Any], Any]] = {
     "source": _str, "dest": _str,
     "every": _duration, "schedule": _cron, "rpo": _duration,
     "snapshot": _choice(SNAPSHOT_KINDS), "transport": _choice(TRANSPORTS),
-    "ssh_config": _str, "remote_discrep": _str,
+    "ssh_config": _str, "remote_discrep": _str, "bwlimit": _rate,
     "keep_last": _count, "keep_within": _duration, "numeric_ids": _bool,
     "nosuid": _bool,
+    "keep": _grid, "pre_snapshot": _str, "post_snapshot": _str, "hook_timeout": _hook_timeout,
+    "hook_failure": _choice(HOOK_FAILURES),
+    "filter": _str_list, "include": _str_list, "exclude": _str_list, "delete_excluded": _bool,
 }
+FILTER_KEYS = ("filter", "include", "exclude")     # the order their rules apply in
 TOP_KEYS: Dict[str, Callable[[Any], Any]] = {"metrics_listen": _listen, "max_concurrent": _count}
 
 
@@ -166,12 +225,24 @@ def _job(name: str, v: Dict[str, Any], where: str, problems: List[str]) -> Optio
         problems.append(f"{where}: needs 'every' (e.g. \"15m\") or 'schedule' (cron syntax)")
     if any(p.startswith(where + ":") for p in problems):
         return None
+    from discrep.protocol.filters import FilterRules
+    from discrep.protocol.filterspec import FilterSpec
+    try:
+        rules = FilterRules.parse([(k, r) for k in FILTER_KEYS for r in v.get(k, [])])
+    except UsageError as e:
+        problems.append(f"{where}: filter rules ({', '.join(k for k in FILTER_KEYS if k in v)}): {e}")
+        return None
     replica = ReplicaOptions(keep_last=v.get("keep_last", 10), keep_within_s=v.get("keep_within"),
-                             numeric_ids=v.get("numeric_ids", False), nosuid=v.get("nosuid", False))
+                             numeric_ids=v.get("numeric_ids", False), nosuid=v.get("nosuid", False),
+                             keep_grid=v.get("keep", ()),
+                             filters=FilterSpec(rules, v.get("delete_excluded", False)))
     ssh = SshOptions(remote_discrep=v.get("remote_discrep", "discrep"), ssh_config=v.get("ssh_config"),
-                     transport=v.get("transport", "auto"))
+                     transport=v.get("transport", "auto"), bwlimit=v.get("bwlimit", 0))
+    hooks = _hooks(v, where, problems)
+    if any(p.startswith(where + ":") for p in problems):
+        return None
     opts = CycleOptions(src=v["source"], dest=v["dest"], snapshot=v.get("snapshot", "auto"),
-                        replica=replica, ssh=ssh)
+                        replica=replica, ssh=ssh, hooks=hooks)
     return Job(name=name, options=opts, every_s=v.get("every"), schedule=v.get("schedule"),
                rpo_s=v.get("rpo"))
 

@@ -12,6 +12,10 @@ going on meanwhile only makes the answer stale).  It compares SRC as it is now w
 * ``.f...pogtx.`` metadata only (perms, owner, group, time, xattrs);
 * ``*deleting  `` deleted (a directory's contents as DEST holds them).
 
+With filter rules (``FilterSpec``) it compares what a cycle would: SRC as the rules select it
+(excluded directories not walked, dir-merge files read from SRC), and DEST without the entries
+the rules protect (unless --delete-excluded), as the replica's cycle does (replica.protect).
+
 Thread-safety: runs in the caller's thread.
 """
 from __future__ import annotations
@@ -29,6 +33,9 @@ import blockdiff
 from discrep.core.paths import join, show, state_dir
 from discrep.core.walk import walk
 from discrep.core.xattrs import only_replicated, read_xattrs
+from discrep.protocol.filterspec import FilterSpec
+from discrep.replica.protect import protection
+from discrep.source.filtering import SourceFilter
 
 Sigs = Dict[bytes, bytes]
 
@@ -76,13 +83,28 @@ def _read_sigs(uri: str) -> Sigs:
         con.close()
 
 
-def dry_run(src: bytes, dest: bytes) -> DryRun:
-    """What a cycle SRC -> DEST would apply (see module doc)."""
+def dry_run(src: bytes, dest: bytes, filters: Optional[FilterSpec] = None) -> DryRun:
+    """What a cycle SRC -> DEST would apply with ``filters`` (see module doc)."""
+    spec = filters or FilterSpec()
+    sflt = SourceFilter(src, spec) if spec.active else None
+    prot = protection(dest, spec) if os.path.isdir(dest) else None
+    try:
+        return _dry_run(src, dest, sflt.keep if sflt is not None else None,
+                        (lambda rel, st: prot.flt.walk_allows(rel, statmod.S_ISDIR(st.st_mode)))
+                        if prot is not None else None)
+    finally:
+        if sflt is not None:
+            sflt.close()
+        if prot is not None:
+            prot.close()
+
+
+def _dry_run(src: bytes, dest: bytes, keep_src, keep_dest) -> DryRun:
     out = DryRun()
     sigs = catalog_sigs(dest) if os.path.isdir(dest) else {}
     seen = set()
     created: List[Tuple[bytes, os.stat_result]] = []
-    for rel, st in walk(src):
+    for rel, st in walk(src, keep=keep_src):
         seen.add(rel)
         if not (statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode) or statmod.S_ISLNK(st.st_mode)):
             continue
@@ -94,7 +116,7 @@ def dry_run(src: bytes, dest: bytes) -> DryRun:
             created.append((rel, st))
             continue
         _compare(out, src, dest, rel, st, dt, sigs)
-    gone = [rel for rel, _st in walk(dest) if rel not in seen] if os.path.isdir(dest) else []
+    gone = [rel for rel, _st in walk(dest, keep=keep_dest) if rel not in seen] if os.path.isdir(dest) else []
     renamed = _renames(src, created, gone, sigs)
     for rel, st in created:
         kind = "cd" if statmod.S_ISDIR(st.st_mode) else "cL" if statmod.S_ISLNK(st.st_mode) else ">f"

@@ -8,6 +8,9 @@ cycle, serves it read-only through FUSE from a child process, reads it back
 through that mount exactly as a remote replica reads sshfs, and acknowledges.
 The mount and the child are gone on every path out (finally).
 
+The source's side (build, export, FUSE bindings) is imported by ``replicate_local`` itself: a
+remote cycle imports this module for ``prepare_dest`` alone and must not pay for it.
+
 Thread-safety: runs in the caller's thread.
 """
 from __future__ import annotations
@@ -19,14 +22,8 @@ import tempfile
 import time
 from typing import Any, Dict, Optional
 
-import fuse_export
-
-from discrep.source import build as srcmod
-from discrep.source import cycles
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
-from discrep.source.export import make_view
 from discrep.core.paths import STATE_DIR, nested, state_dir
-from discrep.transport.mount_reader import MountReader
 from discrep.replica.sync import result_fields, run_lock, sync
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
@@ -77,10 +74,13 @@ def prepare_dest(dest: str, *, force: bool) -> int:
 def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
                     progress=None) -> Dict[str, Any]:
     """One whole cycle of a local pair (``opts.src`` and ``opts.dest`` on this host)."""
+    import fuse_export
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
     src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)
     check_pair(src, dest)
+    if opts.ssh.bwlimit:
+        log.info("--bwlimit paces SSH connections: a local cycle has no wire and is not limited")
     bsrc, bdest = os.fsencode(src), os.fsencode(dest)
     try:
         fuse_export.load_fuse()
@@ -95,12 +95,22 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
 
 def _cycle(opts: CycleOptions, src: str, bsrc: bytes, dest: str, bdest: bytes, warnings: WarningList,
            progress, t0: float) -> Dict[str, Any]:
+    import fuse_export
+
+    from discrep.source import cycles
+    from discrep.source.export import make_view
+    from discrep.source.hooks import build_with_hooks, load_hook_file
+    from discrep.source.filtering import prepare_filters
+    from discrep.transport.mount_reader import MountReader
     rcycle = prepare_dest(dest, force=opts.replica.force)     # what DEST committed, now that we hold it
     cycles.settle_source(bsrc, rcycle)
+    rescan = prepare_filters(bsrc, opts.replica.filter_spec())   # the rules changed: scan, or compare all
     if opts.replica.checksum and rcycle:
         cycles.reset(bsrc)      # --checksum: a full cycle, so that every file is compared
     with cycles.disk_full_said(bsrc):
-        built = srcmod.build_cycle(bsrc, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings)
+        hooks = opts.hooks if opts.hooks is not None else load_hook_file(bsrc)
+        built = build_with_hooks(bsrc, hooks, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1,
+                                 warnings=warnings, force_scan=rescan, filters=opts.replica.filter_spec())
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
         view = make_view(bsrc, built.cycle)

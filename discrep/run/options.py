@@ -13,6 +13,7 @@ from typing import Optional
 
 from discrep.core.errors import UsageError
 from discrep.replica.options import ReplicaOptions
+from discrep.source.options import HookOptions
 from discrep.transport.options import SshOptions, is_remote
 
 SNAPSHOT_KINDS = ("auto", "btrfs", "reflink", "copy")
@@ -27,6 +28,7 @@ class CycleOptions:
     replica: ReplicaOptions = field(default_factory=ReplicaOptions)
     ssh: SshOptions = field(default_factory=SshOptions)
     every: Optional[float] = None          # continuous mode: seconds between cycles
+    hooks: Optional[HookOptions] = None    # snapshot hooks of a local source (None: SRC/.discrep/hooks.toml)
 
     @property
     def remote_source(self) -> bool:

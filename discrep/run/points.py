@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import stat as statmod
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import blockdiff
 
@@ -24,7 +24,11 @@ from discrep.core.statedir import StateDir
 from discrep.core.walk import walk
 from discrep.replica.catalog import CatalogRow, ReplicaCatalog
 from discrep.replica.history import available, clone_replica, hist_dir, restore, size_of
-from discrep.replica.sync import apply_retention, open_catalog, recover, replica_lock, state_path
+from discrep.replica.versions import find_versions
+from discrep.replica import retention
+from discrep.replica.retention import GridRule
+from discrep.replica.sync import (apply_retention, open_catalog, recover, replica_lock, retention_points,
+                                  state_path)
 
 
 def _require_replica(dest: str) -> str:
@@ -52,6 +56,7 @@ def list_points(dest: str) -> Tuple[List[Dict[str, Any]], Optional[int]]:
                         "files_changed": st.get("files_changed"),
                         "bytes_transferred": st.get("bytes_transferred"), "bytes_written": st.get("bytes_written"),
                         "history_bytes": size_of(hist_dir(state, c)) if c in have else 0,
+                        "consistency": _consistency(st),
                         "restorable": restorable})
     finally:
         cat.close()
@@ -74,15 +79,72 @@ def restore_point(dest: str, cycle: int, to: str, path: Optional[str]) -> None:
             cat.close()
 
 
-def prune_points(dest: str, keep_last: int, keep_within_s: Optional[float]) -> List[int]:
+def find_points(dest: str, pattern: str) -> Dict[str, Any]:
+    """Every restorable recovery point's version of the entries matching ``pattern`` (rsync syntax),
+    replayed from DEST's history (``replica.versions``); the points looked at and those too old."""
+    bdest = os.fsencode(os.path.abspath(dest))
+    _require_replica(dest)
+    with replica_lock(bdest):
+        cat = open_catalog(bdest)
+        try:
+            if cat.applying() is not None:
+                raise UsageError(f"{dest} holds an interrupted cycle", hint=f"run 'discrep recover {dest}' first")
+            hist = {h.cycle: h for h in cat.history()}
+            versions, seen = find_versions(bdest, state_path(cat), sorted(hist), pattern)
+        finally:
+            cat.close()
+    out = []
+    for v in versions:
+        h = hist[v.cycle]
+        out.append({"cycle": v.cycle, "source_time": _when(h.source_time_ns), "path": os.fsdecode(v.path),
+                    "type": v.kind, "size": v.size, "mode": f"{v.mode:04o}", "mtime": _when(v.mtime_ns),
+                    "digest": v.digest, "consistency": _consistency(h.stats)})
+    return {"pattern": pattern, "versions": out, "points": sorted(seen),
+            "not_restorable": sorted(c for c in hist if c not in seen)}
+
+
+def _consistency(stats: Dict[str, Any]) -> str:
+    """"app" (the source's pre_snapshot hook succeeded), "crash-fallback" (it failed; the point was
+    taken anyway) or "crash" (no hook)."""
+    c = stats.get("consistency")
+    return c if c in ("app", "crash-fallback") else "crash"
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+def prune_points(dest: str, keep_last: int, keep_within_s: Optional[float],
+                 grid: Sequence[GridRule] = ()) -> List[int]:
     """Drop history no kept recovery point needs; the cycles whose history went."""
     bdest = os.fsencode(os.path.abspath(dest))
     with replica_lock(bdest):
         cat = open_catalog(bdest)
         try:
-            return apply_retention(bdest, cat, keep_last, keep_within_s)
+            return apply_retention(bdest, cat, keep_last, keep_within_s, grid)
         finally:
             cat.close()
+
+
+def prune_plan(dest: str, keep_last: int, keep_within_s: Optional[float],
+               grid: Sequence[GridRule] = ()) -> List[Dict[str, Any]]:
+    """What ``prune_points`` would do, changing nothing: every recovery point, oldest first, kept or
+    dropped and the rules that keep it (``replica.retention``)."""
+    _require_replica(dest)
+    cat = open_catalog(os.fsencode(os.path.abspath(dest)))
+    try:
+        hist = cat.history()
+        points = retention_points(hist, available(state_path(cat)))
+    finally:
+        cat.close()
+    decided = {d.cycle: d for d in retention.plan(points, time.time_ns(), keep_last, keep_within_s, grid)}
+    out = []
+    for h in hist:
+        d = decided.get(h.cycle)
+        out.append({"cycle": h.cycle, "source_time": _when(h.source_time_ns or h.committed_ns),
+                    "action": "pruned earlier" if d is None else "keep" if d.keep else "drop",
+                    "rules": list(d.reasons) if d else [], "consistency": _consistency(h.stats)})
+    return out
 
 
 def recover_replica(dest: str) -> Optional[Tuple[int, int]]:

@@ -6,7 +6,10 @@ in a ``RemoteSession``:
 1. the source agent starts on an exec channel (transport.agent_client.AgentClient,
    source.agent) and says ``hello`` with the source's state directory and its export
    parent directory; the local sshfs mount of ``SRC/.discrep`` starts right away in a
-   helper thread, so its ssh handshake overlaps the snapshot (sshfs transport only);
+   helper thread (sshfs transport only): ``sshfs -o passive`` on a second channel of the
+   same connection, served by the source's ``sftp`` subsystem (transport.passive), or, when
+   the installed sshfs has no passive mode, sshfs's own ssh connection (its handshake
+   overlaps the snapshot);
 2. the agent settles the source against the replica's last committed cycle R and
    builds cycle N > R (``built``), then mounts its FUSE export (``ready``) -- or, for a
    streamed first copy, announces manifest segments as it builds them (``seg``,
@@ -15,6 +18,10 @@ in a ``RemoteSession``:
    straight from the snapshot) or through ``SftpReader`` on the same paramiko
    connection, and ``replica.sync`` patches DEST;
 4. ``ack`` N to the agent, which unmounts its export and acknowledges the cycle.
+
+``--bwlimit`` paces the one connection (transport.pace under transport.ssh.Connection);
+with a two-connection sshfs it is refused for ``--transport sshfs`` and ``auto`` reads
+through the SFTP reader instead.
 
 In continuous mode the session (connection, agent, sshfs mount) stays up between
 cycles.  On any failure, Ctrl-C or a dropped connection the session is closed
@@ -40,7 +47,7 @@ from blockdiff.errors import BlockdiffError
 
 from discrep.core import errors as errmod
 from discrep.core.beneath import open_beneath
-from discrep.core.errors import Error, LiveReadError, ManifestError, TransportError, WarningList
+from discrep.core.errors import Error, LiveChangedError, LiveReadError, ManifestError, TransportError, WarningList
 from discrep.core.paths import show
 from discrep.protocol import layout
 from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle, below
@@ -107,20 +114,31 @@ class DirectDataReader(MountReader):
         return super()._open(rel)
 
 
-def _choose_transport(want: str) -> str:
+def _choose_transport(want: str, passive: bool = True, bwlimit: int = 0) -> Tuple[str, bool]:
+    """(transport, sshfs over the one connection): the reader of the export and how sshfs connects."""
+    from discrep.transport.passive import passive_supported
     from discrep.transport.sshfs import available
     if want == "sftp":
-        return "sftp"
+        return "sftp", False
     why = available()
+    unpaced = False
+    if not why:
+        passive = passive and passive_supported()
+        if bwlimit and not passive:   # sshfs's own ssh would be a second connection, outside the limit
+            why, unpaced = "sshfs cannot run over the limited connection (it needs -o passive, sshfs 3.7+)", True
     if want == "sshfs":
+        if unpaced:
+            raise errmod.UsageError(f"--bwlimit with --transport sshfs: {why}",
+                                    hint="pass --transport sftp (the built-in reader shares the limited "
+                                         "connection), or install sshfs 3.7 or later")
         if why:
             raise errmod.FuseUnavailableError(f"cannot use sshfs: {why}",
                                               hint="install sshfs and fuse3, or pass --transport sftp")
-        return "sshfs"
+        return "sshfs", passive
     if why:
         log.info("using the built-in SFTP reader: %s", why)
-        return "sftp"
-    return "sshfs"
+        return "sftp", False
+    return "sshfs", passive
 
 
 def replicate_remote(opts: CycleOptions, warnings: Optional[WarningList] = None,
@@ -148,7 +166,9 @@ class RemoteSession:
         self.exe = opts.ssh.remote_discrep or "discrep"
         self.cfg = resolve(self.user, self.host, opts.ssh.ssh_config)
         self.cfg.io_timeout = float(opts.ssh.timeout)
-        self.transport = _choose_transport(opts.ssh.transport or "auto")
+        self.bwlimit = int(opts.ssh.bwlimit or 0)
+        self.transport, self.passive = _choose_transport(opts.ssh.transport or "auto", opts.ssh.passive,
+                                                         self.bwlimit)
         self.snapshot_kind = opts.snapshot or "auto"
         self.conn: Optional[Connection] = None
         self.agent: Optional[AgentClient] = None
@@ -158,12 +178,17 @@ class RemoteSession:
         self.local_dir: Optional[str] = None
         self.state_dir = self.remote_dir = ""
         self.cycles = 0
+        self.read_live = True           # large files of a copy snapshot read live, verified before commit
 
     # -- set-up ----------------------------------------------------------
     def _start_mount(self, target: str) -> None:
+        from discrep.transport.passive import PassiveSshfsMount
         from discrep.transport.sshfs import SshfsMount
         self.local_dir = self.local_dir or tempfile.mkdtemp(prefix="discrep-sshfs-")
-        self.mount = mount = SshfsMount(self.cfg, target, self.local_dir)
+        if self.passive:     # SFTP on a channel of the one connection: no second handshake, one --bwlimit
+            self.mount = mount = PassiveSshfsMount(self._conn(), target, self.local_dir)
+        else:
+            self.mount = mount = SshfsMount(self.cfg, target, self.local_dir)
         self.mount_err.clear()
 
         def do_mount() -> None:
@@ -174,14 +199,14 @@ class RemoteSession:
         self.mount_thread = threading.Thread(target=do_mount, daemon=True, name="discrep-sshfs-mount")
         self.mount_thread.start()
 
-    def _open(self, rcycle: int, stream: bool = False, totals: bool = True) -> None:
+    def _open(self, rcycle: Optional[int], stream: bool = False, totals: bool = True) -> None:
         """Connect; sshfs connects while the agent starts and builds the first cycle."""
-        self.conn = Connection(self.cfg)
+        self.conn = Connection(self.cfg, bwlimit=self.bwlimit)
         self.conn.connect()
         if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
         self.agent = AgentClient(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals,
-                                 timeout=self.cfg.io_timeout)
+                                 timeout=self.cfg.io_timeout, read_live=self.read_live)
         hello = self.agent.expect(Hello)
         below(hello.dir, hello.state_dir, "the agent's export directory")
         self.state_dir, self.remote_dir = hello.state_dir, hello.dir
@@ -203,13 +228,25 @@ class RemoteSession:
 
     # -- one cycle ---------------------------------------------------------
     def cycle(self, warnings: WarningList, progress=None) -> Dict[str, Any]:
-        """One cycle on this session: the source builds it, DEST is patched, the source is told; a
+        """One cycle on this session: the source builds it, DEST is patched, the source is told.  A
+        file read live that changed meanwhile rolls the cycle back: it is run again with copies.  A
         second run into DEST meanwhile is refused at once (``replica.sync.run_lock``)."""
         # --force lets only the first cycle of a session into a non-empty DEST
         ropts = self.opts.replica if self.cycles == 0 else replace(self.opts.replica, force=False)
         prepare_dest(self.dest, force=ropts.force)
         with run_lock(os.fsencode(self.dest)):
-            return self._cycle(ropts, warnings, progress)
+            first = WarningList()
+            try:
+                res = self._cycle(ropts, first, progress)
+            except LiveChangedError as e:
+                log.info("%s; running the cycle again with the changed files copied", e)
+                self.read_live = False
+                try:
+                    return self._cycle(ropts, warnings, progress)
+                finally:
+                    self.read_live = True
+            warnings.items.extend(first.items)
+            return res
 
     def _cycle(self, ropts: ReplicaOptions, warnings: WarningList, progress) -> Dict[str, Any]:
         t0 = time.monotonic()
@@ -246,14 +283,21 @@ class RemoteSession:
             "snapshot": built.snapshot, "entries": built.entries, **result_fields(stats),
             "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
             "transport": self.transport, "session_cycle": self.cycles,
+            "connections": 2 if self.transport == "sshfs" and not self.passive else 1,
+            **({"bwlimit": self.bwlimit} if self.bwlimit else {}),
         }
 
     def _start_cycle(self, rcycle: int, stream: bool, totals: bool) -> Union[Segment, Built]:
         """Have the agent build the next cycle: its first segment (streamed) or ``built``."""
-        if self.agent is None:
-            self._open(rcycle, stream, totals)
-        else:
-            self.agent.send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals))
+        spec = self.opts.replica.filter_spec()
+        # rules travel in the cycle command (validated and bounded there), never on a command line
+        plain = not spec.active and not spec.delete_excluded
+        opened = self.agent is None
+        if opened:
+            self._open(rcycle if plain else None, stream, totals)
+        if not opened or not plain:
+            self._agent().send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals, read_live=self.read_live,
+                                          filters=spec.wire(), delete_excluded=spec.delete_excluded))
         kinds: Tuple[Type[Event], ...] = (Segment, Built) if stream else (Built,)
         return cast(Union[Segment, Built], self._agent().expect_any(kinds))
 
@@ -285,7 +329,7 @@ class RemoteSession:
         watch = StallWatch(reader, self.cfg.io_timeout, self._abort_mount, self.cfg.describe(), self._mount_io)
         try:
             stats = sync(reader, os.fsencode(self.dest), ropts, warnings=warnings, progress=progress,
-                         stream=stream)
+                         stream=stream, live_changed=self._agent().live_changed if stream is None else None)
             if stream is not None:
                 stream.finish()
         except (OSError, Error, BlockdiffError) as e:
@@ -326,6 +370,11 @@ class RemoteSession:
         except (TransportError, OSError, socket.error, EOFError) as e:
             warnings.add(f"{self.cfg.alias}:{self.rpath}", f"cycle {n} is committed on the replica but the source "
                                                           f"was not told ({e}); the next run acknowledges it")
+
+    def _conn(self) -> Connection:
+        if self.conn is None:
+            raise TransportError("the SSH connection is not open")
+        return self.conn
 
     def _agent(self) -> AgentClient:
         if self.agent is None:

@@ -89,7 +89,17 @@ def replica_status(dest: str) -> Dict[str, Any]:
             except ValueError:
                 pass
         out["last_cycle_stats"] = stats
+        out["last_consistency"] = _consistency(st)
+        apps = [h.cycle for h in hist if _consistency(h.stats) == "app"]
+        out["last_app_consistent_cycle"] = apps[-1] if apps else None
     return out
+
+
+def _consistency(stats: Dict[str, Any]) -> str:
+    """A recovery point's kind: "app" (pre_snapshot hook succeeded), "crash-fallback" (it failed and
+    a crash-consistent point was taken) or "crash" (no hook)."""
+    c = stats.get("consistency") if isinstance(stats, dict) else None
+    return c if c in ("app", "crash-fallback") else "crash"
 
 
 def path_status(path: str) -> Dict[str, Any]:
@@ -136,6 +146,8 @@ def _job_status(job: Job, st: JobState, now: float) -> Dict[str, Any]:
         "running": st.running, "next_run": st.next_run,
         "next_run_in_s": None if st.next_run is None else round(st.next_run - now, 1),
         "interrupted_cycle": (rep or {}).get("interrupted_cycle"),
+        "last_consistency": (rep or {}).get("last_consistency"),
+        "last_app_consistent_cycle": (rep or {}).get("last_app_consistent_cycle"),
     }
 
 

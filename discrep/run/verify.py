@@ -5,6 +5,10 @@ side and compares type, mode, owner, mtime_ns, size, bytes, symlink targets,
 xattrs and hard-link structure.  It reads both trees in full: it is the
 expensive, independent answer, not the catalog's opinion.
 
+With filter rules, only what they select is compared: SRC is walked as a cycle's scan walks it
+(source.filtering), DEST without the entries the rules exclude there (they may be kept files
+the rules protect; replica.protect reads DEST's own merge files).
+
 ``scrub(DEST)`` (``verify DEST --scrub``) needs no source: it checks the replica's files
 against the signatures its own catalog recorded (hand edits, bit rot).
 
@@ -22,7 +26,10 @@ from discrep.core.errors import DestinationError
 from discrep.core.paths import join, show, state_dir
 from discrep.core.walk import walk
 from discrep.core.xattrs import only_replicated, read_xattrs
+from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.catalog import ReplicaCatalog
+from discrep.replica.protect import Protection
+from discrep.source.filtering import SourceFilter
 from discrep.replica.sync import replica_lock
 
 
@@ -36,14 +43,26 @@ def _same_bytes(a: bytes, b: bytes) -> bool:
                 return True
 
 
-def compare_trees(src: bytes, dest: bytes, *, limit: int = 100) -> List[str]:
-    """Human-readable differences (empty when DEST replicates SRC exactly)."""
+def compare_trees(src: bytes, dest: bytes, *, limit: int = 100, filters: Optional[FilterSpec] = None) -> List[str]:
+    """Human-readable differences (empty when DEST replicates SRC exactly, as ``filters`` select it)."""
+    if filters is None or not filters.active:
+        return _compare(src, dest, limit, None, None)
+    sflt, prot = SourceFilter(src, filters), Protection(dest, filters)
+    try:
+        return _compare(src, dest, limit, sflt.keep,
+                        lambda rel, st: prot.flt.walk_allows(rel, statmod.S_ISDIR(st.st_mode)))
+    finally:
+        sflt.close()
+        prot.close()
+
+
+def _compare(src: bytes, dest: bytes, limit: int, keep_src, keep_dest) -> List[str]:
     diffs: List[str] = []
     seen = set()
     links_src: Dict[Tuple[int, int], bytes] = {}
     links_dst: Dict[Tuple[int, int], bytes] = {}
     priv = os.geteuid() == 0      # xattrs: the names the replica manages (core.xattrs.replicated)
-    for rel, st in walk(src):
+    for rel, st in walk(src, keep=keep_src):
         if len(diffs) >= limit:
             break
         seen.add(rel)
@@ -80,7 +99,7 @@ def compare_trees(src: bytes, dest: bytes, *, limit: int = 100) -> List[str]:
                 b = links_dst.setdefault((dt.st_dev, dt.st_ino), rel)
                 if a != b:
                     diffs.append(f"hard links differ: {show(rel)}")
-    for rel, st in walk(dest):
+    for rel, st in walk(dest, keep=keep_dest):
         if len(diffs) >= limit:
             break
         if rel not in seen:

@@ -5,7 +5,9 @@ replica runs one agent per cycle and talks to it in JSON lines (the messages are
 protocol.agent_messages; the names below are their wire names):
 
     agent -> hello {state_dir: ".../SRC/.discrep", dir: ".../export.XXXX"}
-    (with --replica-cycle R, or on replica -> cycle {replica_cycle: R}:)
+    (with --replica-cycle R, or on replica -> cycle {replica_cycle: R, filters: RULES-JSON,
+    delete_excluded: B}: a replica with filter rules always sends them this way, and the agent
+    bounds and validates them (protocol.filterspec) before the build applies them:)
     agent -> seg {seg: S, packs: K, dir: ...}  (only for a streamed cycle: --stream /
               "stream": true; manifest segment S and packs < K are on disk; seg 0 also carries
               the cycle header, the snapshot path and totals -- unless --no-totals /
@@ -18,8 +20,11 @@ protocol.agent_messages; the names below are their wire names):
               files were read live) agent checks they did not change ->
               verified {redo: [entry, ...], gone: [path, ...]}: files that changed, copied now
               to the cycle directory as ``redo-<idx>`` (read them again), and files dropped
-              from the cycle (gone, or still changing: left for the next cycle)
-    replica -> ack {cycle: N}    agent unmounts, -> acked {cycle: N}
+              from the cycle (gone, or still changing: left for the next cycle).  Also a cycle
+              built with ``--read-live`` / "read_live": true (copy snapshot, large files not
+              copied: the export reads them live), before its replica commits; the replica then
+              rolls back if any changed and asks for the cycle again without "read_live"
+    replica -> ack {cycle: N}    agent acknowledges, -> acked {cycle: N}, then unmounts
     replica -> done              (the cycle failed) agent unmounts, -> ended
     replica -> bye, or EOF       agent unmounts the export, removes its dir, exits 0
     agent -> error {error: ..., kind: ..., exit_code: ...}  on failure
@@ -63,10 +68,13 @@ from discrep.core.paths import enc
 from discrep.protocol.agent_messages import (Ack, Acked, Alive, Built, Bye, Command, Done, Ended, Event, Export, Failed,
                                              Hello, Ready, StartCycle, UnknownMessage, Verified, Verify,
                                              warning_line)
-from discrep.source.build import BuiltCycle, build_cycle
+from discrep.source.build import BuiltCycle
+from discrep.source.hooks import build_with_hooks, load_hook_file
 from discrep.source.cycles import ack_cycle, disk_full_said, settle_source
 from discrep.source.deferred import close_deferred, settle_deferred
 from discrep.source.export import make_view
+from discrep.source.filtering import prepare_filters
+from discrep.protocol.filterspec import FilterSpec
 
 UNMOUNT_WAIT = 3.0   # seconds for one unmount attempt or one wait for the export child
 
@@ -105,7 +113,8 @@ class AgentOutput:
 
 
 def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList,
-              stream: bool = False, totals: bool = True, timeout: Optional[float] = None) -> int:
+              stream: bool = False, totals: bool = True, timeout: Optional[float] = None,
+              read_live: bool = False) -> int:
     """Serve the replica on stdin/stdout until ``bye`` or EOF; the process's exit code.  With
     ``timeout``: say ``alive`` every timeout/4 s, and end (exit 11) after ``timeout`` s without a line
     from the replica (a stalled network: the replica sends ``ping`` every few seconds)."""
@@ -125,7 +134,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             agent = _Agent(real, snapshot_kind, warnings, out)
             agent.hello()
             if replica_cycle is not None:
-                agent.cycle(replica_cycle, stream, totals)
+                agent.cycle(replica_cycle, stream, totals, read_live)
             agent.serve(read_lines(sys.stdin.buffer.fileno(), timeout))
             return 0
         except Error as e:
@@ -210,6 +219,7 @@ class _Agent:
         self.built: Optional[BuiltCycle] = None           # the cycle being served
         self.settled: Optional[Tuple[List[Dict[str, Any]], List[bytes]]] = None   # its deferred files
         self.served = 0
+        self.streamed = False                              # the cycle being served was streamed
         self.state_dir = os.path.join(real, ".discrep")
         os.makedirs(self.state_dir, exist_ok=True)
         self.workdir = tempfile.mkdtemp(prefix="export.", dir=self.state_dir)
@@ -243,9 +253,11 @@ class _Agent:
 
     def handle(self, cmd: Command) -> None:
         if isinstance(cmd, Ack):
-            self.end_cycle()
+            # the export serves cycle N, which the ack keeps (it releases older ones): answer first,
+            # unmount after (the replica closes its side meanwhile instead of waiting for ours)
             ack_cycle(self.bsrc, cmd.cycle)
             self.out.say(Acked(cycle=cmd.cycle))
+            self.end_cycle()
         elif isinstance(cmd, Export):          # a streamed cycle's replica needs the export
             if self.export is None:
                 if not self.to_export:
@@ -253,18 +265,23 @@ class _Agent:
                 self.start_export()
             else:
                 self.out.say(Ready(mountpoint=self.export.mountpoint))
-        elif isinstance(cmd, Verify):          # a streamed cycle's files were read: did any change?
+        elif isinstance(cmd, Verify):          # files read live were read: did any change?
             redo, gone = self.settle()
             self.out.say(Verified(redo=redo, gone=[enc(p) for p in gone]))
         elif isinstance(cmd, Done):            # the cycle failed on the replica: just end it
             self.end_cycle()
             self.out.say(Ended())
-        elif isinstance(cmd, StartCycle):      # continuous mode: the next cycle, same session
+        elif isinstance(cmd, StartCycle):      # the next cycle (continuous mode: same session)
             self.end_cycle()
-            self.cycle(cmd.replica_cycle, cmd.stream, cmd.totals)
+            self.cycle(cmd.replica_cycle, cmd.stream, cmd.totals, cmd.read_live,
+                       FilterSpec.from_wire(cmd.filters, cmd.delete_excluded))
 
-    def cycle(self, rcycle: int, stream: bool, totals: bool = True) -> None:
-        """Settle against the replica's cycle ``rcycle``, build the next one, export it (unless streamed)."""
+    def cycle(self, rcycle: int, stream: bool, totals: bool = True, read_live: bool = False,
+              filters: Optional[FilterSpec] = None) -> None:
+        """Settle against the replica's cycle ``rcycle``, build the next one with the replica's
+        ``filters``, export it (unless streamed).  ``read_live``: the replica verifies before it
+        commits (``verify``), so the export serves the large files of a copy snapshot from the
+        live files, held open, instead of copies."""
         if self.built is not None:
             close_deferred(self.built)
         self.served += 1
@@ -273,10 +290,15 @@ class _Agent:
         os.mkdir(mnt)
         self.to_export.clear()
         settle_source(self.bsrc, rcycle)
+        spec = filters or FilterSpec()
+        rescan = prepare_filters(self.bsrc, spec)
         t_build = time.monotonic()
+        self.streamed = stream
         with disk_full_said(self.bsrc):
-            b = build_cycle(self.bsrc, snapshot_kind=self.snapshot_kind, min_cycle=rcycle + 1,
-                            warnings=self.warnings, on_segment=self.out.say if stream else None, totals=totals)
+            b = build_with_hooks(self.bsrc, load_hook_file(self.bsrc), snapshot_kind=self.snapshot_kind,
+                                 min_cycle=rcycle + 1, warnings=self.warnings,
+                                 on_segment=self.out.say if stream else None, totals=totals,
+                                 read_live=read_live and not stream, force_scan=rescan, filters=spec)
         self.out.say(Built(cycle=b.cycle, base=b.base, entries=b.entries, snapshot=b.provider,
                            change_source=b.change_source, path=os.fsdecode(b.snapshot),
                            build_s=round(time.monotonic() - t_build, 3)))
@@ -295,11 +317,15 @@ class _Agent:
         return self.settled
 
     def start_export(self) -> None:
-        if self.built is not None and self.built.deferred:   # the export serves real files only
-            self.settle(materialize=True)
+        live: Dict[bytes, bytes] = {}
+        if self.built is not None and self.built.deferred:
+            if self.streamed:       # its replica has read them already: the export serves copies
+                self.settle(materialize=True)
+            else:                   # read through the export, checked on ``verify``
+                live = {p: b"/proc/%d/fd/%d" % (os.getpid(), fd) for p, (_i, _b, fd) in self.built.deferred.items()}
         n, mnt = self.to_export.pop()
         try:
-            self.export = fuse_export.BackgroundExport(make_view(self.bsrc, n), mnt).start()
+            self.export = fuse_export.BackgroundExport(make_view(self.bsrc, n, live), mnt).start()
         except (fuse_export.FuseUnavailable, fuse_export.MountError) as e:
             raise FuseUnavailableError(f"cannot mount the export on the source: {e}") from None
         self.out.say(Ready(mountpoint=mnt))

@@ -37,10 +37,12 @@ from discrep.journal.changes import coalesce
 from discrep.journal.store import Journal
 from discrep.protocol import cbt, layout
 from discrep.protocol.agent_messages import Segment
+from discrep.protocol.filterspec import FilterSpec
 from discrep.protocol.manifest import ManifestWriter, entry_for, file_line
 from discrep.source import snapshot as snapmod
 from discrep.source.catalog import CycleRec, PendingRow, SourceCatalog
 from discrep.source.cycles import cycle_dir, locked_state
+from discrep.source.filtering import SourceFilter
 from discrep.source.scan import map_through, scan
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,9 @@ class BuiltCycle:
 
 def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = False, min_cycle: int = 1,
                 warnings: Optional[WarningList] = None,
-                on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True) -> BuiltCycle:
+                on_segment: Optional[Callable[[Segment], None]] = None, totals: bool = True,
+                consistency: str = "", on_captured: Optional[Callable[[], None]] = None,
+                defer: bool = True, read_live: bool = False, filters: Optional[FilterSpec] = None) -> BuiltCycle:
     """Build the next cycle of ``root`` (see module doc).
 
     ``on_segment``: streamed build.  The manifest is also cut into segments
@@ -105,14 +109,31 @@ def build_cycle(root: bytes, *, snapshot_kind: str = "auto", force_scan: bool = 
     ``on_segment`` is called with a ``Segment`` (number, packs, entries, ...) after each one is
     on disk, so a replica can apply the cycle while it is still being built.  Segment 0 carries
     the totals (files, bytes) of the cycle -- unless ``totals`` is false: then a first cycle is
-    built as the tree is walked (the first segment comes at once, no walk before it)."""
+    built as the tree is walked (the first segment comes at once, no walk before it).
+
+    Snapshot hooks (``source.hooks``): ``consistency`` goes into the cycle header,
+    ``on_captured`` is called once the snapshot holds everything the cycle exports, and
+    ``defer=False`` makes the build capture its large files too instead of reading them live.
+
+    ``read_live`` (the agent, whose replica verifies before it commits): a ``copy`` snapshot does
+    not copy large files, as in a streamed build; the replica reads them live and the cycle is
+    checked afterwards (source.deferred).
+
+    ``filters``: the replica's rules (source.filtering): excluded paths are not walked nor
+    journaled into the cycle; the cycle records the spec (cycle.json, the catalog's cycle row)."""
     warnings = warnings if warnings is not None else WarningList()
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} does not exist or is not a directory",
                           hint="check the path")
     with locked_state(root) as (journal, catalog):
-        build = _CycleBuild(root, journal, catalog, warnings, on_segment)
-        return build.run(snapshot_kind, force_scan, min_cycle, totals)
+        build = _CycleBuild(root, journal, catalog, warnings, on_segment, filters or FilterSpec())
+        build.consistency, build.on_captured, build.defer = consistency, on_captured, defer
+        build.read_live = read_live
+        try:
+            return build.run(snapshot_kind, force_scan, min_cycle, totals)
+        finally:
+            if build.flt is not None:
+                build.flt.close()
 
 
 class _CycleBuild:
@@ -121,8 +142,11 @@ class _CycleBuild:
     maps; the pending catalog rows), record (the cycle in the catalog)."""
 
     def __init__(self, root: bytes, journal: Journal, catalog: SourceCatalog, warnings: WarningList,
-                 on_segment: Optional[Callable[[Segment], None]]):
+                 on_segment: Optional[Callable[[Segment], None]], spec: FilterSpec):
         self.root, self.journal, self.catalog, self.warnings = root, journal, catalog, warnings
+        self.spec = spec
+        self.flt = SourceFilter(root, spec) if spec.active else None      # None: everything selected
+        self.excluded_gone: List[bytes] = []              # catalog paths the rules now exclude: deletes
         self.on_segment = on_segment
         self.root_slash = root.rstrip(b"/") + b"/"
         self.stats: Dict[bytes, os.stat_result] = {}      # lstat of what a scan or walk saw
@@ -133,16 +157,25 @@ class _CycleBuild:
         self.nfiles = self.nbytes = self.idx = 0
         self.segs = self.seg_mark = 0                     # segments cut, manifest count at the last cut
         self.base_snap: Optional[bytes] = None
+        self.consistency = ""                             # snapshot hooks: see build_cycle
+        self.on_captured: Optional[Callable[[], None]] = None
+        self.defer = True
+        self.read_live = False                            # large files read live, verified after (copy)
 
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
         self._plan(kind, force_scan, min_cycle, totals)
         ordered = self._capture()
+        atomic = self.kind == "btrfs" and not self.walking    # whole tree captured at once
+        if atomic and self.on_captured is not None:
+            self.on_captured()
         self._open_dir()
         try:
-            self._write(ordered)
+            self._write(ordered)        # copy, reflink: small files are captured here, into packs
         finally:
             self.mw.close()
+        if not atomic and self.on_captured is not None:
+            self.on_captured()
         return self._record(t0)
 
     # -- plan and capture --------------------------------------------------
@@ -155,6 +188,9 @@ class _CycleBuild:
         self.kind = snapmod.choose(kind, self.root)
         self.use_journal = (not force_scan and self.base > 0 and self.journal.gap() is None
                             and watcher_alive(self.root))
+        if self.use_journal and self.flt is not None and self.flt.needs_scan(
+                self.journal.entries(self.acked_cut, self.journal.last_seq())):
+            self.use_journal = False
         # a first streamed cycle nobody shows totals for: walk, capture and stream in one pass
         self.walking = (self.on_segment is not None and not totals and self.base == 0 and not self.use_journal
                         and self.kind in ("copy", "reflink"))
@@ -171,16 +207,18 @@ class _CycleBuild:
             self.moves: Dict[bytes, bytes] = {}
             root_meta = entry_for(b"", root, os.lstat(root))
             self.snap, self.cap = snapmod.start(self.kind, root, self.n, self.warnings, inline_max=SMALL_MAX,
-                                                defer_over=SMALL_MAX)
-            ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors)
+                                                defer_over=SMALL_MAX if self.defer else None)
+            ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors, self.flt)
         else:
             self.cut, self.moves, root_meta, ordered = _changed_paths(
-                root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats)
+                root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats,
+                self.flt, self.excluded_gone)
             # a streamed cycle's replica reads large files while the rest is built: not copied first, but
             # read live and verified afterwards (settle_deferred), as a copy would have been
             self.snap = snapmod.take(self.kind, root, self.n, ordered, self.warnings, inline_max=SMALL_MAX,
                                      stats=self.stats,
-                                     defer_over=SMALL_MAX if self.on_segment is not None else None)
+                                     defer_over=SMALL_MAX if (self.on_segment is not None or self.read_live)
+                                     and self.defer else None)
         for k in ("op", "path"):
             root_meta.pop(k, None)
         self.root_meta = root_meta
@@ -198,12 +236,18 @@ class _CycleBuild:
             "change_source": "journal" if self.use_journal else "scan",
             "block_size": blockdiff.FINE_SIZE, "factor": blockdiff.COARSE_FACTOR, "root": self.root_meta,
             "source_id": self.catalog.source_id()}
+        if self.spec.active or self.spec.delete_excluded:
+            self.header["filters"] = self.spec.record()
+        if self.consistency:
+            self.header["consistency"] = self.consistency
         self.mw = ManifestWriter(os.fsdecode(join(cdir, layout.MANIFEST_FILE)), self.header)
         self.packer = _Packer(cdir)
 
     # -- write -------------------------------------------------------------
     def _write(self, ordered: Iterable[bytes]) -> None:
         self._add_moves()
+        for p in self.excluded_gone:          # replicated before, excluded now: the replica decides
+            self._gone(p)
         self.base_snap = self._base_snapshot()
         self._add_paths(ordered)
         if self.walking:
@@ -357,7 +401,7 @@ class _CycleBuild:
             json.dump(dict(self.header, entries=mw.count, packs=self.packer.count), f)
         change_source = self.header["change_source"]
         rec = CycleRec(n, self.base, self.cut, "built", self.kind, self.snap.root, time.time_ns(),
-                       {"entries": mw.count, "change_source": change_source})
+                       {"entries": mw.count, "change_source": change_source, "filters": self.spec.record()})
         self.catalog.add_cycle(rec, self.pending)
         if self.snap.skipped:  # at-least-once: look again next cycle
             self.journal.append_many(("touch", p, None, None) for p in self.snap.skipped)
@@ -367,15 +411,18 @@ class _CycleBuild:
 
 
 def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: int, acked_cut: int,
-                   use_journal: bool, stats: Dict[bytes, os.stat_result]
+                   use_journal: bool, stats: Dict[bytes, os.stat_result],
+                   flt: Optional[SourceFilter] = None, gone: Optional[List[bytes]] = None
                    ) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
     """What the cycle looks at: (journal cut, moves new -> base, the top directory's entry, the
-    touched paths in manifest order); ``stats`` gets the scan's lstat of what it saw."""
+    touched paths in manifest order); ``stats`` gets the scan's lstat of what it saw.  ``flt``: only
+    what the filter selects (the scan does not walk excluded paths; excluded journal entries are
+    dropped, those the catalog holds go to ``gone``)."""
     scanned: List[bytes] = []
     if not use_journal:
         # with nothing acknowledged yet every path is new: the scan's list is used as it is
         # instead of being journaled and read back (the marker is still journaled)
-        sres = scan(root, catalog, journal, journal_touched=base > 0)
+        sres = scan(root, catalog, journal, journal_touched=base > 0, keep=flt.keep if flt else None)
         stats.update(sres.stats)
         if base == 0:
             scanned = sres.touched
@@ -383,12 +430,14 @@ def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: 
         wait_for_watcher(root, journal)
     cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
     cs = coalesce(journal.entries(acked_cut, cut), catalog.exists)
+    if flt is not None:
+        (gone if gone is not None else []).extend(flt.prune(cs, catalog.exists))
     touched = set(cs.touched)
     touched.update(scanned)
     for p in list(cs.expand):           # subtrees that must be looked at whole
         full = join(root, p)
         if os.path.isdir(full) and not os.path.islink(full):
-            touched.update(p + b"/" + rel for rel, _st in walk(full))
+            touched.update(p + b"/" + rel for rel, _st in walk(full, keep=flt.keep_below(p) if flt else None))
     for new in cs.moves:                # a moved directory's metadata is rewritten too
         touched.add(new)
     if not catalog.empty():
@@ -399,12 +448,12 @@ def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: 
 
 
 def _walk_capturing(root: bytes, cap: "snapmod.Capturer", stats: Dict[bytes, os.stat_result],
-                    errors: List[str]) -> Iterator[bytes]:
+                    errors: List[str], flt: Optional[SourceFilter] = None) -> Iterator[bytes]:
     """Every path below ``root`` in manifest order, each captured into the snapshot (and its lstat
     put in ``stats``) just before it is yielded; unreadable directories go to ``errors``."""
     def on_error(rel: bytes, e: OSError) -> None:
         errors.append(f"{show(rel) or '.'}: {e.strerror}")
-    for rel, st in walk(root, on_error=on_error):
+    for rel, st in walk(root, on_error=on_error, keep=flt.keep if flt else None):
         stats[rel] = st
         cap.add(rel, st)
         yield rel

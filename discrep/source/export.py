@@ -10,6 +10,10 @@ tree holds:
 * ``cdc/<idx>``    -- two-level chunk index of file ``idx`` (blockdiff.cdc_index, lazy)
 * ``data/<idx>``   -- the bytes of file ``idx`` (an alias: no path lookup, no
   name encoding issue on the way through sshfs or SFTP)
+
+A file the cycle reads live (``live``: the agent holds it open; the snapshot has a symlink to
+that fd) is read through the given ``/proc/<pid>/fd/<n>`` path, the one symlink followed here;
+the agent's ``verify`` checks afterwards that it did not change.
 * ``z/<idx>.<tok>`` -- many ranges of file ``idx`` in one compressed frame (ranges.py)
 
 Lazy files are computed once, on first read, in the export process; a
@@ -47,8 +51,9 @@ log = logging.getLogger(__name__)
 class _FileAlias:
     """A control file that reads through to a snapshot file (read-only, pread only)."""
 
-    def __init__(self, path: bytes, size: int):
+    def __init__(self, path: bytes, size: int, follow: bool = False):
         self.path = path
+        self.follow = follow
         self._size = size
         self._fd: Optional[int] = None
         self._lock = threading.Lock()
@@ -56,7 +61,7 @@ class _FileAlias:
     def _open(self) -> int:
         with self._lock:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                self._fd = _open(self.path, self.follow)
             return self._fd
 
     def size(self) -> int:
@@ -66,33 +71,40 @@ class _FileAlias:
         return os.pread(self._open(), size, offset)
 
 
-def _sign(path: bytes) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _open(path: bytes, follow: bool = False) -> int:
+    """A read-only fd of ``path``; a symlink is followed only for a live file's ``/proc`` fd path."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+
+
+def _sign(path: bytes, follow: bool = False) -> bytes:
+    fd = _open(path, follow)
     try:
         return blockdiff.sign_fd(fd).to_bytes()
     finally:
         os.close(fd)
 
 
-def _chunks(path: bytes) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _chunks(path: bytes, follow: bool = False) -> bytes:
+    fd = _open(path, follow)
     try:
         return cdc_index.index_bytes(blockdiff.chunk_fd(fd))
     finally:
         os.close(fd)
 
 
-def _ranges(path: bytes, size: int, token: str) -> bytes:
+def _ranges(path: bytes, size: int, token: str, follow: bool = False) -> bytes:
     rs = ranges.decode(token, size)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _open(path, follow)
     try:
         return framing.pack(b"".join(os.pread(fd, ln, off) for off, ln in rs))
     finally:
         os.close(fd)
 
 
-def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
-    """The read-only view of built cycle ``cycle`` of source ``root``."""
+def make_view(root: bytes, cycle: int, live: Optional[Dict[bytes, bytes]] = None) -> "fuse_export.ExportView":
+    """The read-only view of built cycle ``cycle`` of source ``root``; ``live``: path -> the
+    ``/proc/<pid>/fd/<n>`` path of a file read live (see the module doc)."""
+    live = live or {}
     sd = os.fsdecode(state_dir(root))
     cat = SourceCatalog(sd)
     try:
@@ -107,10 +119,13 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
     with open(join(cdir, layout.MANIFEST_FILE), "rb") as f:
         manifest = f.read()
     header, entries = read_lines(manifest)
-    files: Dict[int, Tuple[bytes, int]] = {}
+    files: Dict[int, Tuple[bytes, int, bool]] = {}
     for e in entries:
         if e.get("op") == "file":
-            files[int(e["idx"])] = (join(rec.snapshot, dec(e["path"])), int(e["size"]))
+            p = dec(e["path"])
+            held = live.get(p) if e.get("live") else None
+            files[int(e["idx"])] = (held, int(e["size"]), True) if held else \
+                (join(rec.snapshot, p), int(e["size"]), False)
     npacks = 0
     while os.path.exists(join(cdir, layout.PACK_FILE % npacks)):
         npacks += 1
@@ -121,12 +136,12 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
             num, _, token = name.partition(b".")
             if not num.isdigit() or int(num) not in files:
                 return None
-            path, size = files[int(num)]
+            path, size, follow = files[int(num)]
             try:
                 ranges.decode(token.decode("ascii"), size)
             except (ValueError, UnicodeDecodeError, ManifestError):
                 return None  # a malformed request is simply not there (ENOENT)
-            return fuse_export.LazyFile(lambda: _ranges(path, size, token.decode("ascii")))
+            return fuse_export.LazyFile(lambda: _ranges(path, size, token.decode("ascii"), follow))
         if not name.isdigit():
             return None
         i = int(name)
@@ -137,13 +152,13 @@ def make_view(root: bytes, cycle: int) -> "fuse_export.ExportView":
             return _FileAlias(p, os.path.getsize(p))
         if i not in files:
             return None
-        path, size = files[i]
+        path, size, follow = files[i]
         if d == layout.DATA:
-            return _FileAlias(path, size)
+            return _FileAlias(path, size, follow)
         if d == layout.SIG:
-            return fuse_export.LazyFile(lambda: _sign(path))
+            return fuse_export.LazyFile(lambda: _sign(path, follow))
         if d == layout.CDC:
-            return fuse_export.LazyFile(lambda: _chunks(path))
+            return fuse_export.LazyFile(lambda: _chunks(path, follow))
         if d == layout.CBT:
             side = join(cdir, layout.CBT_FILE % i)
             if not os.path.exists(side):

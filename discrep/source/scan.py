@@ -19,7 +19,7 @@ import logging
 import os
 import stat as statmod
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from discrep.core.errors import SourceError
 from discrep.journal.store import Journal
@@ -48,18 +48,20 @@ class ScanResult:
     last_seq: int = 0
 
 
-def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touched: bool = True) -> ScanResult:
+def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touched: bool = True,
+         keep: Optional[Callable[[bytes, os.stat_result], bool]] = None) -> ScanResult:
     """Walk ``root``, journal what differs from ``catalog``; closes the journal gap.
 
     ``journal_touched=False``: the touched paths are only returned (the caller uses them
-    directly); the scan marker and moves are journaled all the same."""
+    directly); the scan marker and moves are journaled all the same.  ``keep``: the walk's
+    filter hook (source.filtering): catalog paths it excludes look vanished (deletes)."""
     if not os.path.isdir(root):
         raise SourceError(f"source {os.fsdecode(root)} is not a directory")
     gen = journal.gap_generation()
     begin_seq = journal.last_seq()
     base = catalog.load_all()
     res = ScanResult()
-    seen_base, new_paths = _compare(root, base, res)
+    seen_base, new_paths = _compare(root, base, res, keep)
     missing = {p: r for p, r in base.items() if p not in seen_base}
     moves, consumed = _match_renames(new_paths, missing, res)
     kept = _drop_implied(moves)
@@ -81,7 +83,8 @@ def _touch(res: ScanResult, rel: bytes, st: os.stat_result) -> None:
     res.stats[rel] = st
 
 
-def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult
+def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult,
+             keep: Optional[Callable[[bytes, os.stat_result], bool]] = None
              ) -> Tuple[Set[bytes], List[Tuple[bytes, os.stat_result]]]:
     """Walk the tree against the catalog: (catalog paths still there as the same object, paths
     that are new or another object now); changed ones are touched in ``res``."""
@@ -92,7 +95,7 @@ def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult
     def on_error(rel: bytes, e: OSError) -> None:
         errors.append(f"{os.fsdecode(rel) or '.'}: {e.strerror}")
 
-    for rel, st in walk(root, on_error=on_error):
+    for rel, st in walk(root, on_error=on_error, keep=keep):
         res.seen += 1
         row = base.get(rel)
         if row is not None and same_object(row, st):

@@ -42,21 +42,24 @@ DEFAULT_TIMEOUT = 60.0  # seconds without a line from the agent (it says ``alive
 E = TypeVar("E", bound=Event)
 
 
-def agent_command(exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool, totals: bool,
-                  timeout: float = DEFAULT_TIMEOUT) -> str:
-    """The remote command line that starts the agent and its first cycle."""
-    return (f"{q(exe)} agent --replica-cycle {int(rcycle)} --snapshot {q(snapshot_kind)} --timeout {float(timeout)} "
-            f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}-- {q(src)}")
+def agent_command(exe: str, src: str, rcycle: Optional[int], snapshot_kind: str, stream: bool, totals: bool,
+                  timeout: float = DEFAULT_TIMEOUT, read_live: bool = False) -> str:
+    """The remote command line that starts the agent and its first cycle (``rcycle`` None: the
+    first cycle waits for a ``cycle`` command, which can carry what a command line should not)."""
+    first = "" if rcycle is None else f"--replica-cycle {int(rcycle)} "
+    return (f"{q(exe)} agent {first}--snapshot {q(snapshot_kind)} --timeout {float(timeout)} "
+            f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}{'--read-live ' if read_live else ''}"
+            f"-- {q(src)}")
 
 
 class AgentClient:
     """The source's ``discrep agent`` on one exec channel (JSON lines, see source.agent)."""
 
-    def __init__(self, conn: Connection, exe: str, src: str, rcycle: int, snapshot_kind: str, stream: bool = False,
-                 totals: bool = True, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, conn: Connection, exe: str, src: str, rcycle: Optional[int], snapshot_kind: str,
+                 stream: bool = False, totals: bool = True, timeout: float = DEFAULT_TIMEOUT, read_live: bool = False):
         self.conn = conn
         self.timeout = timeout
-        self.ch = conn.start(agent_command(exe, src, rcycle, snapshot_kind, stream, totals, timeout))
+        self.ch = conn.start(agent_command(exe, src, rcycle, snapshot_kind, stream, totals, timeout, read_live))
         self.out = self.ch.makefile("rb")
         self._stderr: List[bytes] = []
         self._send_lock = threading.Lock()
@@ -133,6 +136,13 @@ class AgentClient:
     def send(self, cmd: Command) -> None:
         with self._send_lock:
             self.ch.sendall(cmd.encode().encode())
+
+    def live_changed(self) -> bool:
+        """A cycle built with ``read_live`` was read: did any file read live change meanwhile (agent
+        ``verify``)?  Then the replica must not commit what it read."""
+        self.send(Verify())
+        v = self.expect(Verified)
+        return bool(v.redo or v.gone)
 
     def exited(self) -> bool:
         """The agent process has ended."""

@@ -18,6 +18,8 @@ class SshOptions:
     ssh_config: Optional[str] = None       # OpenSSH client config (default ~/.ssh/config)
     transport: str = "auto"                # how the export is read: sshfs mount or paramiko SFTP
     timeout: float = DEFAULT_TIMEOUT       # seconds without progress on a connection that fail the cycle
+    bwlimit: int = 0                       # bytes/s on the wire, both directions together (0: no limit)
+    passive: bool = True                   # sshfs over a channel of the one connection when sshfs can
 
 
 def is_remote(spec: str) -> bool:

@@ -6,7 +6,10 @@ IdentitiesOnly, UserKnownHostsFile, GlobalKnownHostsFile, StrictHostKeyChecking,
 ProxyCommand, ProxyJump, ConnectTimeout, ServerAliveInterval) and returns a
 ``HostConfig``.  ``Connection(cfg)`` opens ONE paramiko client for it; every
 remote command of a cycle runs as an exec channel on that client
-(``run``/``start``), and the SFTP reader opens its subsystem on it too.
+(``run``/``start``), and the SFTP reader and passive sshfs (transport.passive) open its
+``sftp`` subsystem on it too.  ``Connection(cfg, bwlimit=B)`` paces every byte of the
+connection, both directions together, through one token bucket (transport.pace) under the
+paramiko transport, with channel windows of a fraction of a second of the rate.
 
 Host keys are verified against the known_hosts files of the configuration.  An
 unknown key is refused with ``HostKeyError`` unless StrictHostKeyChecking is
@@ -172,8 +175,15 @@ def _fp(key) -> str:
 class _Policy:
     """paramiko MissingHostKeyPolicy honoring StrictHostKeyChecking."""
 
-    def __init__(self, cfg: HostConfig):
+    def __init__(self, cfg: HostConfig, bwlimit: int = 0):
         self.cfg = cfg
+        self.bwlimit = int(bwlimit or 0)     # bytes/s for both directions together (0: none), see pace
+        self.bucket = None
+        self.window, self.max_packet = WINDOW, MAX_PACKET
+        if self.bwlimit:
+            from discrep.transport.pace import TokenBucket, max_packet_for, window_for
+            self.bucket = TokenBucket(self.bwlimit)
+            self.window, self.max_packet = window_for(self.bwlimit), max_packet_for(self.bwlimit)
 
     def missing_host_key(self, client, hostname, key) -> None:
         cfg = self.cfg
@@ -216,8 +226,15 @@ class RemoteResult:
 class Connection:
     """One paramiko SSH client to the source; remote commands run as exec channels on it."""
 
-    def __init__(self, cfg: HostConfig):
+    def __init__(self, cfg: HostConfig, bwlimit: int = 0):
         self.cfg = cfg
+        self.bwlimit = int(bwlimit or 0)     # bytes/s for both directions together (0: none), see pace
+        self.bucket = None
+        self.window, self.max_packet = WINDOW, MAX_PACKET
+        if self.bwlimit:
+            from discrep.transport.pace import TokenBucket, max_packet_for, window_for
+            self.bucket = TokenBucket(self.bwlimit)
+            self.window, self.max_packet = window_for(self.bwlimit), max_packet_for(self.bwlimit)
         self.client = None
         self._closed = False
         self._lock = threading.Lock()
@@ -249,7 +266,11 @@ class Connection:
         keys = [p for p in cfg.identity_files if os.path.isfile(p)]
 
         def transport_factory(s, **kw):
-            t = paramiko.Transport(s, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET, **kw)
+            if self.bucket is not None:     # --bwlimit: every byte of the connection passes the one bucket
+                from discrep.transport.pace import PacedSocket
+                s = PacedSocket(s, self.bucket)
+            t = paramiko.Transport(s, default_window_size=self.window, default_max_packet_size=self.max_packet,
+                                   **kw)
             opts = t.get_security_options()
             have = list(opts.ciphers)
             opts.ciphers = tuple([c for c in FAST_CIPHERS if c in have] + [c for c in have if c not in FAST_CIPHERS])
@@ -362,7 +383,7 @@ class Connection:
     def sftp(self):
         import paramiko
         try:
-            ch = self.transport().open_session(window_size=WINDOW, max_packet_size=MAX_PACKET)
+            ch = self.transport().open_session(window_size=self.window, max_packet_size=self.max_packet)
             ch.invoke_subsystem("sftp")
             return paramiko.SFTPClient(ch)
         except (paramiko.SSHException, EOFError, OSError) as e:

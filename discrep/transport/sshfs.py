@@ -103,8 +103,7 @@ class SshfsMount:
         self._err = tempfile.TemporaryFile()
         cmd = self.command()
         log.debug("sshfs: %s", " ".join(cmd))
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err,
-                                     close_fds=True, start_new_session=True)
+        self.proc = self.spawn(cmd, self._err)
         deadline = time.monotonic() + timeout
         while not mounted(self.local_dir):
             if self.proc.poll() is not None:
@@ -130,6 +129,11 @@ class SshfsMount:
             self._raise(err)
         set_read_ahead(self.local_dir)
         return self
+
+    def spawn(self, cmd: List[str], stderr) -> subprocess.Popen:
+        """Start the sshfs child (a subclass may give it other stdio)."""
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                close_fds=True, start_new_session=True)
 
     def _raise(self, err: str) -> None:
         line = err.strip().splitlines()[-1] if err.strip() else "sshfs exited"

@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 
 import helpers
+from daemon_proc import DISCREP, committed
 from discrep.run import daemon
 from discrep.core.errors import LockedError, SourceError, WarningList
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
 
-DISCREP = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "discrep")
-
-
-def _committed(dest: Path) -> int:
-    if not (dest / ".discrep" / "replica.db").exists():
-        return 0
-    c = ReplicaCatalog(str(dest / ".discrep"))
-    try:
-        return c.last_committed()
-    finally:
-        c.close()
 
 
 def _wait(cond, timeout=30.0):
@@ -46,16 +36,16 @@ def test_every_runs_cycles_locks_and_stops(work_dir):
     p = subprocess.Popen([DISCREP, "replicate", "--json", "--every", "0.5", str(src), str(dst)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert _wait(lambda: _committed(dst) >= 1), p.stderr.read1() if p.poll() is not None else ""
+        assert _wait(lambda: committed(dst) >= 1), p.stderr.read1() if p.poll() is not None else ""
         # a second daemon on the same DEST is refused with a clear message
         q = subprocess.run([DISCREP, "replicate", "--every", "1", str(src), str(dst)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
         assert q.returncode == LockedError.exit_code
         assert b"already runs on" in q.stderr
         (src / "a" / "g").write_bytes(b"two")
-        n = _committed(dst)
-        assert _wait(lambda: _committed(dst) >= n + 1)
-        assert _wait(lambda: _committed(dst) >= n + 2)   # the one after the change is surely done
+        n = committed(dst)
+        assert _wait(lambda: committed(dst) >= n + 1)
+        assert _wait(lambda: committed(dst) >= n + 2)   # the one after the change is surely done
         assert helpers.tree_equal(src, dst) == []
         def status() -> dict:
             st = subprocess.run([DISCREP, "status", "--json", str(dst)], stdout=subprocess.PIPE, timeout=30)
@@ -101,13 +91,13 @@ def test_journal_entries_trigger_a_cycle_sooner(work_dir):
     t = threading.Thread(target=lambda: res.update(daemon.run_every(a, WarningList(), None, stop=stop)))
     t.start()
     try:
-        assert _wait(lambda: _committed(dst) >= 1)
+        assert _wait(lambda: committed(dst) >= 1)
         (src / "g").write_bytes(b"new")
         t0 = time.monotonic()
-        assert _wait(lambda: _committed(dst) >= 2, timeout=10), "no early cycle"
+        assert _wait(lambda: committed(dst) >= 2, timeout=10), "no early cycle"
         assert time.monotonic() - t0 < 10
         (src / "h").write_bytes(b"newer")
-        assert _wait(lambda: _committed(dst) >= 3, timeout=10)
+        assert _wait(lambda: committed(dst) >= 3, timeout=10)
         c = ReplicaCatalog(str(dst / ".discrep"))
         try:
             stats = json.loads(c.get_meta("last_cycle_stats"))

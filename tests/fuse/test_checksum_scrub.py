@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +20,7 @@ def _need_fuse():
     helpers.require_fuse()
 
 
-def run(*args: str, code: int = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "discrep", *args], capture_output=True, text=True, timeout=300)
-    assert p.returncode == code, f"exit {p.returncode}: {p.stdout}{p.stderr}"
-    return p
+run = helpers.discrep_cli
 
 
 def rot(path: Path, off: int, data: bytes) -> None:

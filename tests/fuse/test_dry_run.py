@@ -3,11 +3,7 @@ apply, and nothing written on either side (digests of SRC/.discrep and of DEST, 
 included, are identical before and after); the next real run is as without it."""
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,25 +18,11 @@ def _need_fuse():
     helpers.require_fuse()
 
 
-def run(*args: str, code: int = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "discrep", *args], capture_output=True, text=True, timeout=300)
-    assert p.returncode == code, f"exit {p.returncode}: {p.stdout}{p.stderr}"
-    return p
+run = helpers.discrep_cli
 
 
 def digest(root: Path) -> str:
-    """Every name, type, mode, size, mtime and byte under ``root``."""
-    h = hashlib.sha256()
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files) + dirs:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            h.update(os.path.relpath(p, root).encode() + b"\0%o %d" % (st.st_mode, st.st_mtime_ns))
-            if stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    h.update(f.read())
-    return h.hexdigest()
+    return helpers.tree_digest(root)
 
 
 def test_dry_run_itemizes_and_changes_nothing(work_dir: Path):

@@ -3,12 +3,8 @@ exit 19 before anything changes in DEST (checked with an independent digest of D
 ``.discrep`` included); a later run with a higher limit completes."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,26 +19,11 @@ def _need_fuse():
     helpers.require_fuse()
 
 
-def run(*args: str, code: int = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "discrep", *args], capture_output=True, text=True, timeout=300)
-    assert p.returncode == code, f"exit {p.returncode}: {p.stdout}{p.stderr}"
-    return p
+run = helpers.discrep_cli
 
 
 def digest(root: Path) -> str:
-    """Names, types, modes, sizes, file mtimes and bytes of everything under ``root`` (lock file aside)."""
-    h = hashlib.sha256()
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files) + dirs:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            h.update(os.path.relpath(p, root).encode() + b"\0%o" % st.st_mode)
-            if stat.S_ISREG(st.st_mode) and name != "lock":
-                h.update(b"%d %d" % (st.st_size, st.st_mtime_ns))
-                with open(p, "rb") as f:
-                    h.update(f.read())
-    return h.hexdigest()
+    return helpers.tree_digest(root, dir_mtimes=False, volatile=("lock",))
 
 
 def _tree(src: Path, n_dirs: int = 4, per_dir: int = 5) -> None:

@@ -237,8 +237,9 @@ def test_parent_dir_mtime_kept(sshd: Sshd, work_dir: Path) -> None:
 # --------------------------------------------------------------------------- continuous mode
 
 def test_continuous_mode_keeps_one_session(sshd: Sshd, work_dir: Path) -> None:
-    """``replicate --every`` over SSH: several cycles, one SSH login for control and one for sshfs,
-    whatever the number of cycles; the replica converges and nothing is left behind."""
+    """``replicate --every`` over SSH: several cycles, ONE SSH login for control and sshfs (passive
+    sshfs on a channel of the control connection), whatever the number of cycles; the replica
+    converges and nothing is left behind."""
     _need_fuse()
     src, dst = work_dir / "src", work_dir / "dst"
     helpers.make_sample_tree(src)
@@ -270,7 +271,7 @@ def test_continuous_mode_keeps_one_session(sshd: Sshd, work_dir: Path) -> None:
     assert committed() >= 4, err
     assert helpers.tree_equal(src, dst) == []
     logins = sshd.log.read_text(errors="replace").count("Accepted publickey") - logins_before
-    assert logins == 2, f"{logins} SSH logins for {committed()} cycles: the session was not kept"
+    assert logins == 1, f"{logins} SSH logins for {committed()} cycles: the session was not kept"
     _no_leftovers(sshd)
 
 
@@ -407,3 +408,77 @@ def test_progress_on_a_terminal_shows_fixed_totals(sshd: Sshd, work_dir: Path) -
     assert helpers.tree_equal(src, dst) == []
     r = replicate(sshd, str(src), str(work_dir / "dst2"))   # not a terminal: no progress lines
     assert r.returncode == 0 and "files " not in r.stderr, r.stderr
+
+
+def test_filters_reach_the_agent(sshd: Sshd, work_dir: Path) -> None:
+    """The replica's rules travel in the cycle command: the source does not walk an excluded
+    directory (a merge file there that discrep cannot parse would fail the cycle), the cycle
+    records the rules, and the replica equals rsync's copy with the same rules."""
+    from discrep.protocol.filterspec import FilterSpec
+    from discrep.source.catalog import SourceCatalog
+    _need_fuse()
+    src, dst, want = work_dir / "src", work_dir / "dst", work_dir / "want"
+    (src / "cache" / "sub").mkdir(parents=True)
+    (src / "cache" / "sub" / ".discrepignore").write_text("merge not-supported\n")
+    (src / "cache" / "blob").write_bytes(b"c" * 100000)
+    (src / "data").mkdir()
+    (src / "data" / "a.txt").write_bytes(b"a")
+    (src / "data" / "b.o").write_bytes(b"o")
+    (src / "data" / ".discrepignore").write_text("- *.tmp\n")
+    (src / "data" / "c.tmp").write_bytes(b"t")
+    rules = ["--filter=dir-merge .discrepignore", "--exclude=/cache/", "--exclude", "*.o"]
+    res = _ok(replicate(sshd, str(src), str(dst), *rules))
+    assert res["bytes_transferred"] < 100000, res             # cache/blob never crossed
+    subprocess.run(["rsync", "-a", "--modify-window=-1", "--exclude=/.discrep/", *rules, f"{src}/", f"{want}/"], check=True)
+    assert helpers.tree_equal(want, dst) == [] and helpers.python_tree_diff(want, dst) == []
+    assert not (dst / "cache").exists() and not (dst / "data" / "b.o").exists()
+    cat = SourceCatalog(str(src / ".discrep"))
+    try:
+        spec = FilterSpec.from_record(cat.last_acked().info["filters"])
+    finally:
+        cat.close()
+    assert [r.pattern for r in spec.rules.rules] == [b".discrepignore", b"/cache/", b"*.o"]
+    # the next cycle (rules changed: newly included paths copied), then without rules the bad
+    # merge file is walked and read: the agent's error comes back
+    (src / "data" / "new.txt").write_bytes(b"n")
+    res = _ok(replicate(sshd, str(src), str(dst), "--filter=dir-merge .discrepignore", "--exclude=/cache/"))
+    assert (dst / "data" / "b.o").exists() and (dst / "data" / "new.txt").exists()
+    bad = replicate(sshd, str(src), str(dst), "--filter=dir-merge .discrepignore")
+    assert bad.returncode != 0 and "merge" in bad.stderr, bad.stderr
+    _no_leftovers(sshd)
+
+
+def test_filters_in_one_session_of_cycles(sshd: Sshd, work_dir: Path, monkeypatch) -> None:
+    """Continuous mode's later cycles carry the rules in the in-session cycle command too."""
+    import tempfile
+    from discrep.core.errors import WarningList
+    from discrep.protocol.filters import FilterRules
+    from discrep.protocol.filterspec import FilterSpec
+    from discrep.replica.options import ReplicaOptions
+    from discrep.run.options import CycleOptions
+    from discrep.run.remote import RemoteSession
+    from discrep.transport.options import SshOptions
+    _need_fuse()
+    monkeypatch.setenv("TMPDIR", str(sshd.local_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    src, dst, want = work_dir / "src", work_dir / "dst", work_dir / "want"
+    (src / "skip").mkdir(parents=True)
+    (src / "skip" / "s").write_bytes(b"s")
+    (src / "k.txt").write_bytes(b"k")
+    spec = FilterSpec(FilterRules.parse([("--exclude", "/skip/"), ("--exclude", "*.o")]))
+    opts = CycleOptions(src=f"{ALIAS}:{src}", dest=str(dst), replica=ReplicaOptions(filters=spec),
+                        ssh=SshOptions(remote_discrep=REMOTE_DISCREP, ssh_config=str(sshd.client_config)))
+    session = RemoteSession(opts)
+    try:
+        assert session.cycle(WarningList())["cycle"] == 1
+        (src / "skip" / "t").write_bytes(b"t")
+        (src / "new.o").write_bytes(b"o")
+        (src / "new.txt").write_bytes(b"n")
+        res = session.cycle(WarningList())
+        assert res["cycle"] == 2 and res["session_cycle"] == 2, res
+    finally:
+        session.close()
+    rules = ["--exclude=/skip/", "--exclude=*.o"]
+    subprocess.run(["rsync", "-a", "--modify-window=-1", "--exclude=/.discrep/", *rules, f"{src}/", f"{want}/"], check=True)
+    assert helpers.tree_equal(want, dst) == [] and helpers.python_tree_diff(want, dst) == []
+    _no_leftovers(sshd)

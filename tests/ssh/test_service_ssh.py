@@ -11,20 +11,9 @@ import pytest
 
 import helpers
 from conftest import ALIAS, REMOTE_DISCREP, Sshd, mounts_under
-from daemon_proc import DaemonProc, cmdline, descendants, free_port, sample, scrape, wait_for
+from daemon_proc import DaemonProc, committed, cmdline, descendants, free_port, sample, scrape, wait_for
 
 pytestmark = pytest.mark.ssh
-
-
-def committed(dest: Path) -> int:
-    from discrep.replica.catalog import ReplicaCatalog
-    if not (dest / ".discrep" / "replica.db").exists():
-        return 0
-    c = ReplicaCatalog(str(dest / ".discrep"))
-    try:
-        return c.last_committed()
-    finally:
-        c.close()
 
 
 def test_daemon_pulls_over_ssh_and_stops_clean(work_dir: Path, sshd: Sshd):

@@ -78,6 +78,11 @@ def test_next_run_every_and_cron():
     ({"bogus": 1, "jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m"}}}, "top level: unknown key 'bogus'"),
     ({}, "no jobs"),
     ({"jobs": {"a": 5}}, "must be a table"),
+    ({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m", "exclude": "*.o"}}}, "job 'a': exclude = '*.o'"),
+    ({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m", "include": ["", "x"]}}}, "job 'a': include"),
+    ({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m", "filter": ["merge x"]}}},
+     "job 'a': filter rules (filter)"),
+    ({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "1m", "delete_excluded": 1}}}, "delete_excluded = 1"),
 ])
 def test_bad_files_name_the_job_and_key(doc, fragment):
     with pytest.raises(ConfigError) as ei:
@@ -85,6 +90,36 @@ def test_bad_files_name_the_job_and_key(doc, fragment):
     text = str(ei.value)
     assert fragment in text and "/etc/x.toml" in text
     assert ei.value.exit_code == 3
+
+
+def test_filter_keys_feed_the_replica_options(tmp_path):
+    from discrep.protocol.filters import FilterRules
+    cfg = load(_write(tmp_path, """
+exclude = ["*.tmp"]
+
+[jobs.a]
+source = "/s"
+dest = "/d"
+every = "5m"
+exclude = ["*.o", "/cache/"]
+include = ["keep.o"]
+filter = ["dir-merge .discrepignore", "- *.bak"]
+delete_excluded = true
+
+[jobs.b]
+source = "/s2"
+dest = "/d2"
+every = "5m"
+"""))
+    a, b = cfg.jobs["a"].options.replica.filter_spec(), cfg.jobs["b"].options.replica.filter_spec()
+    # filter, then include, then exclude: the same FilterRules the CLI builds from those options in that order
+    want = FilterRules.parse([("--filter", "dir-merge .discrepignore"), ("--filter", "- *.bak"),
+                              ("--include", "keep.o"), ("--exclude", "*.o"), ("--exclude", "/cache/")])
+    assert a.rules == want and a.delete_excluded
+    assert b.rules == FilterRules.parse([("--exclude", "*.tmp")]) and not b.delete_excluded   # the default
+    from discrep.protocol import filters
+    from discrep.run import config
+    assert config.MAX_RULES == filters.MAX_RULES
 
 
 def test_all_problems_at_once():
@@ -113,3 +148,46 @@ def test_help_example_is_a_valid_file(tmp_path):
                        stderr=subprocess.PIPE, text=True)
     assert r.returncode == 0, r.stderr
     assert "2 job(s): home, web" in r.stdout
+
+
+def test_snapshot_hook_keys():
+    from discrep.source.options import HookOptions
+    cfg = parse({"hook_timeout": "90s",
+                 "jobs": {"db": {"source": "/srv/db", "dest": "/b/db", "every": "5m",
+                                 "pre_snapshot": "fsfreeze -f /srv/db", "post_snapshot": "fsfreeze -u /srv/db",
+                                 "hook_failure": "crash-consistent"},
+                          "plain": {"source": "/s", "dest": "/d", "every": "5m"}}}, "x.toml")
+    assert cfg.jobs["db"].options.hooks == HookOptions("fsfreeze -f /srv/db", "fsfreeze -u /srv/db", 90.0,
+                                                      "crash-consistent")
+    assert cfg.jobs["plain"].options.hooks is None          # the source's own hooks.toml applies
+    with pytest.raises(ConfigError) as e:
+        parse({"jobs": {"r": {"source": "me@h:/srv", "dest": "/b", "every": "5m", "pre_snapshot": "true"},
+                        "f": {"source": "/s", "dest": "/d", "every": "5m", "hook_failure": "ignore"},
+                        "t": {"source": "/s2", "dest": "/d2", "every": "5m", "hook_timeout": "2h"}}}, "x.toml")
+    text = "\n".join(e.value.problems)
+    assert "job 'r'" in text and "hooks.toml" in text
+    assert "job 'f': hook_failure = 'ignore'" in text and "'crash-consistent'" in text
+    assert "job 't': hook_timeout" in text
+
+
+def test_hook_file_keys_checked():
+    from discrep.core.errors import SourceError
+    from discrep.source.hooks import hook_options
+    h = hook_options({"pre_snapshot": "a", "post_snapshot": "b", "timeout": 5, "on_failure": "crash-consistent"},
+                     "hooks.toml")
+    assert (h.pre_snapshot, h.post_snapshot, h.timeout_s, h.on_failure) == ("a", "b", 5.0, "crash-consistent")
+    for bad in ({"pre_snapshot": ""}, {"pre": "x"}, {"timeout": 0}, {"timeout": True}, {"on_failure": "x"},
+                {"post_snapshot": "x\0y"}):
+        with pytest.raises(SourceError):
+            hook_options(bad, "hooks.toml")
+
+
+def test_keep_grid_key():
+    cfg = parse({"keep": "24x1h, 30x1d", "jobs": {"a": {"source": "/s", "dest": "/d", "every": "5m"},
+                                                  "b": {"source": "/s2", "dest": "/d2", "every": "5m",
+                                                        "keep": "12x30d"}}}, "x.toml")
+    assert cfg.jobs["a"].options.replica.keep_grid == ((24, 3600.0), (30, 86400.0))
+    assert cfg.jobs["b"].options.replica.keep_grid == ((12, 30 * 86400.0),)
+    with pytest.raises(ConfigError) as e:
+        parse({"jobs": {"a": {"source": "/s", "dest": "/d", "every": "5m", "keep": "24 hours"}}}, "x.toml")
+    assert "job 'a': keep = '24 hours' is not valid" in str(e.value) and "24x1h" in str(e.value)

@@ -63,5 +63,6 @@ def test_readme_service_example_is_a_valid_jobs_file():
     section = readme.split("## Running as a service", 1)[1].split("\n## ", 1)[0]
     block = section.split("```toml\n", 1)[1].split("```", 1)[0]
     cfg = parse(tomllib.loads(block), "README.md")
-    assert set(cfg.jobs) == {"home", "www"} and cfg.metrics_listen == ("127.0.0.1", 9811)
+    assert set(cfg.jobs) == {"home", "db", "www"} and cfg.metrics_listen == ("127.0.0.1", 9811)
+    assert cfg.jobs["db"].options.hooks is not None and cfg.jobs["db"].options.hooks.on_failure == "crash-consistent"
     assert cfg.jobs["home"].rpo_s == 3600 and cfg.jobs["www"].options.remote_source
