@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from discrep.protocol.manifest import MAX_FILE_SIZE
-
 
 @dataclass(frozen=True)
 class ReplicaOptions:
@@ -24,5 +22,6 @@ class ReplicaOptions:
     max_delete_pct: Optional[float] = None  # ... or more than this percentage of the replica's entries
     checksum: bool = False                 # compare DEST's actual bytes, not the catalog's signatures
     dry_run: bool = False                  # say what the cycle would do; change nothing
-    max_file_size: int = MAX_FILE_SIZE     # refuse a cycle declaring a larger file (bounds memory and space)
+    max_file_size: int = 1 << 46           # refuse a cycle declaring a larger file (bounds memory and space);
+    #                                        protocol.manifest.MAX_FILE_SIZE, not imported here (CLI start-up)
     nosuid: bool = False                   # strip setuid/setgid bits and file capabilities on the replica

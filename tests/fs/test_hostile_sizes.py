@@ -33,6 +33,10 @@ pytestmark = [pytest.mark.fs, pytest.mark.hostile]
 SLACK = 48 << 20
 
 
+def test_default_cap_is_the_protocols():
+    assert ReplicaOptions().max_file_size == MAX_FILE_SIZE
+
+
 def _apply(root: Path, size: int, data: bytes, extents, opts: ReplicaOptions):
     """Sync an export declaring file ``f`` of ``size`` bytes whose data file holds ``data``:
     (exception or None, peak bytes allocated by the sync, DEST)."""

@@ -30,7 +30,7 @@ def run(*args: str, code: int = 0) -> subprocess.CompletedProcess:
 
 
 def digest(root: Path) -> str:
-    """Names, types, modes, sizes, file mtimes and bytes of everything under ``root`` (lock file aside)."""
+    """Names, types, modes, sizes, file mtimes and bytes of everything under ``root`` (lock files aside)."""
     h = hashlib.sha256()
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()
@@ -38,7 +38,7 @@ def digest(root: Path) -> str:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             h.update(os.path.relpath(p, root).encode() + b"\0%o" % st.st_mode)
-            if stat.S_ISREG(st.st_mode) and name != "lock":
+            if stat.S_ISREG(st.st_mode) and name not in ("lock", "run.lock"):
                 h.update(b"%d %d" % (st.st_size, st.st_mtime_ns))
                 with open(p, "rb") as f:
                     h.update(f.read())

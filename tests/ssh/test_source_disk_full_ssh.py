@@ -34,11 +34,16 @@ def test_source_disk_full_over_ssh(sshd: Sshd, work_dir: Path) -> None:
         helpers.run(["cp", "-a", str(src), str(before)])
         helpers.run(["rm", "-rf", str(before / ".discrep")])
         helpers.run(["touch", "-h", "-r", str(src), str(before)])
-        st = os.statvfs(fs)
-        (fs / "filler").write_bytes(b"\1" * (st.f_bavail * st.f_frsize - (6 << 20)))
+        # cycle 2: a changed large file (a copy snapshot copies it; a source that reads it live
+        # does not) and 12 MB of new small files (always copied into the cycle's packs), with
+        # 6 MiB left on the source's disk
         with open(src / "big", "r+b") as f:
             f.write(os.urandom(1 << 20))
-        (src / "small3").write_bytes(os.urandom(2 << 20))
+        (src / "new").mkdir()
+        for i in range(400):
+            (src / "new" / f"n{i}").write_bytes(os.urandom(30_000))
+        st = os.statvfs(fs)
+        (fs / "filler").write_bytes(b"\1" * (st.f_bavail * st.f_frsize - (6 << 20)))
         p = replicate(sshd, str(src), str(dst), "--snapshot", "copy")
         assert p.returncode == 20, f"exit {p.returncode}: {p.stderr}"
         err = p.stderr.lower()
