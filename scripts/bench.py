@@ -8,7 +8,10 @@ finally).  A private sshd (generated host and user keys) listens on 127.0.0.1; b
 reach it through a counting TCP proxy (threads, optional one-way delay), so "wire" is the
 bytes that crossed TCP in both directions, SSH overhead included.  discrep runs
 ``discrep replicate -F CFG --remote-discrep <venv discrep> ALIAS:SRC DEST`` (transport
-auto: sshfs); rsync runs ``rsync -aHAXS --delete --exclude=/.discrep/ -e 'ssh -F CFG'``.
+auto: sshfs); rsync runs ``rsync -aHAXS --delete --exclude=/.discrep/ -e 'ssh -F CFG'``.  Push rows
+(``p*``) run ``discrep replicate ... SRC ALIAS:DEST`` beside ``rsync ... SRC/ ALIAS:DEST/``; there the
+tool's own process is the source side and sshd's sessions are the replica side, so the two CPU
+columns of a push row are source+replica.
 Each row is checked with ``rsync -aHAXnci --delete`` (nothing printed = identical).
 CPU seconds per side: the replica's is the tool's process and the children it waited for
 (``RUSAGE_CHILDREN``: discrep with sshfs, rsync with its ssh); the source's is what the
@@ -233,15 +236,17 @@ CASES: Dict[str, "Case"] = {}
 
 class Case:
     def __init__(self, key: str, title: str, fn: Callable, delay_ms: float = 0.0, loop_gb: int = 0,
-                 bwlimit: bool = False):
+                 bwlimit: bool = False, push: bool = False):
         self.key, self.title, self.fn, self.delay_ms = key, title, fn, delay_ms
+        self.push = push         # both tools push: discrep replicate SRC host:DEST vs rsync SRC/ host:DEST/
         self.loop_gb = loop_gb   # > 0: the case's trees live on a loop-mounted ext4 of that size
         self.bwlimit = bwlimit   # both tools get --bwlimit=BWLIMIT; the row reports their max 5-s rates
 
 
-def case(key: str, title: str, *, delay_ms: float = 0.0, loop_gb: int = 0, bwlimit: bool = False):
+def case(key: str, title: str, *, delay_ms: float = 0.0, loop_gb: int = 0, bwlimit: bool = False,
+         push: bool = False):
     def deco(fn):
-        CASES[key] = Case(key, title, fn, delay_ms, loop_gb, bwlimit)
+        CASES[key] = Case(key, title, fn, delay_ms, loop_gb, bwlimit, push)
         return fn
     return deco
 
@@ -428,6 +433,26 @@ def case_n(ctx: Ctx) -> None:
     ctx.initial()
 
 
+@case("pl", "push --bwlimit: first copy of 32 MiB (a file and 1 000 small ones)", bwlimit=True, push=True)
+def case_pl(ctx: Ctx) -> None:
+    case_l(ctx)
+
+
+@case("pa", "push, initial: 100 000 files of 1-8 KiB (SRC host:DEST)", push=True)
+def case_pa(ctx: Ctx) -> None:
+    case_a(ctx)
+
+
+@case("pb", "push, initial: one 1 GiB file (SRC host:DEST)", push=True)
+def case_pb(ctx: Ctx) -> None:
+    case_b(ctx)
+
+
+@case("pe", "push, 10 changed files out of the 100 000 (SRC host:DEST)", push=True)
+def case_pe(ctx: Ctx) -> None:
+    case_e(ctx)
+
+
 # --------------------------------------------------------------------------- runner
 
 def _own_children_cpu() -> float:
@@ -436,8 +461,9 @@ def _own_children_cpu() -> float:
 
 
 class Runner:
-    def __init__(self, sshd: Sshd, delay_ms: float, bwlimit: str = ""):
+    def __init__(self, sshd: Sshd, delay_ms: float, bwlimit: str = "", push: bool = False):
         self.sshd = sshd
+        self.push = push
         self.proxy = CountingProxy(sshd.port, delay_ms / 1000.0)
         self.cfg = sshd.client_config(self.proxy.port)
         self.extra = [f"--bwlimit={bwlimit}"] if bwlimit else []
@@ -453,7 +479,9 @@ class Runner:
         cpu0, src0 = _own_children_cpu(), self.sshd.children_cpu()
         t = time.monotonic()
         r = subprocess.run([DISCREP, "replicate", "--json", "-q", "-F", str(self.cfg), "--remote-discrep", DISCREP,
-                            *(self.extra if self.timed else []), f"{ALIAS}:{ctx.src}", str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            *(self.extra if self.timed else []),
+                            *((str(ctx.src), f"{ALIAS}:{dst}") if self.push else (f"{ALIAS}:{ctx.src}", str(dst)))],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=dict(os.environ, TMPDIR=str(ctx.root)))
         wall = time.monotonic() - t
         cpu = _own_children_cpu() - cpu0
@@ -471,7 +499,9 @@ class Runner:
         cpu0, src0 = _own_children_cpu(), self.sshd.children_cpu()
         t = time.monotonic()
         r = subprocess.run(["rsync", "-aHAXS", "--delete", "--exclude=/.discrep/", "-e", f"ssh -F {self.cfg}",
-                            *(self.extra if self.timed else []), f"{ALIAS}:{ctx.src}/", f"{dst}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            *(self.extra if self.timed else []),
+                            *((f"{ctx.src}/", f"{ALIAS}:{dst}/") if self.push else (f"{ALIAS}:{ctx.src}/", f"{dst}/"))],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
         wall = time.monotonic() - t
         cpu = _own_children_cpu() - cpu0
@@ -521,7 +551,7 @@ def loop_ext4(size_gb: int):
 
 def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
     root = Path(tempfile.mkdtemp(prefix=f"case-{c.key}-", dir=base))
-    runner = Runner(sshd, c.delay_ms, BWLIMIT["rate"] if c.bwlimit else "")
+    runner = Runner(sshd, c.delay_ms, BWLIMIT["rate"] if c.bwlimit else "", c.push)
     try:
         ctx = Ctx(root, quick, runner)
         c.fn(ctx)

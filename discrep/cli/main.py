@@ -35,7 +35,8 @@ COMMANDS: List[Tuple[str, str]] = [
     ("watch", "watch_cmd"),
     ("status", "status_cmd"), ("recover", "recover_cmd"), ("restore", "restore_cmd"), ("prune", "prune_cmd"),
     ("repair-state", "repair_state_cmd"), ("configcheck", "configcheck_cmd"), ("run", "run_cmd"),
-    ("daemon", "daemon_cmd"), ("agent", "agent_cmd"), ("reset", "reset_cmd")]
+    ("daemon", "daemon_cmd"), ("agent", "agent_cmd"), ("reset", "reset_cmd"),
+    ("replica-agent", "replica_agent_cmd")]
 
 
 # one-shot cycle commands: once their result is printed nothing is left to release (every file, mount,

@@ -17,7 +17,8 @@ DESCRIPTION = ("Run one whole cycle: catch-up scan (or journal), snapshot, FUSE 
 
 def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("src", metavar="SRC", help="source directory")
-    sp.add_argument("dest", metavar="DEST", help="replica directory (created if missing)")
+    sp.add_argument("dest", metavar="DEST", help="replica directory (created if missing); [USER@]HOST:DEST pushes "
+                                                 "to a replica on HOST over SSH")
     common.add_snapshot_arg(sp, "snapshot provider (default auto: btrfs subvolume > reflink clones > verified copy)")
     common.add_replica_args(sp, "allow a first cycle into a non-empty DEST (entries not in SRC are deleted)")
     sp.add_argument("-n", "--dry-run", action="store_true",
@@ -34,7 +35,11 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     from discrep.run.daemon import run_every
     from discrep.run.local import replicate_local
     from discrep.run.remote import replicate_remote
+    from discrep.transport.options import is_remote
     opts = common.cycle_options(a)
+    if is_remote(opts.dest):          # push: local SRC, remote replica
+        from discrep.run.push import replicate_push
+        return replicate_push(opts, warnings)
     if opts.replica.dry_run:
         return _dry_run(opts, opts.remote_source or opts.every is not None)
     if opts.replica.checksum and opts.remote_source:
@@ -44,7 +49,7 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     if opts.every is not None:
         return run_every(opts, warnings, prog)
     if opts.remote_source:
-        return replicate_remote(opts, warnings, prog)
+        return {**replicate_remote(opts, warnings, prog), "direction": "pull"}
     return replicate_local(opts, warnings, prog)
 
 

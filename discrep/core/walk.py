@@ -14,12 +14,15 @@ from discrep.core.paths import STATE_DIR
 
 
 def walk(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = None,
-         keep: Optional[Callable[[bytes, os.stat_result], bool]] = None
-         ) -> Iterator[Tuple[bytes, os.stat_result]]:
+         keep: Optional[Callable[[bytes, os.stat_result], bool]] = None,
+         on_vanished: Optional[Callable[[bytes], None]] = None) -> Iterator[Tuple[bytes, os.stat_result]]:
     """Yield (relative path, lstat) for every entry below ``root`` (root itself excluded, and
     ``ROOT/.discrep``), in manifest order: each directory's entries by name, a directory's subtree
     right after it (the order of ``sorted(paths, key=lambda p: p.replace(b"/", b"\\0"))``).
-    ``keep(rel, lstat)`` false: the entry is skipped and, a directory, never descended (filters)."""
+    ``keep(rel, lstat)`` false: the entry is skipped and, a directory, never descended (filters).
+
+    ``on_vanished(rel)``: called for an entry that was listed but is gone when it is looked at
+    (deleted or renamed while the walk runs; otherwise it is skipped silently)."""
     def listing(rel: bytes) -> Iterator[os.DirEntry]:
         try:
             with os.scandir(root + b"/" + rel if rel else root) as it:
@@ -43,6 +46,8 @@ def walk(root: bytes, *, on_error: Optional[Callable[[bytes, OSError], None]] = 
         try:
             st = e.stat(follow_symlinks=False)
         except FileNotFoundError:
+            if on_vanished is not None:
+                on_vanished(crel)
             continue
         if keep is not None and not keep(crel, st):
             continue

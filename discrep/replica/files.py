@@ -117,7 +117,7 @@ class FilePatcher:
         pfd = self.dest.dirs.get(parent(e.path))
         fd = os.open(basename(e.path), os.O_RDONLY | os.O_NONBLOCK | O_FILE, dir_fd=pfd)
         try:
-            if not self.meta.matches(e, fd):
+            if not self.meta.matches(e, fd) or self.shared_elsewhere(e, fd):   # (a link the source broke)
                 if self.shared_elsewhere(e, fd):   # other names share the inode: a copy of its own
                     self._write_new(e, lambda nfd: _clone(fd, nfd, e.size), sig.to_bytes())
                     return

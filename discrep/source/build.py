@@ -23,7 +23,7 @@ import shutil
 import stat as statmod
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import blockdiff
 import xxhash
@@ -148,9 +148,9 @@ class _CycleBuild:
         self.flt = SourceFilter(root, spec) if spec.active else None      # None: everything selected
         self.excluded_gone: List[bytes] = []              # catalog paths the rules now exclude: deletes
         self.on_segment = on_segment
-        self.root_slash = root.rstrip(b"/") + b"/"
         self.stats: Dict[bytes, os.stat_result] = {}      # lstat of what a scan or walk saw
         self.walk_errors: List[str] = []
+        self.late: Set[bytes] = set()     # moved or vanished during the cycle: journaled after the cut
         self.pending: List[PendingRow] = []
         self.links: Dict[Tuple[int, int], bytes] = {}     # hard-link group -> the path carrying its data
         self.deferred: Dict[bytes, Tuple[int, os.stat_result, int]] = {}
@@ -164,19 +164,34 @@ class _CycleBuild:
 
     def run(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> BuiltCycle:
         t0 = time.monotonic()
-        self._plan(kind, force_scan, min_cycle, totals)
-        ordered = self._capture()
-        atomic = self.kind == "btrfs" and not self.walking    # whole tree captured at once
-        if atomic and self.on_captured is not None:
-            self.on_captured()
-        self._open_dir()
+        self.live = snapmod.LivePaths(self.root)   # live entries, never reached through a symlink
+        self.in_snap: Optional[snapmod.LivePaths] = None
         try:
-            self._write(ordered)        # copy, reflink: small files are captured here, into packs
+            self._plan(kind, force_scan, min_cycle, totals)
+            ordered = self._capture()
+            atomic = self.kind == "btrfs" and not self.walking    # whole tree captured at once
+            if atomic and self.on_captured is not None:
+                self.on_captured()
+            self._open_dir()
+            try:
+                self._write(ordered)        # copy, reflink: small files are captured here, into packs
+            finally:
+                self.mw.close()
+            if not atomic and self.on_captured is not None:
+                self.on_captured()
+            return self._record(t0)
         finally:
-            self.mw.close()
-        if not atomic and self.on_captured is not None:
-            self.on_captured()
-        return self._record(t0)
+            for lp in (self.live, self.in_snap, getattr(getattr(self, "cap", None), "live", None)):
+                if lp is not None:
+                    lp.close()
+
+    def _exists(self, p: bytes) -> bool:
+        """``p`` exists live (no symlink followed on the way)."""
+        try:
+            os.lstat(self.live.path(p))
+            return True
+        except OSError:
+            return False
 
     # -- plan and capture --------------------------------------------------
     def _plan(self, kind: str, force_scan: bool, min_cycle: int, totals: bool) -> None:
@@ -208,11 +223,14 @@ class _CycleBuild:
             root_meta = entry_for(b"", root, os.lstat(root))
             self.snap, self.cap = snapmod.start(self.kind, root, self.n, self.warnings, inline_max=SMALL_MAX,
                                                 defer_over=SMALL_MAX if self.defer else None)
-            ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors, self.flt)
+            ordered = _walk_capturing(root, self.cap, self.stats, self.walk_errors, self._vanished, self.flt)
         else:
             self.cut, self.moves, root_meta, ordered = _changed_paths(
-                root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats,
+                root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats, self.late,
                 self.flt, self.excluded_gone)
+            for p in self.late:
+                self.warnings.add(show(p), "moved or vanished while the source was scanned; "
+                                           "left as it was, looked at again next cycle")
             # a streamed cycle's replica reads large files while the rest is built: not copied first, but
             # read live and verified afterwards (settle_deferred), as a copy would have been
             self.snap = snapmod.take(self.kind, root, self.n, ordered, self.warnings, inline_max=SMALL_MAX,
@@ -247,7 +265,7 @@ class _CycleBuild:
     def _write(self, ordered: Iterable[bytes]) -> None:
         self._add_moves()
         for p in self.excluded_gone:          # replicated before, excluded now: the replica decides
-            self._gone(p)
+            self._delete(p)
         self.base_snap = self._base_snapshot()
         self._add_paths(ordered)
         if self.walking:
@@ -283,8 +301,23 @@ class _CycleBuild:
         return self.packer.add(data)
 
     def _gone(self, p: bytes) -> None:
+        """A touched path not found in the snapshot: deleted, or vanished during the cycle."""
+        if p in self.stats:       # it was there when the cycle's changes were read: vanished since
+            self._vanished(p)
+            return
+        self._delete(p)
+
+    def _delete(self, p: bytes) -> None:
         self.mw.add({"op": "delete", "path": enc(p)})
         self.pending.append(PendingRow.gone(p))
+
+    def _vanished(self, p: bytes) -> None:
+        """``p`` moved or vanished while the cycle was built: not described by this cycle (the
+        replica keeps what it has), a warning, and journaled after the cut for the next cycle."""
+        if p not in self.late:
+            self.late.add(p)
+            self.warnings.add(show(p), "moved or vanished while the cycle was built; left as it was, "
+                                       "looked at again next cycle")
 
     def _add_moves(self) -> None:
         snap = self.snap
@@ -315,12 +348,12 @@ class _CycleBuild:
 
     def _add_inline(self, p: bytes) -> None:
         """A small file: captured now, straight into its pack (the hot path)."""
-        full = self.root_slash + p
         try:
-            got = snapmod.read_verified(full, p, self.warnings, SMALL_MAX, self.stats.get(p))
+            dfd, name = self.live.at(p)
+            got = snapmod.read_verified(name, p, self.warnings, SMALL_MAX, self.stats.get(p), dir_fd=dfd)
         except OSError as err:
             got = None
-            if err.errno == errno.ENOENT and not os.path.lexists(full):
+            if err.errno in snapmod.VANISHED and not self._exists(p):
                 self._gone(p)
                 return
         if got is None:
@@ -342,18 +375,23 @@ class _CycleBuild:
         """A path of the snapshot (or a deferred live file, or a walked directory)."""
         snap = self.snap
         held = snap.deferred.get(p)
-        full = snap.locate(p)
         try:
+            if self.in_snap is None:    # the snapshot's entries, never reached through a symlink in it
+                self.in_snap = snapmod.LivePaths(snap.root)
+            full = self.in_snap.path(p)
             st0 = held[0] if held is not None else self.stats.get(p) if self.walking else None
             if st0 is not None and (held is not None or statmod.S_ISDIR(st0.st_mode)):
                 # a symlink to the open live file (described by its stat before), or a walked
                 # directory (its snapshot copy gets its metadata at the end): the live path
-                full, st = self.root_slash + p, st0
+                full, st = self.live.path(p), st0
             else:
                 st = os.lstat(full)
-        except FileNotFoundError:
-            if not snap.full and os.path.lexists(join(self.root, p)):
-                return  # exists live but was not captured (raced): next cycle
+        except OSError as err:
+            if err.errno not in snapmod.VANISHED:
+                raise
+            if not snap.full and self._exists(p):
+                self.snap.skipped.add(p)  # exists live but was not captured (raced): next cycle
+                return
             self._gone(p)
             return
         if not (statmod.S_ISDIR(st.st_mode) or statmod.S_ISLNK(st.st_mode) or statmod.S_ISREG(st.st_mode)):
@@ -403,27 +441,30 @@ class _CycleBuild:
         rec = CycleRec(n, self.base, self.cut, "built", self.kind, self.snap.root, time.time_ns(),
                        {"entries": mw.count, "change_source": change_source, "filters": self.spec.record()})
         self.catalog.add_cycle(rec, self.pending)
-        if self.snap.skipped:  # at-least-once: look again next cycle
-            self.journal.append_many(("touch", p, None, None) for p in self.snap.skipped)
+        if self.snap.skipped or self.late:  # at-least-once: look again next cycle
+            self.journal.append_many(("touch", p, None, None) for p in sorted(self.snap.skipped | self.late))
         log.info("cycle %d built: %d entries, %d files, %.2fs", n, mw.count, self.nfiles, time.monotonic() - t0)
         return BuiltCycle(n, self.base, self.cut, self.kind, self.snap.root, change_source, mw.count, self.nfiles,
                           self.nbytes, self.warnings, deferred=self.deferred)
 
 
 def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: int, acked_cut: int,
-                   use_journal: bool, stats: Dict[bytes, os.stat_result],
+                   use_journal: bool, stats: Dict[bytes, os.stat_result], late: Set[bytes],
                    flt: Optional[SourceFilter] = None, gone: Optional[List[bytes]] = None
                    ) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
     """What the cycle looks at: (journal cut, moves new -> base, the top directory's entry, the
-    touched paths in manifest order); ``stats`` gets the scan's lstat of what it saw.  ``flt``: only
-    what the filter selects (the scan does not walk excluded paths; excluded journal entries are
-    dropped, those the catalog holds go to ``gone``)."""
+    touched paths in manifest order); ``stats`` gets the lstat of every touched path that exists
+    (the scan's, or taken right after the cut); ``late`` the paths that moved or vanished while
+    the scan ran (not touched: looked at next cycle).  ``flt``: only what the filter selects (the
+    scan does not walk excluded paths; excluded journal entries are dropped, those the catalog
+    holds go to ``gone``)."""
     scanned: List[bytes] = []
     if not use_journal:
         # with nothing acknowledged yet every path is new: the scan's list is used as it is
         # instead of being journaled and read back (the marker is still journaled)
         sres = scan(root, catalog, journal, journal_touched=base > 0, keep=flt.keep if flt else None)
         stats.update(sres.stats)
+        late.update(sres.vanished)
         if base == 0:
             scanned = sres.touched
     if use_journal:
@@ -440,20 +481,100 @@ def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: 
             touched.update(p + b"/" + rel for rel, _st in walk(full, keep=flt.keep_below(p) if flt else None))
     for new in cs.moves:                # a moved directory's metadata is rewritten too
         touched.add(new)
-    if not catalog.empty():
-        _add_link_siblings(root, catalog, touched, stats)   # (nothing replicated yet: no siblings)
+    if not catalog.empty():             # (nothing replicated yet: no siblings, no stale subtrees)
+        asked = set(touched)
+        _add_related(root, catalog, touched, stats, cs.moves, use_journal)
+        if flt is not None:             # what it added: only as the rules select
+            touched -= {p for p in touched - asked if not flt.allowed(p)}
     root_meta = entry_for(b"", root, os.lstat(root))  # the tree's top directory, stat before the snapshot
     # parents before children, once (NUL sorts below every byte of a name: same order as by components)
     return cut, dict(cs.moves), root_meta, sorted(touched, key=lambda q: q.replace(b"/", b"\0"))
 
 
+def _add_related(root: bytes, catalog: SourceCatalog, touched: Set[bytes], stats: Dict[bytes, os.stat_result],
+                 moves: Dict[bytes, bytes], by_journal: bool) -> None:
+    """Complete an incremental cycle's touched paths (current namespace) and their stats: paths
+    below a live non-directory are replaced by it, then the other names of hard-linked files are
+    added -- of a touched file's live inode, and of the inode a touched name held in the base cycle
+    when that name leads elsewhere now (deleted, replaced: a change made through it before shows
+    only under the other names) -- and the replicated entries of a directory that is another
+    directory now (base paths from the catalog, mapped through the cycle's moves).  The last two
+    need the base row of each touched name: only with the journal (a scan compares every row with
+    the tree, so it touched those names itself)."""
+    back = {b: n for n, b in moves.items()}                       # base -> new
+    asked = set(touched)
+    _settle_paths(root, touched, stats)
+    extra: Set[bytes] = set()
+    for p in asked:
+        st = stats.get(p) if p in touched else None
+        if st is not None and statmod.S_ISREG(st.st_mode) and st.st_nlink > 1:    # a link group: all its names
+            extra.update(map_through(b, back) for b in catalog.paths_with_ino(st.st_ino))
+        if not by_journal:
+            continue
+        b = map_through(p, moves)
+        row = catalog.get(b)
+        if row is None or (st is not None and row.ino == st.st_ino):
+            continue
+        if statmod.S_ISREG(row.mode):
+            group = catalog.paths_with_ino(row.ino)
+            if len(group) > 1:        # the base inode of this name lives on under other names
+                extra.update(map_through(c, back) for c in group if c != b)
+        elif statmod.S_ISDIR(row.mode) and st is not None and statmod.S_ISDIR(st.st_mode):
+            # another directory took this name: what the replica holds below it goes
+            extra.update(map_through(c, back) for c in catalog.paths_below(b))
+    if extra - touched:
+        touched.update(extra)
+        _settle_paths(root, touched, stats)
+
+
+def _settle_paths(root: bytes, touched: Set[bytes], stats: Dict[bytes, os.stat_result]) -> None:
+    """Replace each touched path that lies below a live non-directory (a directory replaced by a
+    file or a symlink) by that top-most non-directory: its upsert replaces the old subtree, and
+    nothing is looked up through a symlink.  ``stats`` gets the lstat of every touched path that
+    exists now (checked from the top down, so no lstat follows a symlink)."""
+    anc: Dict[bytes, Optional[os.stat_result]] = {}   # fresh lstat of ancestors (the scan's may be old)
+
+    def lstat(a: bytes) -> Optional[os.stat_result]:
+        try:
+            return os.lstat(join(root, a))
+        except OSError:
+            return None
+
+    for p in sorted(touched, key=lambda q: q.count(b"/")):
+        parts = p.split(b"/")
+        cut_at: Optional[bytes] = None
+        for i in range(1, len(parts)):
+            a = b"/".join(parts[:i])
+            if a not in anc:
+                anc[a] = lstat(a)
+            st = anc[a]
+            if st is None:
+                break                           # gone: so is p (looked up as a delete)
+            if not statmod.S_ISDIR(st.st_mode):
+                cut_at = a
+                break
+        if cut_at is not None:
+            touched.discard(p)
+            touched.add(cut_at)
+            continue
+        if p not in stats:
+            st = lstat(p)
+            if st is not None:
+                stats[p] = st
+
+
 def _walk_capturing(root: bytes, cap: "snapmod.Capturer", stats: Dict[bytes, os.stat_result],
-                    errors: List[str], flt: Optional[SourceFilter] = None) -> Iterator[bytes]:
+                    errors: List[str], vanished: Callable[[bytes], None],
+                    flt: Optional[SourceFilter] = None) -> Iterator[bytes]:
     """Every path below ``root`` in manifest order, each captured into the snapshot (and its lstat
-    put in ``stats``) just before it is yielded; unreadable directories go to ``errors``."""
+    put in ``stats``) just before it is yielded; unreadable directories go to ``errors``, entries
+    gone while the walk ran to ``vanished``."""
     def on_error(rel: bytes, e: OSError) -> None:
-        errors.append(f"{show(rel) or '.'}: {e.strerror}")
-    for rel, st in walk(root, on_error=on_error, keep=flt.keep if flt else None):
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            vanished(rel)
+        else:
+            errors.append(f"{show(rel) or '.'}: {e.strerror}")
+    for rel, st in walk(root, on_error=on_error, keep=flt.keep if flt else None, on_vanished=vanished):
         stats[rel] = st
         cap.add(rel, st)
         yield rel
@@ -468,22 +589,6 @@ def _track_changes(e: dict, old: bytes, new: bytes, size: int, base: int, cdir: 
     e["cbt"] = base
     with open(os.fsdecode(join(cdir, layout.CBT_FILE % e["idx"])), "w") as f:
         json.dump(cand, f)
-
-
-def _add_link_siblings(root: bytes, catalog: SourceCatalog, touched: set,
-                       stats: Dict[bytes, os.stat_result]) -> None:
-    """A touched hard-linked file drags in the other members of its link group."""
-    extra = []
-    for p in touched:
-        st = stats.get(p)
-        if st is None:
-            try:
-                st = os.lstat(join(root, p))
-            except OSError:
-                continue
-        if statmod.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            extra.extend(catalog.paths_with_ino(st.st_ino))
-    touched.update(extra)
 
 
 def _extents(path: bytes, size: int) -> List[List[int]]:

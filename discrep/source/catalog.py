@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,6 +45,11 @@ _SUBTREE = "path = ? OR (path >= ? AND path < ?)"     # a path and everything be
 def _subtree(path: bytes) -> Tuple[bytes, bytes, bytes]:
     """The parameters of ``_SUBTREE`` for ``path``."""
     return path, path + b"/", prefix_end(path)
+
+
+def _below(path: bytes) -> Tuple[bytes, bytes]:
+    """Bounds of the paths strictly below ``path``."""
+    return path + b"/", prefix_end(path)
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,11 @@ class SourceCatalog:
     def exists(self, path: bytes) -> bool:
         return path == b"" or self.con.execute("SELECT 1 FROM files WHERE path = ?", (path,)).fetchone() is not None
 
+    def paths_below(self, path: bytes) -> List[bytes]:
+        """The replicated paths strictly below ``path``."""
+        return [bytes(p) for (p,) in self.con.execute("SELECT path FROM files WHERE path >= ? AND path < ?",
+                                                      _below(path))]
+
     def count(self) -> int:
         return self.con.execute("SELECT COUNT(*) FROM files").fetchone()[0]
 
@@ -211,6 +222,8 @@ class SourceCatalog:
         with transaction(self.con) as con:
             if con.execute("SELECT 1 FROM pending WHERE cycle = ? AND kind != 'upsert' LIMIT 1",
                            (n,)).fetchone() is None:    # only upserts (a first copy): one statement
+                if con.execute("SELECT 1 FROM files LIMIT 1").fetchone() is not None:
+                    self._drop_below_non_dirs(n)
                 con.execute("INSERT OR REPLACE INTO files SELECT path, ino, size, mtime_ns, ctime_ns, mode "
                             "FROM pending WHERE cycle = ? ORDER BY rowid", (n,))
             else:
@@ -242,5 +255,15 @@ class SourceCatalog:
             if r.kind == "gone":
                 con.execute("DELETE FROM files WHERE " + _SUBTREE, _subtree(r.path))
             elif r.kind == "upsert":
+                if r.mode is not None and not stat.S_ISDIR(r.mode):     # no longer a directory
+                    con.execute("DELETE FROM files WHERE path >= ? AND path < ?", _below(r.path))
                 con.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
                             (r.path, r.ino, r.size, r.mtime_ns, r.ctime_ns, r.mode))
+
+    def _drop_below_non_dirs(self, n: int) -> None:
+        """Rows below the paths that cycle ``n`` upserts as non-directories: a directory replaced by
+        a file or symlink took its subtree with it (stale rows would be looked up through it)."""
+        con = self.con
+        for (p,) in con.execute("SELECT path FROM pending WHERE cycle = ? AND kind = 'upsert' "
+                                "AND (mode & ?) != ?", (n, 0o170000, stat.S_IFDIR)).fetchall():
+            con.execute("DELETE FROM files WHERE path >= ? AND path < ?", _below(bytes(p)))

@@ -7,6 +7,12 @@ paths by inode to find renames (a directory rename is one ``move``; children
 that did not change are implied and cost nothing), and appends to the journal:
 one ``scan`` marker, then ``move`` and ``touch`` entries (see journal.py).
 
+Deletions are journaled top-most in the new namespace: a vanished path is implied by a vanished
+ancestor only if that ancestor is no longer a live directory (a directory moved out of a deleted
+one, or deleted and made again, keeps its own deletions).  A path that vanishes or moves while
+the walk runs is left as the catalog has it (never reported deleted from a half-seen state) and
+returned in ``ScanResult.vanished``; the cycle warns and journals it after its cut.
+
 A lost journal costs time, never data: anything the scan cannot prove unchanged
 (same inode, size, mtime_ns, ctime_ns and mode) is touched, and touched files
 are compared block by block later.
@@ -15,6 +21,7 @@ Thread-safety: runs in the caller's thread; uses the caller's Journal/SourceCata
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat as statmod
@@ -46,6 +53,9 @@ class ScanResult:
     touched: List[bytes] = field(default_factory=list)
     stats: Dict[bytes, os.stat_result] = field(default_factory=dict)  # live stat of touched paths
     last_seq: int = 0
+    # paths that vanished or moved while the walk ran: kept as the catalog has them this cycle
+    # (never reported deleted on a half-seen state); the caller warns and journals them for the next
+    vanished: List[bytes] = field(default_factory=list)
 
 
 def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touched: bool = True,
@@ -61,12 +71,12 @@ def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touch
     begin_seq = journal.last_seq()
     base = catalog.load_all()
     res = ScanResult()
-    seen_base, new_paths = _compare(root, base, res, keep)
-    missing = {p: r for p, r in base.items() if p not in seen_base}
+    seen_base, new_paths, live_dirs, unsure = _compare(root, base, res, keep)
+    missing = {p: r for p, r in base.items() if p not in seen_base and not _below_any(p, unsure)}
     moves, consumed = _match_renames(new_paths, missing, res)
     kept = _drop_implied(moves)
     res.moves = [(b, n) for n, b in kept.items()]
-    res.touched.extend(_deletions(missing, consumed, kept))
+    res.touched.extend(_deletions(missing, consumed, kept, live_dirs))
 
     items = [("scan", b"", None, begin_seq)]
     items += [("move", n, b, None) for b, n in res.moves]
@@ -85,18 +95,35 @@ def _touch(res: ScanResult, rel: bytes, st: os.stat_result) -> None:
 
 def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult,
              keep: Optional[Callable[[bytes, os.stat_result], bool]] = None
-             ) -> Tuple[Set[bytes], List[Tuple[bytes, os.stat_result]]]:
+             ) -> Tuple[Set[bytes], List[Tuple[bytes, os.stat_result]], Set[bytes], Set[bytes]]:
     """Walk the tree against the catalog: (catalog paths still there as the same object, paths
-    that are new or another object now); changed ones are touched in ``res``."""
+    that are new or another object now, the live directories, the paths whose state the walk
+    could not see whole); changed ones are touched in ``res``.
+
+    A path that vanished while the walk ran (listed, then gone; a directory gone before it was
+    listed) or a directory met twice (moved from a part not walked yet into one walked later) is
+    "unsure": the catalog's rows at and below it are neither deleted nor moved by this scan, and
+    the path goes to ``res.vanished`` (a warning, looked at again next cycle)."""
     seen_base: Set[bytes] = set()
     new_paths: List[Tuple[bytes, os.stat_result]] = []
+    live_dirs: Set[bytes] = set()
+    dir_at: Dict[Tuple[int, int], bytes] = {}
+    unsure: Set[bytes] = set()
     errors: List[str] = []
 
     def on_error(rel: bytes, e: OSError) -> None:
-        errors.append(f"{os.fsdecode(rel) or '.'}: {e.strerror}")
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):    # gone between its stat and its listing
+            unsure.add(rel)
+        else:
+            errors.append(f"{os.fsdecode(rel) or '.'}: {e.strerror}")
 
-    for rel, st in walk(root, on_error=on_error, keep=keep):
+    for rel, st in walk(root, on_error=on_error, keep=keep, on_vanished=unsure.add):
         res.seen += 1
+        if statmod.S_ISDIR(st.st_mode):
+            live_dirs.add(rel)
+            first = dir_at.setdefault((st.st_dev, st.st_ino), rel)
+            if first != rel:          # the same directory at two places: it moved during the walk
+                unsure.update((first, rel))
         row = base.get(rel)
         if row is not None and same_object(row, st):
             seen_base.add(rel)
@@ -107,7 +134,20 @@ def _compare(root: bytes, base: Dict[bytes, Row], res: ScanResult,
     if errors:
         raise SourceError("cannot read parts of the source: " + "; ".join(errors[:5]),
                           hint="fix the permissions or run as a user that can read the whole tree")
-    return seen_base, new_paths
+    res.vanished = sorted(unsure)
+    return seen_base, new_paths, live_dirs, unsure
+
+
+def _below_any(p: bytes, tops: Set[bytes]) -> bool:
+    """``p`` is one of ``tops`` or below one."""
+    if not tops:
+        return False
+    anc = p
+    while anc:
+        if anc in tops:
+            return True
+        anc = parent(anc)
+    return False
 
 
 def _match_renames(new_paths: List[Tuple[bytes, os.stat_result]], missing: Dict[bytes, Row], res: ScanResult
@@ -144,22 +184,21 @@ def _drop_implied(moves: Dict[bytes, bytes]) -> Dict[bytes, bytes]:
     return kept
 
 
-def _deletions(missing: Dict[bytes, Row], consumed: Set[bytes], kept: Dict[bytes, bytes]) -> List[bytes]:
-    """Vanished base paths not moved, expressed in the new namespace, top-most only."""
+def _deletions(missing: Dict[bytes, Row], consumed: Set[bytes], kept: Dict[bytes, bytes],
+               live_dirs: Set[bytes]) -> List[bytes]:
+    """Vanished base paths not moved, expressed in the new namespace, without those whose
+    deletion is implied: a path is covered by a vanished ancestor only if that ancestor (in the new
+    namespace too) is no longer a live directory -- a directory moved out of a deleted one, or one
+    deleted and made again, does not take the deletions below it along."""
     src_of = {b: n for n, b in kept.items()}
-    gone = sorted(p for p in missing if p not in consumed)
-    gone_set = set(gone)
+    gone = {map_through(p, src_of) for p in missing if p not in consumed}
     out: List[bytes] = []
-    for p in gone:
-        anc = parent(p)
-        top = True
-        while anc:
-            if anc in gone_set:
-                top = False
-                break
+    for q in sorted(gone):
+        anc = parent(q)
+        while anc and not (anc in gone and anc not in live_dirs):
             anc = parent(anc)
-        if top:
-            out.append(map_through(p, src_of))
+        if not anc:
+            out.append(q)
     return out
 
 

@@ -26,6 +26,7 @@ Thread-safety: a provider call runs in the caller's thread.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -35,7 +36,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple  # noqa: F401
 
 from discrep.core import platform
 from discrep.core.errors import SnapshotError, SourceError, UsageError, WarningList
-from discrep.core.paths import STATE_DIR, join, parent, show
+from discrep.core.paths import STATE_DIR, basename, join, parent, show
 from discrep.core.statedir import StateDir
 from discrep.core.store import is_disk_full
 
@@ -112,9 +113,12 @@ def take(kind: str, root: bytes, cycle: int, paths: Iterable[bytes], warnings: W
         return snap
     stats = stats or {}
     snap, cap = start(kind, root, cycle, warnings, inline_max, defer_over)
-    for rel in plist:
-        cap.add(rel, stats.get(rel))
-    cap.finish()
+    try:
+        for rel in plist:
+            cap.add(rel, stats.get(rel))
+        cap.finish()
+    finally:
+        cap.live.close()
     return snap
 
 
@@ -127,6 +131,59 @@ def _fresh_dir(root: bytes, cycle: int, kind: str) -> bytes:
         if os.path.lexists(old):                     # removed through the checked directory's fd
             release(kind, old)
     return join(snapshots_dir(root), str(cycle).encode())
+
+
+class LivePaths:
+    """Names of live entries below ROOT that no path-based call can follow a symlink through:
+    ``/proc/self/fd/<parent fd>/<name>``, the parent directory opened one component at a time with
+    ``O_NOFOLLOW`` (fds of recent parents are kept, in manifest order one open per new directory).
+    A directory swapped for a symlink (or a file) after the cycle's changes were read is never
+    entered: ``path`` raises ``OSError`` (ELOOP, ENOTDIR, ENOENT), which callers treat as a path
+    that vanished during the cycle.  ``close()`` closes the fds."""
+
+    KEEP = 64
+
+    def __init__(self, root: bytes):
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fds: Dict[bytes, int] = {}        # (insertion order: oldest first)
+        self.last, self.last_fd = b"", self.root_fd
+
+    def _dir_fd(self, d: bytes) -> int:
+        if not d:
+            return self.root_fd
+        fd = self.fds.pop(d, None)
+        if fd is None:
+            pfd = self._dir_fd(parent(d))
+            fd = os.open(basename(d), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        self.fds[d] = fd                        # most recent last
+        while len(self.fds) > self.KEEP:
+            old = next(iter(self.fds))
+            os.close(self.fds.pop(old))
+            if old == self.last:
+                self.last, self.last_fd = b"", self.root_fd
+        return fd
+
+    def at(self, rel: bytes) -> Tuple[int, bytes]:
+        """(fd of the parent directory, name): for ``os.open(name, ..., dir_fd=fd)``."""
+        d, _sep, name = rel.rpartition(b"/")
+        if d != self.last:                      # (in manifest order, mostly the same directory)
+            self.last_fd, self.last = self._dir_fd(d), d
+        return self.last_fd, name
+
+    def path(self, rel: bytes) -> bytes:
+        return b"/proc/self/fd/%d/%s" % self.at(rel)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.last = b""
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+
+VANISHED = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)    # a LivePaths path that is not there (any more)
 
 
 class Capturer:
@@ -142,6 +199,7 @@ class Capturer:
         self.linked: Dict[Tuple[int, int], bytes] = {}
         self.dirs: List[Tuple[bytes, os.stat_result]] = []
         self.made: Set[bytes] = {b""}
+        self.live = LivePaths(root)
 
     def add(self, rel: bytes, st: Optional[os.stat_result] = None) -> None:
         """Capture ``rel`` (``st``: its lstat taken earlier, the "before"), or note why not."""
@@ -149,17 +207,17 @@ class Capturer:
         if st is not None and st.st_size <= self.inline_max and st.st_nlink == 1 and statmod.S_ISREG(st.st_mode):
             snap.inline.add(rel)   # verified when it is read into its pack (the common case, first)
             return
-        src = join(self.root, rel)
         dst = snap.locate(rel)
-        if st is None:
-            try:
+        try:
+            src = self.live.path(rel)     # never through a symlink, whatever was swapped in meanwhile
+            if st is None:
                 st = os.lstat(src)
-            except FileNotFoundError:
-                return  # deleted: the manifest says so
-            except OSError as e:
-                warnings.add(show(rel), f"cannot stat: {e.strerror}")
-                snap.skipped.add(rel)
-                return
+        except OSError as e:
+            if e.errno in VANISHED:
+                return  # deleted (or vanished during the cycle): the manifest writer sees it so
+            warnings.add(show(rel), f"cannot stat: {e.strerror}")
+            snap.skipped.add(rel)
+            return
         if statmod.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= self.inline_max:
             snap.inline.add(rel)   # verified when it is read into its pack
             return
@@ -217,11 +275,15 @@ class Capturer:
             snap.skipped.add(rel)
 
     def finish(self) -> None:
-        for rel, _st in reversed(self.dirs):  # children done: now directory metadata (mtime) sticks
-            try:
-                platform.copy_metadata(join(self.root, rel), self.snap.locate(rel))
-            except FileNotFoundError:
-                pass
+        try:
+            for rel, _st in reversed(self.dirs):  # children done: now directory metadata (mtime) sticks
+                try:
+                    platform.copy_metadata(self.live.path(rel), self.snap.locate(rel))
+                except OSError as e:
+                    if e.errno not in VANISHED:
+                        raise
+        finally:
+            self.live.close()
 
 
 def start(kind: str, root: bytes, cycle: int, warnings: WarningList, inline_max: int = 0,
@@ -265,7 +327,7 @@ def _capture_file(src: bytes, dst: bytes, rel: bytes, warnings: WarningList) -> 
 
 
 def read_verified(path: bytes, rel: bytes, warnings: WarningList, max_size: int,
-                  before: Optional[os.stat_result] = None
+                  before: Optional[os.stat_result] = None, dir_fd: Optional[int] = None
                   ) -> Optional[Tuple[bytes, os.stat_result, Dict[str, bytes]]]:
     """Read a small live file as one point-in-time copy: (bytes, stat, xattrs), verified by
     stat before and after (inode, size, mtime, ctime); retried; None (with a warning) if it keeps
@@ -273,9 +335,9 @@ def read_verified(path: bytes, rel: bytes, warnings: WarningList, max_size: int,
 
     ``before``: an lstat of ``path`` taken earlier (the scan's), used as the first try's "before"
     (one fstat less per file); the inode is then compared too, so a file replaced since counts
-    as a change and is read again."""
+    as a change and is read again.  ``dir_fd``: ``path`` is a name in that directory."""
     for attempt in range(RETRIES):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             st1 = before if attempt == 0 and before is not None else os.fstat(fd)
             if not statmod.S_ISREG(st1.st_mode) or st1.st_size > max_size:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,10 +68,10 @@ def write(path: Path, data: bytes) -> None:
 
 # --------------------------------------------------------------------------- bug 1
 
-@pytest.mark.xfail(strict=True, reason="bug 1: _add_link_siblings (source/build.py) adds the base-cycle paths of a "
-                                       "link group unmapped by the cycle's moves; a base path that now runs "
-                                       "through a file makes the snapshot warn 'cannot stat: Not a directory' "
-                                       "and the cycle exit 1")
+# bug 1, fixed: the siblings' base paths are mapped through the cycle's moves and nothing below a live non-
+# directory is looked up (_add_related, _settle_paths in source/build.py).  It was: _add_link_siblings
+# (source/build.py) adds the base-cycle paths of a link group unmapped by the cycle's moves; a base path that now
+# runs through a file makes the snapshot warn 'cannot stat: Not a directory' and the cycle exit 1
 def test_link_sibling_under_a_directory_swapped_with_a_file(pair):
     src, dst = pair
     write(src / "d1" / "b", b"x" * 3000)
@@ -139,11 +140,10 @@ def watched(pair):
         stop_watcher(p)
 
 
-@pytest.mark.xfail(strict=True, reason="bug 2: with the journal, a link group changed through one name drags in "
-                                       "its siblings by their BASE paths (_add_link_siblings, source/build.py); "
-                                       "a sibling whose directory was renamed is left out of the manifest, the "
-                                       "replica rewrites the primary as a new file and the sibling keeps the "
-                                       "old bytes, no longer linked")
+# bug 2, fixed: the siblings' base paths are mapped through the cycle's moves (_add_related, source/build.py).  It
+# was: with the journal, a link group changed through one name drags in its siblings by their BASE paths
+# (_add_link_siblings, source/build.py); a sibling whose directory was renamed is left out of the manifest, the
+# replica rewrites the primary as a new file and the sibling keeps the old bytes, no longer linked
 def test_journal_link_sibling_in_renamed_directory(watched):
     src, dst, start = watched
     write(src / "d1" / "b", b"x" * 3000)
@@ -185,12 +185,29 @@ def test_break_hard_link_by_an_identical_copy(pair):
     cycle_ok(src, dst)                            # replica: a is 0600 too, a and b still one inode
 
 
+# bug 7, fixed (found by the long model run, scan variant, seed 1207): as 3b, but the identical copy also has
+# the same mode, xattrs and mtime: nothing about either name differs but the link.  FilePatcher.unchanged
+# (replica/files.py) checked shared_elsewhere only when the metadata differed, so the replica's a and b stayed
+# one inode (exit 0, the Python walk reported the hard-link groups differ).
+def test_break_hard_link_by_an_identical_copy_same_metadata(pair):
+    src, dst = pair
+    write(src / "a", b"same bytes\n")
+    os.link(src / "a", src / "b")
+    cycle_ok(src, dst)
+    st = os.stat(src / "a")
+    write(src / "tmp", b"same bytes\n")
+    os.chmod(src / "tmp", st.st_mode & 0o7777)
+    os.utime(src / "tmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(src / "tmp", src / "b")
+    cycle_ok(src, dst)                            # replica: a and b still one inode
+
+
 # --------------------------------------------------------------------------- bug 4
 
-@pytest.mark.xfail(strict=True, reason="bug 4a: SourceCatalog.ack (source/catalog.py) applies the upsert of a path "
-                                       "that turned from a directory into a file without deleting the rows of "
-                                       "the old directory's children; every later catch-up scan touches those "
-                                       "stale paths and warns 'cannot stat: Not a directory': exit 1 forever")
+# bug 4a, fixed: an upsert of a non-directory drops the catalog rows below it (SourceCatalog.ack).  It was:
+# SourceCatalog.ack (source/catalog.py) applies the upsert of a path that turned from a directory into a file
+# without deleting the rows of the old directory's children; every later catch-up scan touches those stale paths
+# and warns 'cannot stat: Not a directory': exit 1 forever
 def test_directory_replaced_by_a_file_warns_forever(pair):
     src, dst = pair
     write(src / "d1" / "x", b"inside\n")
@@ -202,11 +219,11 @@ def test_directory_replaced_by_a_file_warns_forever(pair):
     cycle_ok(src, dst)            # no change at all: exit 1, "d1/x: cannot stat: Not a directory"
 
 
-@pytest.mark.xfail(strict=True, reason="bug 4b: the stale rows of bug 4a under a directory replaced by a symlink to "
-                                       "a directory: the scan touches d1/x, the snapshot reads it THROUGH the "
-                                       "symlink (path-based lstat/open follow intermediate components), so a "
-                                       "file outside SRC lands in the cycle's pack, and the replica refuses the "
-                                       "manifest (exit 6) in every later cycle")
+# bug 4b, fixed: catalog rows as in 4a; and a touched path below a live non-directory is replaced by that non-
+# directory (_settle_paths, source/build.py): nothing is looked up through a symlink.  It was: the stale rows of
+# bug 4a under a directory replaced by a symlink to a directory: the scan touches d1/x, the snapshot reads it
+# THROUGH the symlink (path-based lstat/open follow intermediate components), so a file outside SRC lands in the
+# cycle's pack, and the replica refuses the manifest (exit 6) in every later cycle
 def test_directory_replaced_by_a_symlink_to_an_outside_directory(pair, work_dir):
     src, dst = pair
     outside = work_dir / "outside"
@@ -225,11 +242,10 @@ def test_directory_replaced_by_a_symlink_to_an_outside_directory(pair, work_dir)
         assert leaked == [], f"bytes of a file outside SRC were captured into {leaked}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug 4c: with the journal, a directory removed and replaced by a symlink to "
-                                       "its parent: the journaled delete of d1/x is looked up through the "
-                                       "symlink (it finds ./x), the manifest has both the symlink d1 and a file "
-                                       "d1/x, and the replica fails with FileNotFoundError (exit 2) in every "
-                                       "later cycle")
+# bug 4c, fixed: a touched path below a live non-directory is replaced by it (_settle_paths, source/build.py).  It
+# was: with the journal, a directory removed and replaced by a symlink to its parent: the journaled delete of d1/x
+# is looked up through the symlink (it finds ./x), the manifest has both the symlink d1 and a file d1/x, and the
+# replica fails with FileNotFoundError (exit 2) in every later cycle
 def test_journal_directory_replaced_by_a_symlink_to_its_parent(watched):
     src, dst, start = watched
     write(src / "d1" / "x", b"inside\n")
@@ -243,10 +259,10 @@ def test_journal_directory_replaced_by_a_symlink_to_its_parent(watched):
 
 # --------------------------------------------------------------------------- bug 5
 
-@pytest.mark.xfail(strict=True, reason="bug 5: scan() (source/scan.py) journals only the top-most vanished paths; a "
-                                       "file deleted inside a directory that was MOVED out of a deleted "
-                                       "directory counts as covered by that deleted ancestor, so the replica "
-                                       "carries it along with the move and keeps it for a cycle (exit 0)")
+# bug 5, fixed: deletions are made top-most in the NEW namespace, covered only by an ancestor that is no longer a
+# live directory (_deletions, source/scan.py).  It was: scan() (source/scan.py) journals only the top-most
+# vanished paths; a file deleted inside a directory that was MOVED out of a deleted directory counts as covered by
+# that deleted ancestor, so the replica carries it along with the move and keeps it for a cycle (exit 0)
 def test_file_deleted_in_a_directory_moved_out_of_a_deleted_one(pair):
     src, dst = pair
     write(src / "x" / "y" / "z", b"z\n")
@@ -257,3 +273,60 @@ def test_file_deleted_in_a_directory_moved_out_of_a_deleted_one(pair):
     (src / "x" / "keep").unlink()
     (src / "x").rmdir()
     cycle_ok(src, dst)            # the replica still has y2/z
+
+
+# --------------------------------------------------------------------------- bug 6
+
+# bug 6, fixed (found while fixing bug 5): a directory deleted and made again under the same name kept the old
+# directory's entries on the replica for a cycle, exit 0.  Scan: the new directory counted as covering the
+# deletions below the old one (_deletions, source/scan.py).  Journal: a directory moved out of the tree is one
+# delete event; with a new directory under its name only that name was looked at (now: a touched directory that
+# is another inode than the catalog's row brings the catalog's entries below it, _add_related, source/build.py).
+def test_directory_deleted_and_made_again(pair):
+    src, dst = pair
+    write(src / "d" / "f", b"f\n")
+    write(src / "d" / "g" / "h", b"h\n")
+    cycle_ok(src, dst)
+    for p in (src / "d" / "g" / "h", src / "d" / "g", src / "d" / "f"):
+        p.unlink() if p.is_file() else p.rmdir()
+    (src / "d").rmdir()
+    write(src / "d" / "new", b"new\n")
+    cycle_ok(src, dst)            # the replica still had d/f and d/g/h
+
+
+def test_journal_directory_moved_out_and_made_again(watched, work_dir):
+    src, dst, start = watched
+    write(src / "d" / "f", b"f\n")
+    write(src / "d" / "g" / "h", b"h\n")
+    start()
+    os.rename(src / "d", work_dir / "moved-out")     # one IN_MOVED_FROM: a delete of d
+    (src / "d").mkdir()
+    r = cycle_ok(src, dst)        # the replica still had d/f and d/g/h
+    assert r["change_source"] == "journal"
+
+
+# --------------------------------------------------------------------------- bug 9
+
+# bug 9 (found by the long model run, watch variant, seed 4242): with the journal, a hard-linked file changed
+# through one name whose name is then removed (or replaced by another file, or lies below a directory replaced by
+# a file): the journal names only that path; the live path no longer leads to the changed inode, so its other
+# names were not looked at and the replica kept their old content (exit 0).
+@pytest.mark.parametrize("then", ["unlink", "replace", "dir-to-file"])
+def test_journal_link_changed_through_a_name_that_then_goes(watched, then):
+    src, dst, start = watched
+    write(src / "e" / "b-link", b"x" * 3000)
+    write(src / "a" / "keep", b"k")
+    os.link(src / "e" / "b-link", src / "a" / "d")
+    start()
+    with open(src / "a" / "d", "ab") as f:       # the shared inode changes through a/d
+        f.write(b"appended")
+    if then == "unlink":
+        (src / "a" / "d").unlink()
+    elif then == "replace":
+        write(src / "a" / "tmp", b"another file")
+        os.rename(src / "a" / "tmp", src / "a" / "d")
+    else:
+        shutil.rmtree(src / "a")
+        write(src / "a", b"now a file")
+    r = cycle_ok(src, dst)        # e/b-link: still 3000 bytes of x on the replica
+    assert r["change_source"] == "journal"
