@@ -63,6 +63,9 @@ def add_replica_args(sp: argparse.ArgumentParser, force_help: str) -> None:
                          "signatures) and repair what differs, like rsync -c (a full cycle with replicate; "
                          "the cycle's files with sync). Without it, a file changed in DEST with its size and "
                          "mtime kept is not noticed; 'verify DEST --scrub' finds such files")
+    sp.add_argument("--nosuid", action="store_true",
+                    help="strip setuid/setgid bits and file capabilities (security.capability) from the replica's "
+                         "files, like the nosuid mount option (default: kept, like rsync -a; see README, Safety)")
 
 
 def add_keep_args(sp: argparse.ArgumentParser, last_help: str, within_help: str) -> None:
@@ -125,7 +128,7 @@ def replica_options(a: argparse.Namespace) -> ReplicaOptions:
                           keep_grid=keep_grid(a),
                           numeric_ids=a.numeric_ids, force=a.force, max_delete=count, max_delete_pct=pct,
                           checksum=bool(getattr(a, "checksum", False)), dry_run=bool(getattr(a, "dry_run", False)),
-                          filters=filter_spec(a))
+                          filters=filter_spec(a), nosuid=bool(getattr(a, "nosuid", False)))
 
 
 def parse_max_delete(text: Optional[str]) -> Tuple[Optional[int], Optional[float]]:

@@ -30,7 +30,7 @@ example jobs file:
   keep_within = "7d"
 
 job keys: source, dest, every | schedule, rpo, snapshot, transport, ssh_config, remote_discrep, bwlimit,
-keep_last, keep_within, numeric_ids, filter, include, exclude (lists of rsync rules), delete_excluded.
+keep_last, keep_within, numeric_ids, nosuid, filter, include, exclude (lists of rsync rules), delete_excluded.
 top level only: metrics_listen, max_concurrent."""
 
 

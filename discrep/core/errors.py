@@ -155,6 +155,14 @@ class DiskFullError(DestinationError):
     hint = "free space on the replica filesystem, then run the same command again"
 
 
+class SourceDiskFullError(SourceError):
+    """The source filesystem ran out of space while a cycle was built (its snapshot copy, manifest
+    or catalog); the cycle was dropped, the replica not touched."""
+
+    exit_code = 20
+    hint = "free space on the source filesystem (a copy snapshot needs room for the changed files), then run again"
+
+
 class MaxDeleteError(Error):
     """A cycle would delete more entries than ``--max-delete`` allows; nothing was changed."""
 

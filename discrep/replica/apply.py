@@ -60,10 +60,11 @@ class Moves:
 
 class Applier:
     """Applies one cycle's manifest to DEST (see module doc).  ``fresh``: a first copy into an
-    empty DEST (one undo record for all; files written in place)."""
+    empty DEST (one undo record for all; files written in place); ``nosuid``: see ``MetaWriter``."""
 
     def __init__(self, reader: Reader, dest: bytes, cat: ReplicaCatalog, header: dict, entries: List[Entry],
-                 warnings: WarningList, progress: Optional[Progress] = None, *, fresh: bool = False):
+                 warnings: WarningList, progress: Optional[Progress] = None, *, fresh: bool = False,
+                 nosuid: bool = False):
         self.reader = reader
         self.cat = cat
         self.header = header
@@ -77,7 +78,7 @@ class Applier:
         self.protect: Optional[Protection] = None     # the replica's filter rules keep these entries
         dir_paths = {e.path for e in entries if e.op == "dir"}
         self.dest = Dest(dest, self.stats.cycle, fresh=fresh, dir_paths=dir_paths)
-        self.meta = MetaWriter(lambda rel, msg: warnings.add(show(rel), msg))
+        self.meta = MetaWriter(lambda rel, msg: warnings.add(show(rel), msg), nosuid=nosuid)
         n_packs = 1 + max((e.pack[0] for e in entries if e.op == "file" and e.pack is not None), default=-1)
         # read ahead to the next pack only when every packed file is needed (a first copy)
         self.packs = PackSource(reader, n_packs, prefetch=bool(header.get("full")) and cat.is_empty())

@@ -4,13 +4,15 @@
 ``protocol.ranges`` batches -- each one file name the export answers with the compressed
 bytes -- read in parallel through the reader's pool, and cuts the answers back into the
 ranges wanted.  ``split_by_extents`` separates changed ranges of a sparse file into data and
-holes; ``LazySig`` is a new file's signature built from digests taken as its data arrived.
+holes; ``LazySig`` is a new file's signature built from digests taken as its data arrived
+(its memory grows with the data, never with a declared size); ``windows`` cuts a whole fetch
+into bounded pieces.
 
 Thread-safety: pure functions and values; the reads fan out to the reader's pool.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import blockdiff
 
@@ -22,6 +24,7 @@ from discrep.protocol.manifest import FRAME_SLACK, Entry, unpack_frame
 from discrep.replica.reader import Reader
 
 Range = Tuple[int, int]
+GROW_BLOCKS = 1 << 16       # digests added to a LazySig at a time (512 KiB)
 
 
 def fetch_ranges(reader: Reader, e: Entry, want: List[Range]) -> Dict[int, bytes]:
@@ -105,13 +108,59 @@ def split_by_extents(ranges: List[Range], extents: List[Range]) -> Tuple[List[Ra
 
 
 class LazySig:
-    """A new file's signature from its fine digests, taken as the data arrived (no reread)."""
+    """A new file's signature from its fine digests, taken as the data arrived (no reread).
 
-    def __init__(self, size: int, fine: bytearray):
+    The digest array is never sized by what the manifest declares: ``reserve(end)`` grows it
+    (with the digest of a zero block) just before the data up to ``end`` is asked for, so its
+    memory follows the data the source actually sends; ``get`` fills the rest (holes of a
+    sparse file, at most ``size`` / 512 bytes: the caller bounds ``size``)."""
+
+    def __init__(self, size: int, fine: Optional[bytearray] = None):
         self.size = size
-        self.fine = fine
+        self.fine = fine if fine is not None else bytearray()
+        self.tail_seen = False              # the last (partial) block arrived as data
+
+    def reserve(self, end: int) -> None:
+        """Room for the digests of every block below byte ``end`` (applying thread, between reads)."""
+        bs = blockdiff.FINE_SIZE
+        want = -(-min(end, self.size) // bs) * 8
+        zero = blockdiff.zero_block_digest(bs)
+        while len(self.fine) < want:
+            self.fine.extend(zero * min((want - len(self.fine)) // 8, GROW_BLOCKS))
+
+    def on_data(self, off: int, data: bytes) -> None:
+        """Digests of ``data`` at ``off`` (a multiple of the block size), inside what was reserved."""
+        bs = blockdiff.FINE_SIZE
+        d = blockdiff.fine_digests(data, bs)
+        i = off // bs
+        if i * 8 + len(d) > len(self.fine):
+            raise ValueError("data arrived beyond the reserved digests")
+        self.fine[i * 8:i * 8 + len(d)] = d
+        if off + len(data) == self.size:
+            self.tail_seen = True
 
     def get(self) -> "blockdiff.Signature":
+        bs = blockdiff.FINE_SIZE
+        self.reserve(self.size)
+        if self.size % bs and not self.tail_seen:     # a hole at the end: a short zero block
+            self.fine[-8:] = blockdiff.zero_block_digest(self.size % bs)
         f = bytes(self.fine)
-        return blockdiff.Signature(self.size, blockdiff.FINE_SIZE, blockdiff.COARSE_FACTOR, f,
+        return blockdiff.Signature(self.size, bs, blockdiff.COARSE_FACTOR, f,
                                    blockdiff.coarse_digests(f, blockdiff.COARSE_FACTOR))
+
+
+def windows(ranges: Sequence[Range], limit: int) -> Iterator[List[Range]]:
+    """``ranges`` in consecutive groups of at most ``limit`` bytes (a range larger than that is cut):
+    a file is copied window by window, so nothing is sized by its declared length up front."""
+    group: List[Range] = []
+    room = limit
+    for off, ln in ranges:
+        while ln > 0:
+            n = min(ln, room)
+            group.append((off, n))
+            off, ln, room = off + n, ln - n, room - n
+            if room == 0:
+                yield group
+                group, room = [], limit
+    if group:
+        yield group

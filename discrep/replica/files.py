@@ -22,18 +22,21 @@ from blockdiff import cdc_index
 from discrep.core import platform
 from discrep.core.errors import ManifestError
 from discrep.core.paths import basename, enc, parent, show
+from discrep.core.writes import pwrite_all
 from discrep.protocol import cbt, layout
-from discrep.protocol.manifest import Entry
+from discrep.protocol.manifest import MAX_FILE_SIZE, Entry
 from discrep.replica.catalog import CatalogRow, ReplicaCatalog
 from discrep.replica.dest import Dest
 from discrep.replica.dirs import O_FILE, create_file
-from discrep.replica.fetch import LazySig, fetch_ranges, split_by_extents
+from discrep.replica.fetch import LazySig, fetch_ranges, split_by_extents, windows
 from discrep.replica.meta import MetaWriter
 from discrep.replica.packs import PackSource
 from discrep.replica.reader import Reader
 from discrep.replica.stats import SyncStats
 
 CDC_MIN_SIZE = 1024 * 1024   # below this, shifted data is simply refetched where it differs
+FETCH_WINDOW = 64 << 20      # bytes of a whole fetch asked for at a time
+CBT_HEADER = 64              # bytes of a changed-block answer's header, at most
 
 Fill = Callable[[int], int]          # writes a new file's content into an fd; returns bytes written
 Sig = Union[None, bytes, "blockdiff.Signature", LazySig]
@@ -55,9 +58,11 @@ class FilePatcher:
         self.data_override: Dict[int, bytes] = {}    # file idx -> where to read it instead of .discrep/data/
         self.link_names: Dict[bytes, List[bytes]] = {}  # primary path -> its hard links in this manifest
         self.checksum = False                        # sign DEST's actual bytes instead of trusting the catalog
+        self.max_size = MAX_FILE_SIZE                # the largest file size accepted from the manifest
 
     def apply(self, e: Entry) -> None:
         """Bring file ``e`` (not a hard link) to its new content and metadata."""
+        check_size(e, self.max_size)
         dest = self.dest
         # in a directory this cycle made, nothing older can be there (unless moved in: dropped)
         new_dir = dest.fresh or (parent(e.path) in dest.created and e.path not in dest.dropped)
@@ -119,6 +124,7 @@ class FilePatcher:
                 self.dest.log_meta(e.path, fd)
                 self.dest.log.barrier()
                 self.meta.apply_fd(e, fd)
+                self.stats.files_meta_changed += 1
             st = os.fstat(fd)
         finally:
             os.close(fd)
@@ -144,7 +150,7 @@ class FilePatcher:
         whole, sig = blockdiff.sign_small(data)
         if len(data) != e.size or whole != e.h:
             raise ManifestError(f"pack {k} does not hold the bytes the manifest announces for {show(e.path)}")
-        self._write_new(e, lambda fd: os.pwrite(fd, data, 0) if data else 0, sig)
+        self._write_new(e, lambda fd: pwrite_all(fd, data, 0) if data else 0, sig)
 
     def _write_new(self, e: Entry, fill: Fill, sig: Sig) -> None:
         """Create the file in the stage, fill it, apply metadata, rename into place.
@@ -178,22 +184,26 @@ class FilePatcher:
         return self.data_override.get(e.idx) or layout.per_file(layout.DATA, e.idx)
 
     def _fetch_whole(self, e: Entry) -> None:
+        """A new copy of ``e`` from its data, window by window: memory follows the bytes that
+        arrive, never the size the manifest declares (the digests of holes excepted, bounded by
+        ``max_size``); a source that sends less than it declared fails at its first short read."""
         ranges = e.extents if e.extents is not None else ([(0, e.size)] if e.size else [])
         bs = blockdiff.FINE_SIZE
-        aligned = all(o % bs == 0 for o, _ in ranges)
-        nblocks = -(-e.size // bs)
-        fine = bytearray(blockdiff.zero_block_digest(bs) * nblocks)
-
-        def on_data(off: int, data: bytes) -> None:
-            d = blockdiff.fine_digests(data, bs)
-            i = off // bs
-            fine[i * 8:i * 8 + len(d)] = d
+        # digests taken as the data arrives (no reread) when every range covers whole blocks
+        whole_blocks = all(o % bs == 0 and ((o + ln) % bs == 0 or o + ln == e.size) for o, ln in ranges)
+        lazy = LazySig(e.size) if whole_blocks else None
+        rel = self._data_rel(e)
 
         def fill(fd: int) -> int:
-            return self.reader.copy_ranges(self._data_rel(e), ranges, fd, on_data if aligned else None)
-        lazy = None
-        if aligned and all((o + ln) % bs == 0 or o + ln == e.size for o, ln in ranges):
-            lazy = LazySig(e.size, fine)  # digests arrive with the data: no reread of what we wrote
+            n = 0
+            for group in windows(ranges, FETCH_WINDOW):
+                if lazy is not None:
+                    lazy.reserve(max(o + ln for o, ln in group))   # extents need not be sorted
+                got = self.reader.copy_ranges(rel, group, fd, lazy.on_data if lazy is not None else None)
+                if got != sum(ln for _o, ln in group):
+                    raise ManifestError(f"the source sent less data for {show(e.path)} than its manifest declares")
+                n += got
+            return n
         self._write_new(e, fill, lazy)
 
     def _patch(self, e: Entry, old_sig: "blockdiff.Signature", st: os.stat_result) -> None:
@@ -226,7 +236,9 @@ class FilePatcher:
     def _patch_cbt(self, e: Entry, old_sig: "blockdiff.Signature") -> bool:
         """The source proved which blocks may have changed since the base cycle (our copy):
         compare only those digests.  False when the answer does not fit (then use signatures)."""
-        base, size, bs, rs, digs = cbt.parse(self.reader.read_all(layout.per_file(layout.CBT, e.idx)))
+        # at most one range and one digest per block of the file: a larger answer is refused unread
+        most = CBT_HEADER + (-(-e.size // old_sig.block_size) + 1) * 24
+        base, size, bs, rs, digs = cbt.parse(self.reader.read_all(layout.per_file(layout.CBT, e.idx), most))
         if base != self.stats.base or size != e.size or bs != old_sig.block_size:
             return False
         n_new = -(-e.size // bs)
@@ -271,13 +283,13 @@ class FilePatcher:
                 os.ftruncate(fd, e.size)
             n = 0
             for off, data in fetch_ranges(self.reader, e, ranges).items():
-                os.pwrite(fd, data, off)
+                pwrite_all(fd, data, off)
                 n += len(data)
             for off, ln in holes:
                 try:
                     platform.punch_hole(fd, off, ln)
                 except Exception:
-                    os.pwrite(fd, bytes(ln), off)
+                    pwrite_all(fd, bytes(ln), off)
             if e.size > old_sig.file_size:
                 os.ftruncate(fd, e.size)
             self.stats.bytes_written += n
@@ -294,10 +306,10 @@ class FilePatcher:
         _clone(ofd, fd, min(e.size, os.fstat(ofd).st_size))
         n = 0
         for off, data in fetch_ranges(self.reader, e, ranges).items():
-            os.pwrite(fd, data, off)
+            pwrite_all(fd, data, off)
             n += len(data)
         for off, ln in holes:
-            os.pwrite(fd, bytes(ln), off)
+            pwrite_all(fd, bytes(ln), off)
         return n
 
     def _save_old(self, e: Entry, fd: int, changed: List[Tuple[int, int]]) -> None:
@@ -322,7 +334,7 @@ class FilePatcher:
             cdc_index.SUPER_SIZE                  # header + the expected super table, in one read
         head = self.reader.pread(rel, min(guess, 1 << 20), 0)
         h = cdc_index.IndexHeader.from_bytes(head)
-        if h.file_size != e.size:
+        if h.file_size != e.size or h.n_chunks > e.size // blockdiff.CDC_MIN + 1:
             raise ManifestError(f"chunk index of {show(e.path)} does not match its size")
         so, sl = h.supers_range()
         table = head[so:so + sl] if so + sl <= len(head) else self.reader.pread(rel, sl, so)
@@ -341,6 +353,14 @@ class FilePatcher:
             self._write_new(e, fill, None)
         finally:
             os.close(ofd)
+
+
+def check_size(e: Entry, max_size: int) -> None:
+    """Refuse a file the manifest declares larger than ``max_size`` (what the replica's memory
+    for its digests, size / 512, and DEST's space are bounded by)."""
+    if e.size is not None and e.size > max_size:
+        raise ManifestError(f"the manifest declares {show(e.path)} {e.size} bytes long, more than the "
+                            f"replica accepts ({max_size}; ReplicaOptions.max_file_size)")
 
 
 def _clone(ofd: int, fd: int, size: int) -> int:

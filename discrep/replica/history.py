@@ -52,7 +52,8 @@ from blockdiff import framing
 from discrep.core import platform
 from discrep.core.errors import HistoryCorruptError, ManifestError, UnsafePathError, UsageError
 from discrep.core.paths import STATE_DIR, basename, check_rel, join, parent
-from discrep.core.xattrs import read_xattrs
+from discrep.core.writes import pwrite_all
+from discrep.core.xattrs import set_xattrs_fd
 from discrep.replica.dirs import DirFds, reserve, syncfs
 
 log = logging.getLogger(__name__)
@@ -282,16 +283,9 @@ def _set_meta(dfd: int, name: bytes, m: Dict) -> None:
             os.fchown(fd, m["uid"], m["gid"])
         os.fchmod(fd, statmod.S_IMODE(m["mode"]))
         want = {k: base64.b64decode(v) for k, v in m.get("xattrs", {}).items()}
-        have = read_xattrs(fd)
-        for k in have:
-            if k not in want and not k.startswith("security."):
-                try:
-                    os.removexattr(fd, k)
-                except OSError:
-                    pass
-        for k, v in want.items():
-            if have.get(k) != v:
-                os.setxattr(fd, k, v)
+        failed = set_xattrs_fd(fd, want)      # the names the replica manages (core.xattrs.replicated)
+        if failed:
+            raise OSError(errno.EIO, f"xattr {failed[0][0]} of {os.fsdecode(name)} not restored: {failed[0][1]}")
         os.utime(fd, ns=(m["atime_ns"], m["mtime_ns"]))
     finally:
         os.close(fd)
@@ -319,7 +313,7 @@ def _patch(target: _Target, rec: Dict) -> None:
             raise HistoryCorruptError(f"{rec['path']!r} of a patch record is not a regular file")
         pos = 0
         for off, ln in rec["ranges"]:
-            os.pwrite(fd, data[pos:pos + ln], off)
+            pwrite_all(fd, data[pos:pos + ln], off)
             pos += ln
         os.ftruncate(fd, rec["old_size"])
         for off, ln in rec.get("holes", []):

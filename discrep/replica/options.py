@@ -26,6 +26,9 @@ class ReplicaOptions:
     max_delete_pct: Optional[float] = None  # ... or more than this percentage of the replica's entries
     checksum: bool = False                 # compare DEST's actual bytes, not the catalog's signatures
     dry_run: bool = False                  # say what the cycle would do; change nothing
+    max_file_size: int = 1 << 46           # refuse a cycle declaring a larger file (bounds memory and space);
+    #                                        protocol.manifest.MAX_FILE_SIZE, not imported here (CLI start-up)
+    nosuid: bool = False                   # strip setuid/setgid bits and file capabilities on the replica
     filters: Optional["FilterSpec"] = None  # rsync rules selecting what is replicated (None: none)
 
     def filter_spec(self) -> "FilterSpec":

@@ -14,7 +14,6 @@ Thread-safety: a PackedWriter is used by one thread; the fds it opens are closed
 """
 from __future__ import annotations
 
-import errno
 import os
 import stat as statmod
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -23,6 +22,7 @@ import blockdiff
 
 from discrep.core.errors import ManifestError
 from discrep.core.paths import basename, check_rel, dec, parent, show
+from discrep.core.writes import pwrite_all
 from discrep.protocol.manifest import Entry
 from discrep.replica.catalog import CatalogRow
 from discrep.replica.dirs import create_file
@@ -64,11 +64,12 @@ class PackedWriter:
     """Writes packed files of a first copy in place (see module doc).  ``parent_fd(rel)``: the
     fd of rel's parent directory, made if missing; ``dirty`` collects the directories written to."""
 
-    def __init__(self, parent_fd: Callable[[bytes], int], dirty: Set[bytes], owners: OwnerMap):
+    def __init__(self, parent_fd: Callable[[bytes], int], dirty: Set[bytes], owners: OwnerMap, *,
+                 nosuid: bool = False):
         self.parent_fd = parent_fd
         self.dirty = dirty
         self.owners = owners
-        self.meta = MetaWriter()
+        self.meta = MetaWriter(nosuid=nosuid)
 
     def write(self, r: Dict[str, Any], blob_of: BlobOf) -> Optional[CatalogRow]:
         """The catalog row of raw entry ``r`` after writing it, or None when ``r`` is not of the
@@ -101,8 +102,7 @@ class PackedWriter:
         fmode = mode & 0o777
 
         def body(fd: int) -> Tuple[int, List[Tuple[str, str]]]:
-            if os.pwrite(fd, data, 0) != size:
-                raise OSError(errno.EIO, f"short write to {show(rel)}")
+            pwrite_all(fd, data, 0)
             failed = self.meta.set_fd(fd, uid, gid, mode, mt, xattrs, fresh=True,
                                       mode_set=self.meta.created_with(fmode, mode))
             return os.fstat(fd).st_ino, failed

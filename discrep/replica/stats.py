@@ -24,6 +24,7 @@ class SyncStats:
     bytes_transferred: int = 0
     bytes_written: int = 0
     files_unchanged: int = 0
+    files_meta_changed: int = 0  # files whose content was unchanged but metadata was not
     files_repaired: int = 0      # --checksum: files whose bytes in DEST were not what the catalog recorded
     already_committed: bool = False
     history_records: int = 0

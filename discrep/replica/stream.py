@@ -43,7 +43,7 @@ class StreamApplier:
         self.done = self.done_bytes = 0              # files and bytes done (for progress)
         totals = stream.totals or {}
         self.nfiles, self.nbytes = int(totals.get("files", 0)), int(totals.get("bytes", 0))
-        self.packed = PackedWriter(ap.dest.ensure_parent, ap.dest.dirs.dirty, owners)
+        self.packed = PackedWriter(ap.dest.ensure_parent, ap.dest.dirs.dirty, owners, nosuid=ap.meta.nosuid)
 
     def run(self) -> SyncStats:
         """Apply the cycle (see module doc); returns the SyncStats."""
@@ -107,7 +107,7 @@ class StreamApplier:
         if not cdir:
             return None
         try:
-            worker = FreshWorker(self.ap.dest.path, cdir, self.owners.numeric_ids)
+            worker = FreshWorker(self.ap.dest.path, cdir, self.owners.numeric_ids, self.ap.meta.nosuid)
         except OSError as e:
             log.info("no second applying process (%s); applying in one", e)
             return None

@@ -42,6 +42,7 @@ from discrep.replica.apply import Applier
 from discrep.replica import retention
 from discrep.replica.catalog import HistoryRow, ReplicaCatalog
 from discrep.replica.dest import remove_stage
+from discrep.replica.files import check_size
 from discrep.replica.history import available, prune, rollback
 from discrep.replica.options import ReplicaOptions
 from discrep.replica.plan import check_max_delete
@@ -54,6 +55,8 @@ from discrep.replica.stats import Progress, SyncStats
 
 log = logging.getLogger(__name__)
 
+MAX_CYCLE_BYTES = 1 << 20     # a cycle description (a small JSON object)
+
 
 def result_fields(stats: SyncStats) -> dict:
     """The replica's figures in a cycle result (--json): one place for local and remote cycles."""
@@ -62,7 +65,8 @@ def result_fields(stats: SyncStats) -> dict:
             "files_deleted": stats.files_deleted, "files_renamed": stats.files_renamed,
             "dirs_created": stats.dirs, "symlinks": stats.symlinks,
             "bytes_transferred": stats.bytes_transferred, "bytes_written": stats.bytes_written,
-            "history_bytes": stats.history_bytes, "streamed": stats.streamed,
+            "files_meta_changed": stats.files_meta_changed, "history_bytes": stats.history_bytes,
+            "streamed": stats.streamed,
             "worker_segments": stats.worker_segments, "consistency": stats.consistency}
 
 
@@ -76,6 +80,18 @@ def replica_lock(dest: bytes) -> Iterator[None]:
     """DEST's lock, a file in its checked state dir (never a planted symlink's target)."""
     with StateDir(dest) as sd, locks.holding(sd.file("lock"), f"another discrep run is writing to {os.fsdecode(dest)}",
                                              hint="wait for it, or stop it; two cycles never run at once on one DEST"):
+        yield
+
+
+@contextmanager
+def run_lock(dest: bytes) -> Iterator[None]:
+    """One whole replicate run into DEST (the source builds, DEST applies, the source is told):
+    a second run started meanwhile is refused at once (LockedError, exit 13) instead of racing the
+    first for the source's cycle -- which made the run that committed fail its acknowledgement."""
+    with StateDir(dest) as sd, locks.holding(
+            sd.file("run.lock"), f"another 'discrep replicate' into {os.fsdecode(dest)} is running; this run "
+                                 f"changed nothing",
+            hint="wait for it to finish (it replicates the same changes); two runs never share a DEST"):
         yield
 
 
@@ -212,6 +228,10 @@ def _sync(reader: Reader, dest: bytes, cat: ReplicaCatalog, warnings: WarningLis
         reader.know_files({e.idx: e.path for e in entries if e.op == "file"})
         owners.map_entries(entries)
     _map_root_owner(header, owners)
+    if not streamed:
+        for e in entries:                  # before anything is touched
+            if e.op == "file":
+                check_size(e, opts.max_file_size)
     prot = None if fresh else protection(dest, opts.filter_spec())
     try:
         if not streamed:
@@ -231,8 +251,9 @@ def _apply(reader: Reader, dest: bytes, cat: ReplicaCatalog, header: Dict[str, A
            prot: Optional[Protection], live_changed: Optional[Callable[[], bool]]) -> SyncStats:
     """Apply the begun cycle and commit it, or roll DEST back to ``last``."""
     cycle = int(header["cycle"])
-    ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh)
+    ap = Applier(reader, dest, cat, header, entries, warnings, progress, fresh=fresh, nosuid=opts.nosuid)
     ap.files.checksum = opts.checksum and not fresh
+    ap.files.max_size = opts.max_file_size
     ap.protect = prot
     try:
         if streamed and stream is not None:     # (a first copy only: its worker process is imported here)
@@ -259,7 +280,7 @@ def _apply(reader: Reader, dest: bytes, cat: ReplicaCatalog, header: Dict[str, A
 def _read_header(reader: Reader, stream: Optional[StreamedCycle]) -> Tuple[Dict[str, Any], int, int]:
     """The cycle description (a copy: owners get mapped in it), its cycle and base."""
     try:
-        header = dict(stream.header) if stream is not None else json.loads(reader.read_all(layout.CYCLE_REL))
+        header = dict(stream.header) if stream is not None else json.loads(reader.read_all(layout.CYCLE_REL, MAX_CYCLE_BYTES))
         return header, int(header["cycle"]), int(header["base"])
     except (ValueError, KeyError, TypeError):
         raise ManifestError("the export's .discrep/cycle is not a valid cycle description") from None

@@ -45,7 +45,8 @@ from discrep.core.platform import load_libc
 from discrep.core.errors import ManifestError, UnsafePathError
 from discrep.core.paths import parent, show
 from discrep.protocol import layout
-from discrep.protocol.manifest import MAX_PACK_BYTES, Entry, read_segment, unpack_frame
+from discrep.protocol.manifest import (FRAME_SLACK, MAX_PACK_BYTES, MAX_SEGMENT_BYTES, Entry, read_segment,
+                                       unpack_frame)
 from discrep.replica.catalog import CatalogRow
 from discrep.replica.dirs import DirFds, NotADir
 from discrep.replica.owners import OwnerMap
@@ -53,6 +54,7 @@ from discrep.replica.packed import PackedWriter, Warns, mkdir_in
 
 log = logging.getLogger(__name__)
 
+READ_PIECE = 1 << 20    # bytes of one read of a segment or pack
 MAX_QUEUED = 3          # tasks a worker holds at once (one applying, the next ones with their packs being read)
 
 
@@ -68,12 +70,13 @@ class SegmentDone(NamedTuple):
 class FreshWorker:
     """The parent's handle on one worker process (see module doc)."""
 
-    def __init__(self, dest: bytes, cycle_dir: bytes, numeric_ids: bool):
+    def __init__(self, dest: bytes, cycle_dir: bytes, numeric_ids: bool, nosuid: bool = False):
         ours, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "discrep.replica.worker", str(theirs.fileno()), os.fsdecode(dest),
-                 os.fsdecode(cycle_dir), "1" if numeric_ids else "0"],
+                 os.fsdecode(cycle_dir), "1" if numeric_ids else "0",
+                 "1" if nosuid else "0"],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         finally:
             theirs.close()
@@ -133,12 +136,12 @@ def _rebuild(kind: str, err: Optional[int], msg: str) -> BaseException:
 class SegmentApplier:
     """The worker's side: applies the packed files of the segments it is handed."""
 
-    def __init__(self, dest: bytes, cycle_dir: bytes, numeric_ids: bool):
+    def __init__(self, dest: bytes, cycle_dir: bytes, numeric_ids: bool, nosuid: bool = False):
         self.root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.dirs = DirFds(self.root_fd, shared=True)
         self.cycle_dir = cycle_dir
         self.owners = OwnerMap(numeric_ids)
-        self.writer = PackedWriter(self.parent_fd, self.dirs.dirty, self.owners)
+        self.writer = PackedWriter(self.parent_fd, self.dirs.dirty, self.owners, nosuid=nosuid)
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="discrep-worker-read")
         self.packs: Dict[int, "Future[bytes]"] = {}
         self.bytes_read = 0
@@ -152,13 +155,15 @@ class SegmentApplier:
             raise UnsafePathError(f"refusing to write {show(rel)}: {show(nd.rel)} on the replica is not a "
                                   f"directory") from None
 
-    def _read(self, name: bytes) -> bytes:
+    def _read(self, name: bytes, max_size: int) -> bytes:
+        """The whole file ``name`` of the cycle directory: ManifestError if it holds more than
+        ``max_size`` bytes (never more than ``max_size`` + 1 bytes are read)."""
         fd = os.open(self.cycle_dir + b"/" + name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             parts = []
             off = 0
-            while True:
-                b = os.pread(fd, 1 << 20, off)
+            while off <= max_size:
+                b = os.pread(fd, min(READ_PIECE, max_size + 1 - off), off)
                 if not b:
                     break
                 parts.append(b)
@@ -166,18 +171,22 @@ class SegmentApplier:
         finally:
             os.close(fd)
         self.bytes_read += off
+        if off > max_size:
+            raise ManifestError(f"{show(name)} of the streamed cycle is larger than {max_size} bytes")
         return b"".join(parts)
 
     def want_packs(self, lo: int, hi: int) -> None:
         for k in range(lo, hi):
             if k not in self.packs:
-                self.packs[k] = self.pool.submit(lambda k=k: unpack_frame(self._read(layout.PACK_FILE % k),
-                                                                          MAX_PACK_BYTES, f"pack {k}"))
+                self.packs[k] = self.pool.submit(self._pack, k)
+
+    def _pack(self, k: int) -> bytes:
+        return unpack_frame(self._read(layout.PACK_FILE % k, MAX_PACK_BYTES + FRAME_SLACK), MAX_PACK_BYTES, f"pack {k}")
 
     def segment(self, n: int, lo: int, hi: int) -> SegmentDone:
         self.want_packs(lo, hi)
         self.bytes_read = 0
-        raw = read_segment(self._read(layout.SEGMENT_FILE % n), n)
+        raw = read_segment(self._read(layout.SEGMENT_FILE % n, MAX_SEGMENT_BYTES + FRAME_SLACK), n)
         rows: List[CatalogRow] = []
         others: List[Dict[str, Any]] = []
         self.dirs.dirty.clear()
@@ -233,7 +242,7 @@ def main(argv: List[str]) -> int:
     if os.getppid() == 1:
         return 1
     tasks: "queue.Queue[Optional[Tuple[int, int, int]]]" = queue.Queue()
-    ap = SegmentApplier(os.fsencode(argv[1]), os.fsencode(argv[2]), argv[3] == "1")
+    ap = SegmentApplier(os.fsencode(argv[1]), os.fsencode(argv[2]), argv[3] == "1", argv[4:5] == ["1"])
 
     def receive() -> None:
         while True:

@@ -191,6 +191,7 @@ JOB_KEYS: Dict[str, Callable[[Any], Any]] = {
     "snapshot": _choice(SNAPSHOT_KINDS), "transport": _choice(TRANSPORTS),
     "ssh_config": _str, "remote_discrep": _str, "bwlimit": _rate,
     "keep_last": _count, "keep_within": _duration, "numeric_ids": _bool,
+    "nosuid": _bool,
     "keep": _grid, "pre_snapshot": _str, "post_snapshot": _str, "hook_timeout": _hook_timeout,
     "hook_failure": _choice(HOOK_FAILURES),
     "filter": _str_list, "include": _str_list, "exclude": _str_list, "delete_excluded": _bool,
@@ -232,7 +233,7 @@ def _job(name: str, v: Dict[str, Any], where: str, problems: List[str]) -> Optio
         problems.append(f"{where}: filter rules ({', '.join(k for k in FILTER_KEYS if k in v)}): {e}")
         return None
     replica = ReplicaOptions(keep_last=v.get("keep_last", 10), keep_within_s=v.get("keep_within"),
-                             numeric_ids=v.get("numeric_ids", False),
+                             numeric_ids=v.get("numeric_ids", False), nosuid=v.get("nosuid", False),
                              keep_grid=v.get("keep", ()),
                              filters=FilterSpec(rules, v.get("delete_excluded", False)))
     ssh = SshOptions(remote_discrep=v.get("remote_discrep", "discrep"), ssh_config=v.get("ssh_config"),

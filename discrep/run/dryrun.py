@@ -32,7 +32,7 @@ import blockdiff
 
 from discrep.core.paths import join, show, state_dir
 from discrep.core.walk import walk
-from discrep.core.xattrs import read_xattrs
+from discrep.core.xattrs import only_replicated, read_xattrs
 from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.protect import protection
 from discrep.source.filtering import SourceFilter
@@ -158,7 +158,9 @@ def _compare(out: DryRun, src: bytes, dest: bytes, rel: bytes, st: os.stat_resul
         flags[5] = "g"
     if st.st_mtime_ns != dt.st_mtime_ns and not statmod.S_ISDIR(st.st_mode):
         flags[2] = "t"
-    if not statmod.S_ISLNK(st.st_mode) and read_xattrs(join(src, rel)) != read_xattrs(join(dest, rel)):
+    priv = os.geteuid() == 0      # the names the replica manages (core.xattrs.replicated)
+    if not statmod.S_ISLNK(st.st_mode) and \
+            only_replicated(read_xattrs(join(src, rel)), priv) != only_replicated(read_xattrs(join(dest, rel)), priv):
         flags[6] = "x"
     kind = "d" if statmod.S_ISDIR(st.st_mode) else "L" if statmod.S_ISLNK(st.st_mode) else "f"
     if content:

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.core.paths import STATE_DIR, nested, state_dir
 from discrep.protocol.replicaid import check_replica_id
-from discrep.replica.sync import result_fields, sync
+from discrep.replica.sync import result_fields, run_lock, sync
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
 
@@ -87,12 +87,6 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
                     progress=None) -> Dict[str, Any]:
     """One whole cycle of a local pair (``opts.src`` and ``opts.dest`` on this host)."""
     import fuse_export
-
-    from discrep.source import cycles, positions
-    from discrep.source.export import make_view
-    from discrep.source.hooks import build_with_hooks, load_hook_file
-    from discrep.source.filtering import prepare_filters
-    from discrep.transport.mount_reader import MountReader
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
     src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)
@@ -106,16 +100,32 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
         raise FuseUnavailableError(f"FUSE is not available: {e}") from None
     if not os.path.exists("/dev/fuse"):
         raise FuseUnavailableError("/dev/fuse is missing")
-    rcycle, rid = prepare_replica(dest, force=opts.replica.force)
+    prepare_dest(dest, force=opts.replica.force)
+    with run_lock(bdest):     # the whole run: a second one into DEST is refused, not raced
+        return _cycle(opts, src, bsrc, dest, bdest, warnings, progress, t0)
+
+
+def _cycle(opts: CycleOptions, src: str, bsrc: bytes, dest: str, bdest: bytes, warnings: WarningList,
+           progress, t0: float) -> Dict[str, Any]:
+    import fuse_export
+
+    from discrep.source import cycles, positions
+    from discrep.source.export import make_view
+    from discrep.source.hooks import build_with_hooks, load_hook_file
+    from discrep.source.filtering import prepare_filters
+    from discrep.transport.mount_reader import MountReader
+    rcycle, rid = prepare_replica(dest, force=opts.replica.force)   # what DEST committed, now that we hold it
     rid = opts.replica_id or rid
     store = positions.store_for(bsrc, rid, rcycle)      # this replica's own position on the source
     cycles.settle_source(bsrc, rcycle, store)
     rescan = prepare_filters(bsrc, opts.replica.filter_spec(), store)   # the rules changed: scan, or compare all
     if opts.replica.checksum and rcycle:
         cycles.reset(bsrc, store)      # --checksum: a full cycle, so that every file is compared
-    hooks = opts.hooks if opts.hooks is not None else load_hook_file(bsrc)
-    built = build_with_hooks(bsrc, hooks, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1, warnings=warnings,
-                             force_scan=rescan, filters=opts.replica.filter_spec(), store=store)
+    with cycles.disk_full_said(bsrc):
+        hooks = opts.hooks if opts.hooks is not None else load_hook_file(bsrc)
+        built = build_with_hooks(bsrc, hooks, snapshot_kind=opts.snapshot, min_cycle=rcycle + 1,
+                                 warnings=warnings, force_scan=rescan, filters=opts.replica.filter_spec(),
+                                 store=store)
     mnt = tempfile.mkdtemp(prefix="discrep-export-")
     try:
         view = make_view(bsrc, built.cycle, store=store)

@@ -50,6 +50,8 @@ def replica_agent_command(exe: str, dest: str, ropts: ReplicaOptions, timeout: f
         args.append("--force")
     if ropts.numeric_ids:
         args.append("--numeric-ids")
+    if ropts.nosuid:
+        args.append("--nosuid")
     if ropts.keep_within_s:
         args += ["--keep-within", f"{float(ropts.keep_within_s)}s"]
     if ropts.max_delete is not None:

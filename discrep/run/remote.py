@@ -51,9 +51,9 @@ from discrep.core.errors import Error, LiveChangedError, LiveReadError, Manifest
 from discrep.core.paths import show
 from discrep.protocol import layout
 from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle, below
-from discrep.replica.sync import holds_only_state, result_fields, sync
+from discrep.replica.sync import holds_only_state, result_fields, run_lock, sync
 from discrep.replica.options import ReplicaOptions
-from discrep.run.local import prepare_replica
+from discrep.run.local import prepare_dest, prepare_replica
 from discrep.run.options import CycleOptions
 from discrep.transport.agent_client import AgentClient, CycleStream
 from discrep.transport.mount_reader import MountReader
@@ -230,25 +230,28 @@ class RemoteSession:
     # -- one cycle ---------------------------------------------------------
     def cycle(self, warnings: WarningList, progress=None) -> Dict[str, Any]:
         """One cycle on this session: the source builds it, DEST is patched, the source is told.  A
-        file read live that changed meanwhile rolls the cycle back: it is run again with copies."""
-        first = WarningList()
-        try:
-            res = self._cycle(first, progress)
-        except LiveChangedError as e:
-            log.info("%s; running the cycle again with the changed files copied", e)
-            self.read_live = False
-            try:
-                return self._cycle(warnings, progress)
-            finally:
-                self.read_live = True
-        warnings.items.extend(first.items)
-        return res
-
-    def _cycle(self, warnings: WarningList, progress=None) -> Dict[str, Any]:
-        t0 = time.monotonic()
+        file read live that changed meanwhile rolls the cycle back: it is run again with copies.  A
+        second run into DEST meanwhile is refused at once (``replica.sync.run_lock``)."""
         # --force lets only the first cycle of a session into a non-empty DEST
         ropts = self.opts.replica if self.cycles == 0 else replace(self.opts.replica, force=False)
-        rcycle, rid = prepare_replica(self.dest, force=ropts.force)
+        prepare_dest(self.dest, force=ropts.force)
+        with run_lock(os.fsencode(self.dest)):
+            first = WarningList()
+            try:
+                res = self._cycle(ropts, first, progress)
+            except LiveChangedError as e:
+                log.info("%s; running the cycle again with the changed files copied", e)
+                self.read_live = False
+                try:
+                    return self._cycle(ropts, warnings, progress)
+                finally:
+                    self.read_live = True
+            warnings.items.extend(first.items)
+            return res
+
+    def _cycle(self, ropts: ReplicaOptions, warnings: WarningList, progress) -> Dict[str, Any]:
+        t0 = time.monotonic()
+        rcycle, rid = prepare_replica(self.dest, force=ropts.force)   # what DEST committed, now that we hold it
         self.replica_id = self.opts.replica_id or rid
         # a first copy into an empty DEST is applied while the source still builds it
         want_stream = self.transport == "sshfs" and rcycle == 0 and holds_only_state(self.dest)
@@ -324,6 +327,7 @@ class RemoteSession:
     def _apply(self, reader: Any, stream: Optional[CycleStream], first: Union[Segment, Built],
                ropts: ReplicaOptions, warnings: WarningList, progress) -> Tuple[Any, Built]:
         """Patch DEST from ``reader``: (sync's stats, the built cycle)."""
+        watch = StallWatch(reader, self.cfg.io_timeout, self._abort_mount, self.cfg.describe(), self._mount_io)
         try:
             stats = sync(reader, os.fsencode(self.dest), ropts, warnings=warnings, progress=progress,
                          stream=stream, live_changed=self._agent().live_changed if stream is None else None)
@@ -332,17 +336,30 @@ class RemoteSession:
         except (OSError, Error, BlockdiffError) as e:
             # a vanished export looks like a missing file, EIO or a short read from the reader: a lost
             # connection is checked first, then data from the source that blockdiff cannot parse is malformed
-            lost = _lost_reason(self.conn, self.agent, self.mount)
+            lost = watch.reason or _lost_reason(self.conn, self.agent, self.mount)
             if lost:
                 raise TransportError(f"{lost} during the cycle ({e})",
                                      hint="the replica stays at its last committed cycle; run again") from None
             if isinstance(e, BlockdiffError):
                 raise ManifestError(f"the source sent data that cannot be parsed: {e}") from None
             raise
+        finally:
+            watch.stop()
         built = stream.built if stream is not None else first
         if not isinstance(built, Built):
             raise TransportError("the source agent streamed a cycle without building it")
         return stats, built
+
+    def _mount_io(self) -> int:
+        proc = getattr(self.mount, "proc", None)
+        return _bytes_received(proc.pid) if proc is not None else 0
+
+    def _abort_mount(self) -> None:
+        """End sshfs (stopped or stuck; SIGKILL ends a stopped process too): the kernel fails every
+        read still waiting on the mount; the session's cleanup removes the mount itself."""
+        proc = getattr(self.mount, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def _ack(self, n: int, warnings: WarningList) -> None:
         """The replica committed cycle ``n``: tell the source (a failure here is settled by the next run)."""
@@ -383,6 +400,59 @@ def _log_times(built: Built, streamed: bool, marks: Dict[str, float]) -> None:
              "sync %.2fs%s", built.cycle, m["conn"] - m["start"], m["snap"] - m["conn"], m["ready"] - m["snap"],
              m["mount"] - m["ready"], m["sync"] - m["mount"],
              f" (streamed; source built in {built.build_s}s)" if streamed else "")
+
+
+class StallWatch:
+    """--timeout for what the SSH connection's keepalives cannot see (rsync's meaning: no data for
+    that long): while reads through the mount wait and no data arrives -- neither a read completes
+    nor does sshfs receive ``MIN_PROGRESS`` bytes of answers (``io``) -- for ``timeout`` s, the
+    source agent, its export or sshfs stopped answering: ``abort`` ends the mount, the blocked
+    reads fail and the cycle ends with exit 11 and ``reason``.  A slow link is progress, not a
+    stall.  One thread, polling ``reader.stalled_for()`` while a cycle applies."""
+
+    MIN_PROGRESS = 16 << 10
+
+    def __init__(self, reader: Any, timeout: float, abort: Callable[[], None], desc: str,
+                 io: Callable[[], int] = lambda: 0):
+        self.reason: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        stalled = getattr(reader, "stalled_for", None)
+        if stalled is None or timeout <= 0:
+            return
+
+        def watch() -> None:
+            mark = (time.monotonic(), reader.bytes_read, io())
+            while not self._stop.wait(min(1.0, timeout / 4)):
+                now, done, got = time.monotonic(), reader.bytes_read, io()
+                if stalled() == 0.0 or done != mark[1] or got - mark[2] >= self.MIN_PROGRESS:
+                    mark = (now, done, got)          # nothing waits, or data arrived: not stalled
+                elif now - mark[0] > timeout:
+                    self.reason = (f"no data through the mount of {desc} for {now - mark[0]:.0f}s "
+                                   f"(--timeout {timeout:g})")
+                    log.error("%s: ending the mount", self.reason)
+                    abort()
+                    return
+        self._thread = threading.Thread(target=watch, daemon=True, name="discrep-stall-watch")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _bytes_received(pid: int) -> int:
+    """Bytes process ``pid`` has read so far (/proc/PID/io rchar; 0 when it is gone): for sshfs,
+    the SFTP answers arriving from its ssh."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _lost_reason(conn: Connection, export: Optional[AgentClient], mount) -> Optional[str]:

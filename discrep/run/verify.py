@@ -25,7 +25,7 @@ import blockdiff
 from discrep.core.errors import DestinationError
 from discrep.core.paths import join, show, state_dir
 from discrep.core.walk import walk
-from discrep.core.xattrs import read_xattrs
+from discrep.core.xattrs import only_replicated, read_xattrs
 from discrep.protocol.filterspec import FilterSpec
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.replica.protect import Protection
@@ -61,6 +61,7 @@ def _compare(src: bytes, dest: bytes, limit: int, keep_src, keep_dest) -> List[s
     seen = set()
     links_src: Dict[Tuple[int, int], bytes] = {}
     links_dst: Dict[Tuple[int, int], bytes] = {}
+    priv = os.geteuid() == 0      # xattrs: the names the replica manages (core.xattrs.replicated)
     for rel, st in walk(src, keep=keep_src):
         if len(diffs) >= limit:
             break
@@ -80,7 +81,7 @@ def _compare(src: bytes, dest: bytes, limit: int, keep_src, keep_dest) -> List[s
         elif statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
             if st.st_mode != dt.st_mode:
                 diffs.append(f"mode differs: {show(rel)} {oct(st.st_mode)} != {oct(dt.st_mode)}")
-            if read_xattrs(join(src, rel)) != read_xattrs(d):
+            if only_replicated(read_xattrs(join(src, rel)), priv) != only_replicated(read_xattrs(d), priv):
                 diffs.append(f"xattrs differ: {show(rel)}")
         else:
             continue  # special files are not replicated

@@ -71,7 +71,7 @@ from discrep.protocol.agent_messages import (Ack, Acked, Alive, Built, Bye, Comm
 from discrep.source.build import BuiltCycle
 from discrep.source.hooks import build_with_hooks, load_hook_file
 from discrep.source.catalog import CATALOG_FILE
-from discrep.source.cycles import ack_cycle, settle_source
+from discrep.source.cycles import ack_cycle, disk_full_said, settle_source
 from discrep.source.positions import store_for
 from discrep.source.deferred import close_deferred, settle_deferred
 from discrep.source.export import make_view
@@ -303,11 +303,12 @@ class _Agent:
         rescan = prepare_filters(self.bsrc, spec, self.store)
         t_build = time.monotonic()
         self.streamed = stream
-        b = build_with_hooks(self.bsrc, load_hook_file(self.bsrc), snapshot_kind=self.snapshot_kind,
-                             min_cycle=rcycle + 1, warnings=self.warnings,
-                             on_segment=self.out.say if stream else None, totals=totals,
-                             read_live=read_live and not stream, force_scan=rescan, filters=spec,
-                             store=self.store)
+        with disk_full_said(self.bsrc):
+            b = build_with_hooks(self.bsrc, load_hook_file(self.bsrc), snapshot_kind=self.snapshot_kind,
+                                 min_cycle=rcycle + 1, warnings=self.warnings,
+                                 on_segment=self.out.say if stream else None, totals=totals,
+                                 read_live=read_live and not stream, force_scan=rescan, filters=spec,
+                                 store=self.store)
         self.out.say(Built(cycle=b.cycle, base=b.base, entries=b.entries, snapshot=b.provider,
                            change_source=b.change_source, path=os.fsdecode(b.snapshot),
                            build_s=round(time.monotonic() - t_build, 3)))

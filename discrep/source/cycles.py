@@ -22,13 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Tuple, TypeVar
 
 from discrep.core import locks
-from discrep.core.errors import SourceError
+from discrep.core.errors import SourceDiskFullError, SourceError
 from discrep.core.paths import join, state_dir
 from discrep.core.statedir import StateDir
+from discrep.core.store import is_disk_full
 from discrep.journal.store import Journal
 from discrep.source import snapshot as snapmod
 from discrep.source import positions
@@ -60,6 +62,20 @@ def locked_state(root: bytes, store: str = CATALOG_FILE) -> Iterator[Tuple[Journ
         finally:
             journal.close()
             catalog.close()
+
+
+@contextmanager
+def disk_full_said(root: bytes) -> Iterator[None]:
+    """Around building a cycle: running out of space on the source (its snapshot copy, manifest,
+    catalog) is a ``SourceDiskFullError`` naming the source (exit 20), not a damaged catalog or a
+    cycle with holes; the half-built cycle is not recorded, so nothing reaches the replica."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as e:
+        if not is_disk_full(e):
+            raise
+        raise SourceDiskFullError(f"the source filesystem of {os.fsdecode(root)} is full: cycle not built "
+                                  f"({e})") from None
 
 
 def cycle_dir(root: bytes, n: int) -> bytes:

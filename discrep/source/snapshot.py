@@ -38,6 +38,7 @@ from discrep.core import platform
 from discrep.core.errors import SnapshotError, SourceError, UsageError, WarningList
 from discrep.core.paths import STATE_DIR, basename, join, parent, show
 from discrep.core.statedir import StateDir
+from discrep.core.store import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,8 @@ class Capturer:
         except FileNotFoundError:
             return  # vanished while captured: a delete, seen as such
         except OSError as e:
+            if is_disk_full(e):
+                raise          # the whole cycle cannot be captured (cycles.disk_full_said says so)
             warnings.add(show(rel), f"not captured: {e.strerror or e}")
             snap.skipped.add(rel)
 

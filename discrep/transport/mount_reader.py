@@ -4,7 +4,9 @@
 crosses the mount (``bytes_read``: what the cycle cost on the wire, signatures
 included).  ``copy_ranges`` reads many ranges in parallel (a thread pool: over
 sshfs many requests are in flight on one connection, so round trips overlap)
-and writes each range into a local fd as it arrives.
+and writes each range into a local fd as it arrives.  ``stalled_for`` says how long the
+oldest read or open still in the kernel has waited (a stopped source or sshfs; see
+``run.remote.StallWatch``).
 
 MountReader and the SFTP reader of the SSH transport satisfy the replica's
 ``replica.reader.Reader`` protocol (structurally: the transport does not import the
@@ -16,15 +18,19 @@ and the byte counter are guarded by a lock.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
+import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from discrep.core.beneath import EscapeError, open_beneath
 from discrep.core.errors import ManifestError, TransportError
 from discrep.core.paths import show
+from discrep.core.writes import pwrite_all
 from discrep.protocol import layout
 from discrep.protocol.manifest import MAX_MANIFEST_BYTES
 
@@ -65,6 +71,8 @@ class MountReader:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: Dict[bytes, int] = {}
+        self._waiting: Dict[int, float] = {}     # reads and opens in the kernel now: token -> since
+        self._tokens = itertools.count()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="discrep-read")
 
     def know_files(self, paths: Dict[int, bytes], live: Iterable[int] = ()) -> None:
@@ -81,6 +89,24 @@ class MountReader:
                 os.close(self.root_fd)
                 self.root_fd = -1
 
+    def stalled_for(self) -> float:
+        """Seconds the oldest read or open still in the kernel has waited (0.0 when none is): a
+        source, export or sshfs that stopped answering shows here even while the SSH connection
+        itself answers its keepalives (``run.remote`` aborts the mount after ``--timeout``)."""
+        with self._lock:
+            return time.monotonic() - min(self._waiting.values()) if self._waiting else 0.0
+
+    @contextmanager
+    def _in_kernel(self) -> Iterator[None]:
+        token = next(self._tokens)
+        with self._lock:
+            self._waiting[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._waiting[token]
+
     def add_bytes_read(self, n: int) -> None:
         """Count ``n`` bytes read from the export (here, or by another process on our behalf)."""
         with self._lock:
@@ -93,7 +119,8 @@ class MountReader:
     def open_below(self, base: bytes, rel: bytes) -> int:
         """Open ``base/rel`` strictly beneath the mount (no '..', no symlink: core.beneath)."""
         try:
-            return open_beneath(self.root_fd, base + b"/" + rel if base else rel)
+            with self._in_kernel():
+                return open_beneath(self.root_fd, base + b"/" + rel if base else rel)
         except EscapeError:
             raise ManifestError(f"the source named a path outside its export: {show(base + b'/' + rel)}") from None
         except FileNotFoundError:
@@ -151,10 +178,10 @@ class MountReader:
         self.add_bytes_read(got)
         return b"".join(parts)
 
-    @staticmethod
-    def _pread(fd: int, size: int, off: int) -> bytes:
+    def _pread(self, fd: int, size: int, off: int) -> bytes:
         try:
-            return os.pread(fd, size, off)
+            with self._in_kernel():
+                return os.pread(fd, size, off)
         except OSError as e:
             if e.errno in LOST_ERRNOS:
                 raise TransportError(f"the export went away while reading: {e.strerror}", hint=LOST_HINT) from None
@@ -177,7 +204,7 @@ class MountReader:
             data = self.pread(rel, n, off)
             if len(data) != n:
                 raise ManifestError(f"export file {os.fsdecode(rel)} is shorter than the manifest says")
-            os.pwrite(out_fd, data, off)
+            pwrite_all(out_fd, data, off)
             if on_data is not None:
                 on_data(off, data)
             return n

@@ -23,7 +23,7 @@ run = helpers.discrep_cli
 
 
 def digest(root: Path) -> str:
-    return helpers.tree_digest(root, dir_mtimes=False, volatile=("lock",))
+    return helpers.tree_digest(root, dir_mtimes=False, volatile=("lock", "run.lock"))
 
 
 def _tree(src: Path, n_dirs: int = 4, per_dir: int = 5) -> None:

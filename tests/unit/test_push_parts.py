@@ -83,3 +83,10 @@ def test_agent_command_quoted():
     argv = shlex.split(cmd)
     assert argv[0] == "/opt/my discrep" and argv[1] == "replica-agent" and argv[-1] == "/dst/it's; rm -rf /"
     assert "--force" in argv and argv[argv.index("--max-delete") + 1] == "5.0%"
+
+
+def test_agent_command_passes_nosuid():
+    """--nosuid reaches the replica agent of a push (the replica strips the bits, not the source)."""
+    argv = shlex.split(replica_agent_command("discrep", "/d", ReplicaOptions(nosuid=True), 30.0))
+    assert "--nosuid" in argv
+    assert "--nosuid" not in shlex.split(replica_agent_command("discrep", "/d", ReplicaOptions(), 30.0))
