@@ -29,10 +29,11 @@ TIMEOUT = 5
 
 
 def _cmdline(pid: int) -> List[bytes]:
+    """The process's argv; [b""] when it is gone or has none (a kernel thread, a zombie)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return []
+        return [b""]
 
 
 def _agent_tree(src: Path) -> List[int]:
