@@ -56,10 +56,13 @@ class AgentClient:
     """The source's ``discrep agent`` on one exec channel (JSON lines, see source.agent)."""
 
     def __init__(self, conn: Connection, exe: str, src: str, rcycle: Optional[int], snapshot_kind: str,
-                 stream: bool = False, totals: bool = True, timeout: float = DEFAULT_TIMEOUT, read_live: bool = False):
+                 stream: bool = False, totals: bool = True, timeout: float = DEFAULT_TIMEOUT, read_live: bool = False,
+                 command: Optional[str] = None):
+        """``command``: another remote command line speaking the same protocol (the dry-run agent)."""
         self.conn = conn
         self.timeout = timeout
-        self.ch = conn.start(agent_command(exe, src, rcycle, snapshot_kind, stream, totals, timeout, read_live))
+        self.ch = conn.start(command or agent_command(exe, src, rcycle, snapshot_kind, stream, totals, timeout,
+                                                      read_live))
         self.out = self.ch.makefile("rb")
         self._stderr: List[bytes] = []
         self._send_lock = threading.Lock()
