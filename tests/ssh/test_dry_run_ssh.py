@@ -150,7 +150,7 @@ def test_remote_dry_run_with_rules_and_a_fresh_dest(sshd: Sshd, work_dir: Path) 
     (src / "keep.txt").write_bytes(b"keep")
     (src / "skip.tmp").write_bytes(b"tmp")
     rules = ("--exclude", "*.tmp", "--exclude", "/logs/")
-    res = _json(replicate(sshd, str(src), str(dst), "-n", *rules))
+    res = _json(replicate(sshd, str(src), str(dst), "-n", "--bwlimit", "4M", "--timeout", "30", *rules))
     assert res == _local_dry(src, dst, *rules)
     assert res["items"] == [">f+++++++++ keep.txt (4 bytes)"]
     assert not dst.exists() and not (src / ".discrep").exists()
@@ -165,3 +165,34 @@ def test_dry_run_with_every_is_refused(sshd: Sshd, work_dir: Path) -> None:
                            timeout=60, env=client_env(sshd))
         assert r.returncode == 3 and "cannot run --every" in r.stderr, r.stderr
     assert not dst.exists() and not (src / ".discrep").exists()
+
+
+HOSTILE = [
+    {"event": "dry-entries", "set": {"entries": [["../../etc/passwd", 0o100644, 0, 0, 1, 0, None, None]]}},
+    {"event": "dry-entries", "set": {"entries": [["/etc/passwd", 0o100644, 0, 0, 1, 0, None, None]]}},
+    {"event": "dry-entries", "set": {"entries": [["x/y", 0o100644, 0, 0, 1, 0, None, None]]}},
+    {"event": "dry-entries", "set": {"entries": [["a", 0o100644, 0, 0, -5, 0, None, None]] * 2}},
+    {"event": "dry-entries", "set": {"entries": [["a", 0o100644, 0, 0, 1, 0, None, None]] * 1001}},
+    {"event": "dry-walked", "set": {"count": 1 << 40}},
+    {"event": "dry-signed", "set": {"differ": 1 << 62}},
+    {"event": "dry-signed", "set": {"path": "../../etc/shadow"}},
+]
+
+
+@pytest.mark.parametrize("rule", HOSTILE, ids=lambda r: f"{r['event']}-{next(iter(r['set']))}")
+def test_a_hostile_source_cannot_pass_a_bad_walk_or_answer(sshd: Sshd, work_dir: Path, rule: dict) -> None:
+    from test_hostile_source import make_hostile
+    src, dst = work_dir / "src", work_dir / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "d/f").write_bytes(os.urandom(100_000))
+    _json(replicate(sshd, str(src), str(dst)))
+    with open(src / "d/f", "r+b") as f:       # a content change: the replica asks for a sign
+        f.write(b"changed")
+    before = helpers.tree_digest(dst)
+    exe = make_hostile(work_dir, [rule])
+    r = subprocess.run(discrep_cmd("replicate", "-n", "--json", "-F", str(sshd.client_config), "--remote-discrep",
+                                   exe, f"discrep-src:{src}", str(dst)), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=120, env=client_env(sshd))
+    assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
+    assert "\"items\"" not in r.stdout and "dry_run" not in r.stdout
+    assert helpers.tree_digest(dst) == before
