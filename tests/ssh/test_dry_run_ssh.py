@@ -16,7 +16,7 @@ from typing import Dict, List, Set, Tuple
 import pytest
 
 import helpers
-from conftest import REMOTE_DISCREP, Sshd, client_env, discrep_cmd, replicate
+from conftest import REMOTE_DISCREP, Sshd, client_env, discrep_cmd, mounts_under, replicate
 
 pytestmark = pytest.mark.ssh
 
@@ -113,6 +113,9 @@ def test_remote_dry_run_equals_local_and_changes_nothing(sshd: Sshd, work_dir: P
     remote = _json(replicate(sshd, str(src), str(dst), "-n"))
     assert helpers.tree_digest(src / ".discrep") == before_src
     assert helpers.tree_digest(dst) == before_dst
+    # nothing left on either host: no mount, no temporary file (the dry-run agent makes none)
+    assert mounts_under(sshd.base) == [] and list(sshd.remote_tmp.iterdir()) == []
+    assert list(sshd.local_tmp.iterdir()) == []
     local = _local_dry(src, dst)
     assert remote == local
     by_path = {_body(ln).split(" (", 1)[0]: ln for ln in remote["items"]}
