@@ -9,8 +9,8 @@ replica needs, a window of requests in flight at a time (source.dryview has the 
 The source is untrusted: every batch is checked by ``DryEntries.parsed`` (relative paths, types,
 ranges), and here the walk must be in strictly increasing manifest order (no duplicates), every
 entry's parent must be a directory the walk said before, the count must match ``dry-walked`` and
-stay below MAX_DRY_ENTRIES; every answer must name the file asked about, in order, with counts
-in range (``DrySigned.answer``).
+stay below MAX_DRY_ENTRIES, no line may exceed MAX_DRY_LINE; every answer must name the file asked
+about, in order, with counts in range (``DrySigned.answer``).
 
 Thread-safety: used by one thread (AgentClient's helper threads aside).
 """
@@ -20,8 +20,8 @@ from typing import Iterator, List, Optional, Set
 
 from discrep.core.errors import ManifestError
 from discrep.core.paths import parent
-from discrep.protocol.agent_messages import (HINT, MAX_DRY_ENTRIES, Bye, DryEntries, DrySign, DrySigned, DryWalk,
-                                             DryWalked)
+from discrep.protocol.agent_messages import (HINT, MAX_DRY_ENTRIES, MAX_DRY_LINE, Bye, DryEntries, DrySign,
+                                             DrySigned, DryWalk, DryWalked)
 from discrep.protocol.filterspec import FilterSpec
 from discrep.protocol.sourceview import SignAnswer, SignRequest, SrcEntry
 from discrep.transport.agent_client import DEFAULT_TIMEOUT, AgentClient
@@ -47,6 +47,7 @@ class RemoteSourceView:
         self.spec = spec or FilterSpec()
         self.agent = AgentClient(conn, exe, src, None, "auto", timeout=timeout,
                                  command=dry_agent_command(exe, src, timeout))
+        self.agent.max_line = MAX_DRY_LINE
 
     def entries(self) -> Iterator[SrcEntry]:
         self.agent.send(DryWalk(filters=self.spec.wire(), delete_excluded=self.spec.delete_excluded))

@@ -186,3 +186,18 @@ def test_bad_sign_requests_are_refused(field: str, value: Any) -> None:
     obj[field] = value
     with pytest.raises(ManifestError):
         am.Command.decode(json.dumps(obj)).request()
+
+
+def test_an_over_long_event_line_is_refused() -> None:
+    import io
+    from types import SimpleNamespace
+    from discrep.transport.agent_client import AgentClient
+    c = AgentClient.__new__(AgentClient)
+    c.timeout, c.max_line = 5.0, 1000
+    c.ch = SimpleNamespace(settimeout=lambda t: None)
+    c.conn = SimpleNamespace(cfg=SimpleNamespace(alias="src"))
+    c.out = io.BytesIO(b'{"event": "dry-walked", "count": 0' + b" " * 2000 + b"}\n")
+    with pytest.raises(ManifestError, match="longer than 1000"):
+        c.expect(am.DryWalked)
+    c.out = io.BytesIO(b'{"event": "dry-walked", "count": 0}\n')
+    assert c.expect(am.DryWalked).count == 0
