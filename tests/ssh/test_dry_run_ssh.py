@@ -10,10 +10,13 @@ import json
 import os
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
 import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 import helpers
 from conftest import REMOTE_DISCREP, Sshd, client_env, discrep_cmd, mounts_under, replicate
@@ -199,3 +202,82 @@ def test_a_hostile_source_cannot_pass_a_bad_walk_or_answer(sshd: Sshd, work_dir:
     assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
     assert "\"items\"" not in r.stdout and "dry_run" not in r.stdout
     assert helpers.tree_digest(dst) == before
+
+
+# -- generated trees and changes: the remote dry run equals the local one, and the next real run
+#    changes exactly what it listed ------------------------------------------------------------
+
+NAMES = ["a", "b", "c", "sub", "x y", "caf\u00e9"]
+OPS = st.lists(st.tuples(st.sampled_from(["write", "patch", "append", "truncate", "delete", "rename", "chmod",
+                                          "mkdir", "rmtree", "mvdir", "symlink", "xattr", "copy"]),
+                         st.integers(0, 1 << 30), st.integers(0, 1 << 30)), min_size=1, max_size=8)
+
+
+def _files(root: Path) -> List[Path]:
+    return sorted(p for p in root.rglob("*") if ".discrep" not in p.parts and p.is_file() and not p.is_symlink())
+
+
+def _dirs(root: Path) -> List[Path]:
+    return sorted(p for p in root.rglob("*") if ".discrep" not in p.parts and p.is_dir() and not p.is_symlink())
+
+
+def _apply(root: Path, op: str, i: int, j: int) -> None:
+    """One generated change under ``root`` (i, j pick the paths and sizes)."""
+    files, dirs = _files(root), [root] + _dirs(root)
+    f = files[i % len(files)] if files else None
+    d = dirs[i % len(dirs)]
+    name = d / f"{NAMES[j % len(NAMES)]}{j % 7}"
+    if op == "write" and not os.path.lexists(name):
+        name.write_bytes(os.urandom(j % 150_000))
+    elif op == "mkdir" and not os.path.lexists(name):
+        name.mkdir()
+        (name / "inner").write_bytes(os.urandom(j % 5000))
+    elif op == "symlink" and not os.path.lexists(name):
+        os.symlink(f"target-{j % 3}", name)
+    elif f is None:
+        return
+    elif op == "patch" and f.stat().st_size:
+        with open(f, "r+b") as fh:
+            fh.seek(j % f.stat().st_size)
+            fh.write(os.urandom(1 + j % 3000))
+    elif op == "append":
+        with open(f, "ab") as fh:
+            fh.write(os.urandom(1 + j % 9000))
+    elif op == "truncate":
+        os.truncate(f, f.stat().st_size // 2)
+    elif op == "delete":
+        f.unlink()
+    elif op == "rename" and not os.path.lexists(name) and not str(name).startswith(str(f) + "/"):
+        os.rename(f, name)
+    elif op == "copy" and not os.path.lexists(name):
+        name.write_bytes(f.read_bytes())
+    elif op == "chmod":
+        os.chmod(f, 0o600 if f.stat().st_mode & 0o077 else 0o644)
+    elif op == "xattr":
+        os.setxattr(f, "user.discrep.gen", str(j).encode())
+    elif op == "rmtree" and d != root:
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+    elif op == "mvdir" and d != root and not os.path.lexists(name) and not str(name).startswith(str(d) + "/"):
+        os.rename(d, name)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(seed=st.integers(0, 1 << 30), ops=OPS)
+def test_generated_changes(sshd: Sshd, work_dir: Path, seed: int, ops: list) -> None:
+    case = Path(tempfile.mkdtemp(prefix="case-", dir=work_dir))
+    src, dst = case / "src", case / "dst"
+    (src / "d1" / "d2").mkdir(parents=True)
+    for k in range(6):
+        (src / ["", "d1", "d1/d2"][k % 3] / f"f{k}").write_bytes(os.urandom((seed >> k) % 120_000))
+    _json(replicate(sshd, str(src), str(dst)))
+    for op, i, j in ops:
+        _apply(src, op, i, j)
+    state, before = _state(dst), helpers.tree_digest(dst)
+    remote = _json(replicate(sshd, str(src), str(dst), "-n"))
+    assert helpers.tree_digest(dst) == before
+    note(repr(remote["items"]))
+    assert remote == _local_dry(src, dst)
+    _json(replicate(sshd, str(src), str(dst)))
+    assert helpers.tree_equal(src, dst) == []
+    assert _changed(state, _state(dst)) == _listed(remote["items"])
