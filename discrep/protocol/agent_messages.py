@@ -432,6 +432,12 @@ def _dry_rel(v: Any, what: str) -> bytes:
     return p
 
 
+def dry_signable(size: int, block_size: int) -> bool:
+    """A file of ``size`` bytes at ``block_size`` has few enough blocks for one ``dry-sign``: the
+    replica asks only then (else it counts the whole file), the source refuses more."""
+    return block_size >= 1 and -(-size // block_size) <= MAX_DRY_FINE // 8
+
+
 def _dry_int(v: Any, lo: int, hi: int, what: str) -> int:
     if type(v) is not int or not lo <= v < hi:
         raise ManifestError(f"{what}: {v!r:.40} is not an integer in [{lo}, {hi})", hint=HINT)
@@ -479,9 +485,12 @@ class DrySign(Command):
                 raise ManifestError("dry-sign: digests that are not base64", hint=HINT) from None
             if len(fine) % FINE:
                 raise ManifestError("dry-sign: digests of a partial block", hint=HINT)
-        return SignRequest(_dry_rel(self.path, "dry-sign"), _dry_int(self.size, 0, _I64, "dry-sign size"),
-                           _dry_int(self.block_size, 512, (64 << 20) + 1, "dry-sign block size"),
-                           _dry_int(self.factor, 1, 1 << 16, "dry-sign factor"), fine)
+        req = SignRequest(_dry_rel(self.path, "dry-sign"), _dry_int(self.size, 0, _I64, "dry-sign size"),
+                          _dry_int(self.block_size, 1, (1 << 30) + 1, "dry-sign block size"),
+                          _dry_int(self.factor, 1, (1 << 24) + 1, "dry-sign factor"), fine)
+        if not dry_signable(req.size, req.block_size):
+            raise ManifestError(f"dry-sign: more than {MAX_DRY_FINE // FINE} blocks to sign", hint=HINT)
+        return req
 
 
 class DryEntries(Event):

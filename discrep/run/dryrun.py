@@ -43,6 +43,7 @@ from discrep.core.errors import TransportError
 from discrep.core.paths import join, parent, show, state_dir
 from discrep.core.walk import walk
 from discrep.core.xattrs import read_xattrs
+from discrep.protocol.agent_messages import dry_signable
 from discrep.protocol.filterspec import FilterSpec
 from discrep.protocol.sourceview import SignAnswer, SignRequest, SourceView, SrcEntry, xattr_digest
 from discrep.replica.protect import protection
@@ -203,7 +204,8 @@ def _job(e: SrcEntry, dt: os.stat_result, sig: Optional[bytes]) -> _Both:
     b = _Both(e, dt, sig)
     if e.is_reg and sig is not None and (e.size != dt.st_size or e.mtime_ns != dt.st_mtime_ns):
         old = blockdiff.Signature.from_bytes(sig)
-        b.req = SignRequest(e.path, e.size, old.block_size, old.factor, old.fine)
+        if dry_signable(e.size, old.block_size) and dry_signable(old.file_size, old.block_size):
+            b.req = SignRequest(e.path, e.size, old.block_size, old.factor, old.fine)
     return b
 
 
@@ -262,13 +264,16 @@ def _renames(view: SourceView, created: List[SrcEntry], gone: List[bytes], sigs:
     asks: Dict[Tuple[bytes, int, int], SignRequest] = {}
     for e in created:
         for _old, s in (by_size.get(e.size, []) if e.is_reg else []):
+            if not dry_signable(e.size, s.block_size):
+                continue
             asks.setdefault((e.path, s.block_size, s.factor), SignRequest(e.path, e.size, s.block_size, s.factor))
     wholes = dict(zip(asks, view.sign(list(asks.values())))) if asks else {}
     found: Dict[bytes, bytes] = {}
     for e in created:
         cands = by_size.get(e.size) if e.is_reg else None
         for old_rel, s in cands or []:
-            if wholes[(e.path, s.block_size, s.factor)].whole == s.whole_digest():
+            ans = wholes.get((e.path, s.block_size, s.factor))
+            if ans is not None and ans.whole == s.whole_digest():
                 found[e.path] = old_rel
                 cands.remove((old_rel, s))
                 break

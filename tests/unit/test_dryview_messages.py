@@ -177,8 +177,9 @@ def test_a_good_sign_request_round_trips() -> None:
 
 @pytest.mark.parametrize("field,value", [
     ("path", "/etc/shadow"), ("path", "../x"), ("path", ".discrep/replica.db"), ("path", "a\0"),
-    ("size", -1), ("size", 1 << 63), ("block_size", 0), ("block_size", 1 << 30), ("factor", 0),
-    ("factor", 1 << 20), ("fine", "not base64!"), ("fine", base64.b64encode(b"\0" * 7).decode()),
+    ("size", -1), ("size", 1 << 63), ("block_size", 0), ("block_size", 1 << 31), ("factor", 0),
+    ("factor", 1 << 25), ("size", 1 << 40),       # (1 TiB at 4 KiB: too many blocks for one request)
+    ("fine", "not base64!"), ("fine", base64.b64encode(b"\0" * 7).decode()),
     ("fine", "A" * (am.MAX_DRY_FINE * 2)), ("size", True), ("fine", 5),
 ])
 def test_bad_sign_requests_are_refused(field: str, value: Any) -> None:
@@ -201,3 +202,10 @@ def test_an_over_long_event_line_is_refused() -> None:
         c.expect(am.DryWalked)
     c.out = io.BytesIO(b'{"event": "dry-walked", "count": 0}\n')
     assert c.expect(am.DryWalked).count == 0
+
+
+def test_the_replica_asks_only_for_signable_files() -> None:
+    assert am.dry_signable(100, 4096) and am.dry_signable(0, 1)
+    assert am.dry_signable(am.MAX_DRY_FINE // 8 * 4096, 4096)
+    assert not am.dry_signable(am.MAX_DRY_FINE // 8 * 4096 + 1, 4096)
+    assert not am.dry_signable(1 << 40, 4096) and not am.dry_signable(10, 0)
