@@ -121,7 +121,7 @@ def tree_digest(root: os.PathLike | str, *, dir_mtimes: bool = True, volatile: I
         for name in sorted(files) + dirs:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
-            h.update(os.path.relpath(p, root).encode() + b"\0%o" % st.st_mode)
+            h.update(os.fsencode(os.path.relpath(p, root)) + b"\0%o" % st.st_mode)
             if stat.S_ISDIR(st.st_mode) and dir_mtimes:
                 h.update(b" %d" % st.st_mtime_ns)
             if stat.S_ISREG(st.st_mode) and name not in skip:

@@ -26,12 +26,18 @@ def register(sp: argparse.ArgumentParser) -> None:
                     help="the replica verifies before it commits: a copy snapshot reads large files live")
     sp.add_argument("--no-totals", dest="totals", action="store_false",
                     help="a streamed first copy starts at once instead of counting the tree first")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="read-only: walk SRC and sign files for a replica's dry run (source.dryview)")
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     from discrep.source.agent import run_agent
-    rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals,
-                   timeout=a.timeout, read_live=a.read_live)
+    if a.dry_run:
+        from discrep.source.dryview import serve_dry_run
+        rc = serve_dry_run(a.src, warnings, timeout=a.timeout)
+    else:
+        rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals,
+                       timeout=a.timeout, read_live=a.read_live)
     # no interpreter shutdown: it would wait for a stuck export child forever (its cleanup is bounded)
     for f in (sys.stdout, sys.stderr):
         try:

@@ -23,7 +23,7 @@ def register(sp: argparse.ArgumentParser) -> None:
     common.add_replica_args(sp, "allow a first cycle into a non-empty DEST (entries not in SRC are deleted)")
     sp.add_argument("-n", "--dry-run", action="store_true",
                     help="print what a cycle would apply, itemized like rsync -i, and change nothing: no cycle "
-                         "is built on the source, nothing is written in DEST (local sources)")
+                         "is built on the source, nothing is written in DEST (local or remote SRC; not with --every)")
     sp.add_argument("--every", type=float, metavar="SECONDS",
                     help="continuous mode: run a cycle every SECONDS (sooner when the journal has entries)")
     common.add_hook_args(sp)
@@ -41,7 +41,7 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
         from discrep.run.push import replicate_push
         return replicate_push(opts, warnings)
     if opts.replica.dry_run:
-        return _dry_run(opts, opts.remote_source or opts.every is not None)
+        return _dry_run(opts)
     if opts.replica.checksum and opts.remote_source:
         raise UsageError("--checksum works for a local SRC for now",
                          hint="run 'discrep verify DEST --scrub' on the replica host to find damaged files")
@@ -53,11 +53,14 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     return replicate_local(opts, warnings, prog)
 
 
-def _dry_run(opts: CycleOptions, unsupported: bool) -> Dict[str, Any]:
-    from discrep.run.dryrun import dry_run
+def _dry_run(opts: CycleOptions) -> Dict[str, Any]:
+    from discrep.run.dryrun import dry_run, dry_run_remote
     from discrep.run.local import check_pair
-    if unsupported:
-        raise UsageError("--dry-run works for a local SRC, once (not with --every or a remote SRC) for now")
+    if opts.every is not None:
+        raise UsageError("--dry-run shows what one cycle would apply: it cannot run --every",
+                         hint="drop --every for the dry run; run continuously without -n")
+    if opts.remote_source:
+        return dry_run_remote(opts).result()
     src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)
     check_pair(src, dest)
     return dry_run(os.fsencode(src), os.fsencode(dest), opts.replica.filter_spec()).result()

@@ -417,3 +417,180 @@ def parse_warning(line: str) -> Optional[Tuple[Optional[str], str]]:
     body = line[len(WARNING_PREFIX):]
     path, sep, msg = body.partition(": ")
     return (path, msg) if sep else (None, body)
+
+
+# -- dry run: ``discrep agent --dry-run`` (source.dryview, transport.dryview_client) --------
+# The agent walks SRC read-only with the replica's rules and answers sign requests; nothing
+# crosses unchecked: relative paths (no '.', '..', empty component, NUL, .discrep), in strictly
+# increasing manifest order, numbers in range, batches and totals bounded.
+
+MAX_DRY_BATCH = 1000            # entries in one ``dry-entries`` event
+MAX_DRY_ENTRIES = 50_000_000    # entries in one dry walk
+MAX_DRY_FINE = 24 << 20         # bytes of old fine digests in one ``dry-sign`` (3M blocks)
+MAX_DRY_LINE = 48 << 20         # longest line either side of a dry run reads
+_U32, _I64 = 1 << 32, 1 << 63
+
+
+def _dry_rel(v: Any, what: str) -> bytes:
+    """An untrusted relative path (JSON text, surrogate-escaped bytes), checked."""
+    from discrep.core.paths import check_rel, dec
+    try:
+        p = check_rel(dec(v))
+    except errors.UnsafePathError as e:
+        raise ManifestError(f"{what}: {e}", hint=HINT) from None
+    if len(p) > MAX_PATH:
+        raise ManifestError(f"{what}: a path longer than {MAX_PATH} bytes", hint=HINT)
+    return p
+
+
+def dry_signable(size: int, block_size: int) -> bool:
+    """A file of ``size`` bytes at ``block_size`` has few enough blocks for one ``dry-sign``: the
+    replica asks only then (else it counts the whole file), the source refuses more."""
+    return block_size >= 1 and -(-size // block_size) <= MAX_DRY_FINE // 8
+
+
+def _dry_int(v: Any, lo: int, hi: int, what: str) -> int:
+    if type(v) is not int or not lo <= v < hi:
+        raise ManifestError(f"{what}: {v!r:.40} is not an integer in [{lo}, {hi})", hint=HINT)
+    return v
+
+
+class DryWalk(Command):
+    """Walk SRC read-only with the replica's rules (as in ``cycle``) and say its entries."""
+    NAME: ClassVar[str] = "dry-walk"
+    filters: Optional[str] = None
+    delete_excluded: bool = False
+
+
+class DrySign(Command):
+    """Sign the first ``size`` bytes of file ``path`` (one the walk said) at ``block_size`` and
+    ``factor``; with ``fine`` (base64 of the old signature's fine digests) also count the bytes
+    of the blocks that differ.  Answered with ``dry-signed``."""
+    NAME: ClassVar[str] = "dry-sign"
+    path: str
+    size: int
+    block_size: int
+    factor: int
+    fine: Optional[str] = None
+
+    @classmethod
+    def of(cls, req: Any) -> "DrySign":
+        """The command of a ``protocol.sourceview.SignRequest``."""
+        import base64
+        from discrep.core.paths import enc
+        return cls(path=enc(req.path), size=req.size, block_size=req.block_size, factor=req.factor,
+                   fine=base64.b64encode(req.fine).decode() if req.fine is not None else None)
+
+    def request(self) -> Any:
+        """The checked ``SignRequest`` (ManifestError when a field is out of bounds)."""
+        import base64
+        import binascii
+        from discrep.protocol.sourceview import FINE, SignRequest
+        fine = None
+        if self.fine is not None:
+            if len(self.fine) > MAX_DRY_FINE * 4 // 3 + 4:
+                raise ManifestError(f"dry-sign: more than {MAX_DRY_FINE} bytes of digests", hint=HINT)
+            try:
+                fine = base64.b64decode(self.fine, validate=True)
+            except (binascii.Error, ValueError):
+                raise ManifestError("dry-sign: digests that are not base64", hint=HINT) from None
+            if len(fine) % FINE:
+                raise ManifestError("dry-sign: digests of a partial block", hint=HINT)
+        req = SignRequest(_dry_rel(self.path, "dry-sign"), _dry_int(self.size, 0, _I64, "dry-sign size"),
+                          _dry_int(self.block_size, 1, (1 << 30) + 1, "dry-sign block size"),
+                          _dry_int(self.factor, 1, (1 << 24) + 1, "dry-sign factor"), fine)
+        if not dry_signable(req.size, req.block_size):
+            raise ManifestError(f"dry-sign: more than {MAX_DRY_FINE // FINE} blocks to sign", hint=HINT)
+        return req
+
+
+class DryEntries(Event):
+    """Entries of the dry walk, in manifest order: ``[path, mode, uid, gid, size, mtime_ns, target,
+    xattrs]`` each (target: a symlink's, else null; xattrs: their digest, null for a symlink)."""
+    NAME: ClassVar[str] = "dry-entries"
+    entries: List[Any]
+
+    @classmethod
+    def of(cls, batch: List[Any]) -> "DryEntries":
+        """The event of a list of ``protocol.sourceview.SrcEntry``."""
+        from discrep.core.paths import enc
+        return cls(entries=[[enc(e.path), e.mode, e.uid, e.gid, e.size, e.mtime_ns,
+                             enc(e.target) if e.target is not None else None, e.xattrs] for e in batch])
+
+    def parsed(self) -> List[Any]:
+        """The checked ``SrcEntry`` list (ManifestError on any malformed field)."""
+        import stat as statmod
+        from discrep.core.paths import dec
+        from discrep.protocol.sourceview import MAX_TARGET, SrcEntry
+        if len(self.entries) > MAX_DRY_BATCH:
+            raise ManifestError(f"dry-entries: more than {MAX_DRY_BATCH} entries in one batch", hint=HINT)
+        out = []
+        for item in self.entries:
+            if not isinstance(item, list) or len(item) != 8:
+                raise ManifestError(f"dry-entries: an entry that is not a list of 8 ({item!r:.60})", hint=HINT)
+            p, mode, uid, gid, size, mtime, target, xat = item
+            path = _dry_rel(p, "dry-entries")
+            _dry_int(mode, 0, _U32, "dry-entries mode")
+            if statmod.S_IFMT(mode) not in (statmod.S_IFREG, statmod.S_IFDIR, statmod.S_IFLNK, statmod.S_IFIFO,
+                                            statmod.S_IFSOCK, statmod.S_IFCHR, statmod.S_IFBLK):
+                raise ManifestError(f"dry-entries: an unknown file type {mode:o}", hint=HINT)
+            link = statmod.S_ISLNK(mode)
+            tgt = None
+            if link:
+                if type(target) is not str:
+                    raise ManifestError("dry-entries: a symlink without its target", hint=HINT)
+                try:
+                    tgt = dec(target)
+                except errors.UnsafePathError as e:
+                    raise ManifestError(f"dry-entries: {e}", hint=HINT) from None
+                if not tgt or len(tgt) > MAX_TARGET or b"\0" in tgt:
+                    raise ManifestError("dry-entries: an empty, too long or NUL symlink target", hint=HINT)
+            elif target is not None:
+                raise ManifestError("dry-entries: a target for an object that is not a symlink", hint=HINT)
+            if xat is not None and (link or type(xat) is not str or len(xat) != 64
+                                    or xat.strip("0123456789abcdef")):
+                raise ManifestError("dry-entries: a malformed xattrs digest", hint=HINT)
+            out.append(SrcEntry(path, mode, _dry_int(uid, 0, _U32, "dry-entries uid"),
+                                _dry_int(gid, 0, _U32, "dry-entries gid"), _dry_int(size, 0, _I64, "dry-entries size"),
+                                _dry_int(mtime, -_I64, _I64, "dry-entries mtime"), tgt, xat))
+        return out
+
+
+class DryWalked(Event):
+    """The dry walk ended after ``count`` entries."""
+    NAME: ClassVar[str] = "dry-walked"
+    count: int
+
+
+class DrySigned(Event):
+    """Answer to ``dry-sign``: the whole digest (hex; null: the file could not be read as asked)
+    and, when digests were sent, the bytes of the blocks that differ."""
+    NAME: ClassVar[str] = "dry-signed"
+    path: str
+    whole: Optional[str] = None
+    differ: Optional[int] = None
+
+    @classmethod
+    def of(cls, req: Any, ans: Any) -> "DrySigned":
+        from discrep.core.paths import enc
+        return cls(path=enc(req.path), whole=ans.whole.hex() if ans.whole is not None else None, differ=ans.differ)
+
+    def answer(self, req: Any) -> Any:
+        """The checked ``SignAnswer`` to ``req`` (the ``SignRequest`` this answers, in order)."""
+        from discrep.protocol.sourceview import SignAnswer
+        if _dry_rel(self.path, "dry-signed") != req.path:
+            raise ManifestError("dry-signed: the answer names another file than the request", hint=HINT)
+        if self.whole is None:
+            return SignAnswer(None)
+        if len(self.whole) > 128 or len(self.whole) % 2 or self.whole.strip("0123456789abcdef"):
+            raise ManifestError("dry-signed: a malformed digest", hint=HINT)
+        differ = None
+        if req.fine is not None:
+            if self.differ is None:
+                raise ManifestError("dry-signed: no count of differing bytes", hint=HINT)
+            differ = _dry_int(self.differ, 0, req.size + 1, "dry-signed count")
+        return SignAnswer(bytes.fromhex(self.whole), differ)
+
+
+COMMANDS.update({c.NAME: c for c in (DryWalk, DrySign)})
+EVENTS.update({c.NAME: c for c in (DryEntries, DryWalked, DrySigned)})

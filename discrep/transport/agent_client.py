@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Type, TypeVar, Union, cast
 
-from discrep.core.errors import TransportError, WarningList
+from discrep.core.errors import ManifestError, TransportError, WarningList
 from discrep.protocol import layout
 from discrep.protocol.agent_messages import (HINT, Alive, Built, Command, Event, Export, Failed, Ping, Ready, Segment,
                                              Verified, Verify, below, parse_warning)
@@ -56,10 +56,14 @@ class AgentClient:
     """The source's ``discrep agent`` on one exec channel (JSON lines, see source.agent)."""
 
     def __init__(self, conn: Connection, exe: str, src: str, rcycle: Optional[int], snapshot_kind: str,
-                 stream: bool = False, totals: bool = True, timeout: float = DEFAULT_TIMEOUT, read_live: bool = False):
+                 stream: bool = False, totals: bool = True, timeout: float = DEFAULT_TIMEOUT, read_live: bool = False,
+                 command: Optional[str] = None):
+        """``command``: another remote command line speaking the same protocol (the dry-run agent)."""
         self.conn = conn
         self.timeout = timeout
-        self.ch = conn.start(agent_command(exe, src, rcycle, snapshot_kind, stream, totals, timeout, read_live))
+        self.max_line: Optional[int] = None     # longest event line taken (None: no bound)
+        self.ch = conn.start(command or agent_command(exe, src, rcycle, snapshot_kind, stream, totals, timeout,
+                                                      read_live))
         self.out = self.ch.makefile("rb")
         self._stderr: List[bytes] = []
         self._send_lock = threading.Lock()
@@ -97,9 +101,12 @@ class AgentClient:
         self.ch.settimeout(timeout)
         try:
             while True:
-                line = self.out.readline()
+                line = self.out.readline(self.max_line) if self.max_line else self.out.readline()
                 if not line:
                     break
+                if self.max_line and len(line) >= self.max_line and not line.endswith(b"\n"):
+                    raise ManifestError(f"the source agent on {self.conn.cfg.alias} sent a line longer than "
+                                        f"{self.max_line} bytes", hint=HINT)
                 line = line.strip()
                 if not line.startswith(b"{"):
                     continue
