@@ -59,6 +59,8 @@ def _prepare(dest: str, force: bool, with_id: bool) -> Tuple[int, str]:
                                    hint="create the parent directory first")
         try:
             os.mkdir(dest, 0o755)
+        except FileExistsError:
+            pass                # a second run started at the same moment made it: the run lock decides
         except PermissionError:
             raise DestinationError(f"cannot create replica {dest}: permission denied") from None
     if not os.path.isdir(dest):
