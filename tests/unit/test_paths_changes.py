@@ -61,3 +61,17 @@ def test_scan_supersedes_earlier_entries_but_keeps_racing_ones():
     assert b"old" not in cs.touched
     assert b"raced" in cs.expand and b"raced" in cs.touched
     assert cs.moves == {b"n": b"o"} and b"t" in cs.touched
+
+
+def test_deleting_a_scan_moves_target_still_deletes_its_base():
+    """A scan found o moved to d/n (set semantics: o itself is not touched); a later live delete of
+    d/n drops the move, so o must be looked at (absent: deleted) -- else the replica keeps it.  A
+    base path below a directory that moved too is looked at where that directory is now."""
+    base = {b"o", b"x", b"x/f"}
+    ents = [E(1, "scan", b"", ino=0), E(2, "move", b"d/n", b"o"), E(3, "delete", b"d/n")]
+    cs = coalesce(ents, base.__contains__)
+    assert cs.moves == {} and b"o" in cs.touched and b"d/n" in cs.touched
+    ents = [E(1, "scan", b"", ino=0), E(2, "move", b"y", b"x"), E(3, "move", b"g", b"x/f"),
+            E(4, "rename", b"h", b"g"), E(5, "delete", b"h")]
+    cs = coalesce(ents, base.__contains__)
+    assert cs.moves == {b"y": b"x"} and b"y/f" in cs.touched
