@@ -75,3 +75,18 @@ def test_deleting_a_scan_moves_target_still_deletes_its_base():
             E(4, "rename", b"h", b"g"), E(5, "delete", b"h")]
     cs = coalesce(ents, base.__contains__)
     assert cs.moves == {b"y": b"x"} and b"y/f" in cs.touched
+
+
+def test_drop_foreign_scans_keeps_only_the_positions_own_block():
+    """Scan blocks journaled before the plan are other positions' and are dropped (marker and the
+    move/touch entries of its transaction), except the block at ``own`` (the position's own
+    catch-up scan); entries of other transactions, and anything after the plan, stay."""
+    from discrep.source.positions import drop_foreign_scans
+    ents = [Entry(1, "modify", b"a", None, None, 10),
+            Entry(2, "scan", b"", None, 0, 20), Entry(3, "touch", b"x", None, None, 20),
+            Entry(4, "scan", b"", None, 1, 30), Entry(5, "move", b"n", b"o", None, 30),
+            Entry(6, "touch", b"y", None, None, 30), Entry(7, "touch", b"z", None, None, 40),
+            Entry(8, "scan", b"", None, 7, 50)]
+    assert [e.seq for e in drop_foreign_scans(ents, 7)] == [1, 7, 8]
+    assert [e.seq for e in drop_foreign_scans(ents, 7, own=4)] == [1, 4, 5, 6, 7, 8]
+    assert [e.seq for e in drop_foreign_scans(ents, 7, own=2)] == [1, 2, 3, 7, 8]
