@@ -329,7 +329,8 @@ def case_e(ctx: Ctx) -> None:
 
 @case("w", "10 changed files out of the 100 000, watcher running on the source")
 def case_w(ctx: Ctx) -> None:
-    """Case e with ``discrep watch SRC`` running: the cycle reads the journal, it does not walk."""
+    """Case e with ``discrep watch SRC`` running: the cycle -- the first since the watcher started --
+    reads the journal, it does not walk."""
     _watched_change(ctx, 10_000 if ctx.quick else 100_000)
 
 
@@ -351,17 +352,19 @@ def _watched_change(ctx: Ctx, n: int) -> None:
             proc.kill()
             proc.wait()
     ctx.cleanups.append(stop)
-    # the watcher is trusted once its start-up gap is closed by one scan cycle (untimed)
-    deadline = time.monotonic() + 60
+    # the watcher closes its own start gap (a background scan of its own): once status says it is
+    # caught up, the timed cycle -- the first one since the watcher started -- reads the journal
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         st = subprocess.run([DISCREP, "status", "--json", str(ctx.src)], capture_output=True, text=True)
         try:
-            if json.loads(st.stdout.strip().splitlines()[-1])["source"]["watcher"] == "running":
+            if json.loads(st.stdout.strip().splitlines()[-1])["source"].get("caught_up"):
                 break
         except (ValueError, KeyError, IndexError):
             pass
         time.sleep(0.2)
-    ctx.runner.run_discrep(ctx)
+    else:
+        raise RuntimeError("the watcher did not catch up within 600 s")
     files = sorted(ctx.src.glob("d00*/f*"))
     for p in ctx.rng.sample(files, 10):
         p.write_bytes(ctx.rng.randbytes(ctx.rng.randint(1024, 8192)))
@@ -566,7 +569,8 @@ def _run_case(c: Case, base: Path, sshd: Sshd, quick: bool) -> Dict:
                 "discrep_wire": d["wire"], "rsync_wire": r["wire"],
                 "wire_ratio": round(d["wire"] / r["wire"], 2) if r["wire"] else None,
                 "discrep_identical": ok_d, "rsync_identical": ok_r, "transport": d["res"].get("transport"),
-                "connections": d["res"].get("connections"),
+                "connections": d["res"].get("connections"), "change_source": d["res"].get("change_source"),
+                "mounted": d["res"].get("mounted"),
                 "history_written": d["res"].get("history_bytes"), "history_kept": hist_kept,
                 "discrep_cpu": round(d["cpu"], 2), "discrep_src_cpu": round(d["src_cpu"], 2),
                 "rsync_cpu": round(r["cpu"], 2), "rsync_src_cpu": round(r["src_cpu"], 2),

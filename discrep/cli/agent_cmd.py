@@ -24,6 +24,8 @@ def register(sp: argparse.ArgumentParser) -> None:
                     help="say alive every timeout/4 s; end after this many seconds without a word from the replica")
     sp.add_argument("--read-live", action="store_true",
                     help="the replica verifies before it commits: a copy snapshot reads large files live")
+    sp.add_argument("--export-on-demand", action="store_true",
+                    help="export a built cycle only when the replica asks (it reads the cycle directory first)")
     sp.add_argument("--no-totals", dest="totals", action="store_false",
                     help="a streamed first copy starts at once instead of counting the tree first")
     sp.add_argument("--dry-run", action="store_true",
@@ -37,7 +39,7 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
         rc = serve_dry_run(a.src, warnings, timeout=a.timeout)
     else:
         rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals,
-                       timeout=a.timeout, read_live=a.read_live)
+                       timeout=a.timeout, read_live=a.read_live, export_on_demand=a.export_on_demand)
     # no interpreter shutdown: it would wait for a stuck export child forever (its cleanup is bounded)
     for f in (sys.stdout, sys.stderr):
         try:

@@ -57,7 +57,8 @@ def _fmt_age(s: Optional[float]) -> str:
 def _print(out: Dict[str, Any]) -> None:
     s = out.get("source")
     if s:
-        w = s["watcher"] + (f" ({s['backend']}, pid {s['watcher_pid']}, for {_fmt_age(s['watcher_since_s'])})"
+        w = s["watcher"] + (f" ({s['backend']}, pid {s['watcher_pid']}, for {_fmt_age(s['watcher_since_s'])}), "
+                            + ("caught up" if s.get("caught_up") else "catching up")
                             if s["watcher"] == "running" else "")
         print(f"source {out['path']}")
         print(f"  watcher:   {w}")

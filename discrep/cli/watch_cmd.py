@@ -22,12 +22,18 @@ def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("root", metavar="ROOT")
     sp.add_argument("--backend", default="auto", choices=["auto", "fanotify", "inotify"],
                     help="change source (default auto: fanotify filesystem mark when permitted, else inotify)")
+    sp.add_argument("--no-catch-up", dest="catch_up", action="store_false",
+                    help="do not close journal gaps (the start, an overflow) with a background scan of the "
+                         "watcher's own; the next cycle scans instead")
 
 
 def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     from discrep.journal.watcher import Watcher
+    from discrep.source.catchup import CatchUp
     w = Watcher(a.root, a.backend)
     w.start()
+    # the gaps the watcher opens (its start, an overflow) are closed by its own scan, in the background
+    catch = CatchUp(w).start() if a.catch_up else None
     old = {}
     if threading.current_thread() is threading.main_thread():
         def on_sig(signum, frame):
@@ -41,6 +47,8 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
     try:
         w.run()
     finally:
+        if catch is not None:
+            catch.stop()
         w.close()
         for s, h in old.items():
             signal.signal(s, h)

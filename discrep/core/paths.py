@@ -23,6 +23,11 @@ from discrep.core.errors import UnsafePathError
 STATE_DIR = b".discrep"
 
 
+def holds_only_state(dest) -> bool:
+    """Directory ``dest`` holds nothing but discrep's own ``.discrep`` (str or bytes path)."""
+    return all(os.fsencode(n) == STATE_DIR for n in os.listdir(dest))
+
+
 def state_dir(root: bytes) -> bytes:
     """``ROOT/.discrep``: where discrep keeps its state on either side."""
     return join(root, STATE_DIR)

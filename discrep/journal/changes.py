@@ -62,8 +62,22 @@ class ChangeSet:
         for s in (self.fresh,):
             for k in [k for k in s if is_under(k, p)]:
                 s.discard(k)
-        for k in [k for k in self.moves if is_under(k, p)]:
-            del self.moves[k]
+        dropped = [self.moves.pop(k) for k in [k for k in self.moves if is_under(k, p)]]
+        # the objects a dropped move carried left their base paths all the same: look there (a
+        # scan's move touched nothing else; a rename touched its old path already)
+        for b in dropped:
+            if b:
+                self.touched.add(self._current(b))
+
+    def _current(self, b: bytes) -> bytes:
+        """Base path ``b`` in the current namespace (through the moves of its ancestors)."""
+        back = {old: new for new, old in self.moves.items()}
+        q = parent(b)
+        while q:
+            if q in back:
+                return back[q] + b[len(q):]
+            q = parent(q)
+        return b
 
     def apply(self, e: Entry, base_exists: Callable[[bytes], bool]) -> None:
         self.events += 1

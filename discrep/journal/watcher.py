@@ -50,25 +50,31 @@ owns and drains into the ``Journal`` (store.py).  The ``Watcher`` owns the lock
 fd, the journal, the backend and its wake-up pipe.
 
 Thread-safety: a ``Watcher`` runs in one thread; ``stop()`` may be called from
-any thread or a signal handler.
+any thread or a signal handler; ``call(fn)`` from any other thread runs ``fn(journal)``
+in the watcher's thread, on its one journal connection (a second connection to the
+journal in the same process would lose the first one's SQLite locks), and waits for it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import threading
 import time
-from typing import List, Optional
+from concurrent.futures import Future
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from discrep.core import locks
-from discrep.core.errors import UsageError
+from discrep.core.errors import JournalError, UsageError
 from discrep.core.paths import STATE_DIR, join
 from discrep.journal.backends import Backend, open_backend
 from discrep.journal.sink import Sink
 from discrep.journal.store import Journal
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Watcher:
@@ -92,6 +98,8 @@ class Watcher:
         self._wr, self._ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.events = 0
         self.rows = 0
+        self._calls: "queue.Queue[Tuple[Callable[[Journal], Any], Future]]" = queue.Queue()
+        self._running = False
 
     @property
     def gaps(self) -> List[str]:
@@ -119,6 +127,7 @@ class Watcher:
             self.close()
             raise
         log.info("watching %s with %s", os.fsdecode(self.root), self.backend.name)
+        self._running = True          # calls queue up until ``run`` serves them
         return self
 
     def stop(self) -> None:
@@ -129,6 +138,7 @@ class Watcher:
             pass
 
     def close(self) -> None:
+        self._running = False
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -150,6 +160,43 @@ class Watcher:
         self._wr = self._ww = -1
 
     # -- journal -------------------------------------------------------
+    def call(self, fn: "Callable[[Journal], T]", timeout: float = 60.0) -> T:
+        """``fn(journal)`` in the watcher's thread, after the rows seen so far are written; its
+        result (or exception).  JournalError when the watcher is not running (any more)."""
+        if not self._running:
+            raise JournalError("the watcher is not running")
+        fut: "Future[T]" = Future()
+        self._calls.put((fn, fut))
+        try:
+            os.write(self._ww, b"c")
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return fut.result(0.2)
+            except TimeoutError:
+                if not self._running:
+                    fut.cancel()
+                    raise JournalError("the watcher stopped") from None
+                if time.monotonic() > deadline:
+                    raise JournalError("the watcher did not answer") from None
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                assert self.journal is not None
+                self.flush()
+                fut.set_result(fn(self.journal))
+            except BaseException as e:  # handed to the caller
+                fut.set_exception(e)
+
     def gap(self, reason: str) -> None:
         """Open a journal gap after the rows gathered so far are written."""
         self.sink.gap(reason)
@@ -177,15 +224,18 @@ class Watcher:
         poller.register(be.fd, select.POLLIN)
         poller.register(self._wr, select.POLLIN)
         last_check = time.monotonic()
+        self._running = True
         try:
             while not self._stop.is_set():
                 now = self._step(be, poller)
+                self._run_calls()
                 if now - last_check >= 1.0:
                     last_check = now
                     self._check_degraded()
             be.settle()
             self.flush()
         finally:
+            self._running = False
             if self.sink.batch.items and self.journal is not None:
                 self.flush()
 

@@ -36,12 +36,18 @@ RANDOM_ACCESS_PREFIXES = tuple(CONTROL + b"/" + d + b"/" for d in RANDOM_ACCESS_
 PACK_REL = CONTROL + b"/" + PACK + b"/%d"             # % k
 CYCLE_DIR = CONTROL + b"/cycledir/"                    # a streamed cycle's own directory, as the replica names it
 
-# files in the source's cycle directory
+# files in the source's cycle directory (``<state dir>/CYCLES/<N>``)
+CYCLES = b"cycles"
 MANIFEST_FILE = b"manifest.zst"
 PACK_FILE = b"pack-%d"                                 # % k
 CBT_FILE = b"cbt-%d.json"                              # % idx
 REDO_FILE = b"redo-%d"                                 # % idx
 SEGMENT_FILE = b"seg-%d.zst"                           # % segment number (a streamed cycle)
+
+
+def cycle_dir_rel(n: int) -> bytes:
+    """Cycle ``n``'s directory relative to the source's state directory."""
+    return b"%s/%d" % (CYCLES, int(n))
 
 
 def per_file(kind: bytes, idx: int) -> bytes:

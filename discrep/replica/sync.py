@@ -34,7 +34,7 @@ from discrep.core import locks
 from discrep.core.errors import (CycleMismatchError, DestinationError, DiskFullError, Error, LiveChangedError,
                                  ManifestError,
                                  WarningList)
-from discrep.core.paths import STATE_DIR, join, state_dir
+from discrep.core.paths import holds_only_state, join, state_dir
 from discrep.core.statedir import StateDir
 from discrep.protocol import layout
 from discrep.protocol.manifest import Entry, read_lines
@@ -70,28 +70,11 @@ def result_fields(stats: SyncStats) -> dict:
             "worker_segments": stats.worker_segments, "consistency": stats.consistency}
 
 
-def holds_only_state(dest) -> bool:
-    """DEST has nothing in it but discrep's own ``.discrep`` (str or bytes path)."""
-    return all(os.fsencode(n) == STATE_DIR for n in os.listdir(dest))
-
-
 @contextmanager
 def replica_lock(dest: bytes) -> Iterator[None]:
     """DEST's lock, a file in its checked state dir (never a planted symlink's target)."""
     with StateDir(dest) as sd, locks.holding(sd.file("lock"), f"another discrep run is writing to {os.fsdecode(dest)}",
                                              hint="wait for it, or stop it; two cycles never run at once on one DEST"):
-        yield
-
-
-@contextmanager
-def run_lock(dest: bytes) -> Iterator[None]:
-    """One whole replicate run into DEST (the source builds, DEST applies, the source is told):
-    a second run started meanwhile is refused at once (LockedError, exit 13) instead of racing the
-    first for the source's cycle -- which made the run that committed fail its acknowledgement."""
-    with StateDir(dest) as sd, locks.holding(
-            sd.file("run.lock"), f"another 'discrep replicate' into {os.fsdecode(dest)} is running; this run "
-                                 f"changed nothing",
-            hint="wait for it to finish (it replicates the same changes); two runs never share a DEST"):
         yield
 
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 from discrep.core.errors import DestinationError, FuseUnavailableError, UsageError, WarningList
 from discrep.core.paths import STATE_DIR, nested, state_dir
 from discrep.protocol.replicaid import check_replica_id
-from discrep.replica.sync import result_fields, run_lock, sync
+from discrep.replica.runlock import run_lock
 from discrep.replica.catalog import ReplicaCatalog
 from discrep.run.options import CycleOptions
 
@@ -115,6 +115,7 @@ def _cycle(opts: CycleOptions, src: str, bsrc: bytes, dest: str, bdest: bytes, w
     from discrep.source.export import make_view
     from discrep.source.hooks import build_with_hooks, load_hook_file
     from discrep.source.filtering import prepare_filters
+    from discrep.replica.sync import result_fields, sync
     from discrep.transport.mount_reader import MountReader
     rcycle, rid = prepare_replica(dest, force=opts.replica.force)   # what DEST committed, now that we hold it
     rid = opts.replica_id or rid

@@ -5,32 +5,39 @@ in a ``RemoteSession``:
 
 1. the source agent starts on an exec channel (transport.agent_client.AgentClient,
    source.agent) and says ``hello`` with the source's state directory and its export
-   parent directory; the local sshfs mount of ``SRC/.discrep`` starts right away in a
-   helper thread (sshfs transport only): ``sshfs -o passive`` on a second channel of the
-   same connection, served by the source's ``sftp`` subsystem (transport.passive), or, when
-   the installed sshfs has no passive mode, sshfs's own ssh connection (its handshake
-   overlaps the snapshot);
+   parent directory; meanwhile the replica imports replica.sync and, over the one
+   connection (sshfs with ``-o passive``), opens an SFTP session in a helper thread --
+   or, for a streamed first copy or an sshfs without passive mode, starts the local sshfs
+   mount of ``SRC/.discrep`` (``sshfs -o passive`` on a second channel of the same
+   connection, served by the source's ``sftp`` subsystem, transport.passive; or sshfs's own
+   ssh connection, whose handshake overlaps the snapshot);
 2. the agent settles the source against the replica's last committed cycle R and
-   builds cycle N > R (``built``), then mounts its FUSE export (``ready``) -- or, for a
-   streamed first copy, announces manifest segments as it builds them (``seg``,
+   builds cycle N > R (``built``); over the one connection it exports only when asked
+   (``--export-on-demand``), else it mounts its FUSE export at once (``ready``) -- or, for
+   a streamed first copy, announces manifest segments as it builds them (``seg``,
    transport.agent_client.CycleStream) and exports only if a read needs it;
-3. the replica reads through the sshfs mount with ``DirectDataReader`` (file data
-   straight from the snapshot) or through ``SftpReader`` on the same paramiko
-   connection, and ``replica.sync`` patches DEST;
+3. the replica reads the cycle description, manifest and packs from the cycle directory
+   over the SFTP session (transport.cycle_reader.CycleDirReader); only a read that needs
+   more (a signature, a large file's data) has the agent export the cycle (``export`` ->
+   ``ready``) while sshfs mounts ``SRC/.discrep``, then reads through the mount with
+   ``DirectDataReader`` (file data straight from the snapshot) -- or, with ``--transport
+   sftp``, through ``SftpReader`` on the same connection; ``replica.sync`` patches DEST;
 4. ``ack`` N to the agent, which unmounts its export and acknowledges the cycle.
 
 ``--bwlimit`` paces the one connection (transport.pace under transport.ssh.Connection);
 with a two-connection sshfs it is refused for ``--transport sshfs`` and ``auto`` reads
 through the SFTP reader instead.
 
-In continuous mode the session (connection, agent, sshfs mount) stays up between
-cycles.  On any failure, Ctrl-C or a dropped connection the session is closed
+In continuous mode the session (connection, agent, SFTP session, sshfs mount once
+mounted) stays up between cycles.  On any failure, Ctrl-C or a dropped connection the session is closed
 (finally): local unmount, EOF to the agent (it unmounts its export and removes
 its directory); the source keeps the built-but-unacknowledged cycle N and the
 next cycle settles it.
 
-Thread-safety: runs in the caller's thread; one helper thread mounts sshfs, the
-agent client and cycle stream run their own (see transport.agent_client).
+Thread-safety: runs in the caller's thread; one helper thread mounts sshfs, one opens the
+SFTP session, the agent client and cycle stream run their own (see transport.agent_client);
+the on-demand export runs in whichever reader thread needs it first (CycleDirReader
+serializes it), while the caller's thread waits in replica.sync.
 """
 from __future__ import annotations
 
@@ -48,10 +55,10 @@ from blockdiff.errors import BlockdiffError
 from discrep.core import errors as errmod
 from discrep.core.beneath import open_beneath
 from discrep.core.errors import Error, LiveChangedError, LiveReadError, ManifestError, TransportError, WarningList
-from discrep.core.paths import show
+from discrep.core.paths import holds_only_state, show
 from discrep.protocol import layout
-from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Hello, Ready, Segment, StartCycle, below
-from discrep.replica.sync import holds_only_state, result_fields, run_lock, sync
+from discrep.protocol.agent_messages import Ack, Acked, Built, Event, Export, Hello, Ready, Segment, StartCycle, below
+from discrep.replica.runlock import run_lock
 from discrep.replica.options import ReplicaOptions
 from discrep.run.local import prepare_dest, prepare_replica
 from discrep.run.options import CycleOptions
@@ -180,6 +187,13 @@ class RemoteSession:
         self.cycles = 0
         self.read_live = True           # large files of a copy snapshot read live, verified before commit
         self.replica_id: Optional[str] = None     # this replica's position on the source
+        # one connection: a built cycle is read from its cycle directory over SFTP; the source exports
+        # it and sshfs mounts it only when a read needs more (a signature, a file's data)
+        self.on_demand = self.transport == "sshfs" and self.passive
+        self.mounted = False            # this cycle read through the sshfs mount
+        self.sftp: Any = None           # the session's SFTP client (cycle directories), opened early
+        self.sftp_thread: Optional[threading.Thread] = None
+        self.sftp_got: list = []
 
     # -- set-up ----------------------------------------------------------
     def _start_mount(self, target: str) -> None:
@@ -204,16 +218,47 @@ class RemoteSession:
         """Connect; sshfs connects while the agent starts and builds the first cycle."""
         self.conn = Connection(self.cfg, bwlimit=self.bwlimit)
         self.conn.connect()
-        if self.transport == "sshfs":   # SRC/.discrep exists after the first cycle ever
+        if self.transport == "sshfs" and (stream or not self.on_demand):  # SRC/.discrep exists after the first cycle
             self._start_mount(self.rpath.rstrip("/") + "/.discrep")
+        elif self.on_demand:            # the SFTP server starts while the agent starts and builds
+            self._start_sftp()
         self.agent = AgentClient(self.conn, self.exe, self.rpath, rcycle, self.snapshot_kind, stream, totals,
-                                 timeout=self.cfg.io_timeout, read_live=self.read_live)
+                                 timeout=self.cfg.io_timeout, read_live=self.read_live, on_demand=self.on_demand)
         hello = self.agent.expect(Hello)
         below(hello.dir, hello.state_dir, "the agent's export directory")
         self.state_dir, self.remote_dir = hello.state_dir, hello.dir
         if self.mount_thread is not None and not self.mount_thread.is_alive() and self.mount_err:
             self.mount.stop()
             self._start_mount(self.state_dir)
+
+    def _start_sftp(self) -> None:
+        def run() -> None:
+            try:
+                self.sftp_got.append(self._conn().sftp())
+            except BaseException as e:  # handed to the main thread
+                self.sftp_got.append(e)
+        self.sftp_thread = threading.Thread(target=run, daemon=True, name="discrep-sftp-open")
+        self.sftp_thread.start()
+
+    def _session_sftp(self) -> Any:
+        """The session's SFTP client (kept for the session's cycles)."""
+        if self.sftp_thread is not None:
+            self.sftp_thread.join()
+            self.sftp_thread = None
+            got = self.sftp_got.pop() if self.sftp_got else TransportError("the SFTP session did not open")
+            if isinstance(got, BaseException):
+                raise got
+            self.sftp = got
+        if self.sftp is None:
+            self.sftp = self._conn().sftp()
+        return self.sftp
+
+    def _ensure_mount(self) -> None:
+        """The sshfs mount of the state directory is up (started now if it was not)."""
+        if self.mount is None:
+            self._start_mount(self.state_dir)
+        self._mount_ready()
+        self.mounted = True
 
     def _mount_ready(self) -> None:
         if self.mount_thread is None:
@@ -257,6 +302,7 @@ class RemoteSession:
         want_stream = self.transport == "sshfs" and rcycle == 0 and holds_only_state(self.dest)
         marks = {"start": t0}
         reader = None
+        self.mounted = False
         try:
             # progress shows fixed totals, which cost the source a walk before it streams: only if shown
             first = self._start_cycle(rcycle, want_stream, progress is not None)
@@ -264,6 +310,7 @@ class RemoteSession:
             reader, stream = self._open_reader(first, marks)
             marks["mount"] = time.monotonic()
             stats, built = self._apply(reader, stream, first, ropts, warnings, progress)
+            from discrep.replica.sync import result_fields
             marks["sync"] = time.monotonic()
             reader.close()
             reader = None
@@ -286,6 +333,7 @@ class RemoteSession:
             "duration_s": round(time.monotonic() - t0, 3), "warnings": len(warnings),
             "transport": self.transport, "session_cycle": self.cycles,
             "connections": 2 if self.transport == "sshfs" and not self.passive else 1,
+            "mounted": self.mounted,
             **({"bwlimit": self.bwlimit} if self.bwlimit else {}),
         }
 
@@ -299,6 +347,7 @@ class RemoteSession:
         self._agent().send(StartCycle(replica_cycle=rcycle, stream=stream, totals=totals, read_live=self.read_live,
                                       filters=spec.wire(), delete_excluded=spec.delete_excluded,
                                       replica_id=self.replica_id))
+        import discrep.replica.sync  # noqa: F401  (the replica's imports, while the agent starts and builds)
         kinds: Tuple[Type[Event], ...] = (Segment, Built) if stream else (Built,)
         return cast(Union[Segment, Built], self._agent().expect_any(kinds))
 
@@ -307,7 +356,7 @@ class RemoteSession:
         """The reader of the cycle (and the stream, for a streamed one); its export is ready."""
         export_rel = below(self.remote_dir, self.state_dir, "the agent's export directory")
         if isinstance(first, Segment):
-            self._mount_ready()
+            self._ensure_mount()
             reader = DirectDataReader(self.local_dir, export_rel, below(first.snapshot, self.state_dir, "the snapshot"),
                                       cycle_rel=below(first.dir, self.state_dir, "the cycle directory"))
             stream = CycleStream(first, self._agent(), reader, self.state_dir)
@@ -315,18 +364,41 @@ class RemoteSession:
             return reader, stream
         marks["snap"] = time.monotonic()
         snap_rel = below(first.path, self.state_dir, "the snapshot") if self.transport == "sshfs" else ""
+        if self.on_demand:
+            from discrep.transport.cycle_reader import CycleDirReader
+            marks["ready"] = time.monotonic()
+            cdir = self.state_dir.rstrip("/") + "/" + os.fsdecode(layout.cycle_dir_rel(first.cycle))
+            return CycleDirReader(self._session_sftp(), cdir, lambda: self._export_reader(export_rel, snap_rel)), None
         ready = self._agent().expect(Ready)
         marks["ready"] = time.monotonic()
         mnt_rel = below(ready.mountpoint, self.remote_dir, "the export's mountpoint")
         if self.transport == "sshfs":
-            self._mount_ready()
+            self._ensure_mount()
             return DirectDataReader(self.local_dir, export_rel + "/" + mnt_rel, snap_rel), None
         from discrep.transport.sftp_reader import SftpReader
         return SftpReader(self.conn.sftp(), ready.mountpoint), None
 
+    def _export_reader(self, export_rel: str, snap_rel: str) -> DirectDataReader:
+        """A read needs the export: the agent mounts it while sshfs mounts the state directory."""
+        t = time.monotonic()
+        self._agent().send(Export())
+        if self.mount is None:
+            self._start_mount(self.state_dir)
+        ready = self._agent().expect(Ready)
+        mnt_rel = below(ready.mountpoint, self.remote_dir, "the export's mountpoint")
+        self._ensure_mount()
+        log.info("exported and mounted on demand in %.2fs", time.monotonic() - t)
+        return DirectDataReader(self._local_dir(), export_rel + "/" + mnt_rel, snap_rel)
+
+    def _local_dir(self) -> str:
+        if self.local_dir is None:
+            raise TransportError("the sshfs mount is not set up")
+        return self.local_dir
+
     def _apply(self, reader: Any, stream: Optional[CycleStream], first: Union[Segment, Built],
                ropts: ReplicaOptions, warnings: WarningList, progress) -> Tuple[Any, Built]:
         """Patch DEST from ``reader``: (sync's stats, the built cycle)."""
+        from discrep.replica.sync import sync
         watch = StallWatch(reader, self.cfg.io_timeout, self._abort_mount, self.cfg.describe(), self._mount_io)
         try:
             stats = sync(reader, os.fsencode(self.dest), ropts, warnings=warnings, progress=progress,
@@ -387,10 +459,20 @@ class RemoteSession:
         try:
             if self.conn is not None:
                 _cleanup(self.mount_thread, self.mount, self.local_dir, self.agent)
+                if self.sftp_thread is not None:
+                    self.sftp_thread.join(40)
+                for c in [self.sftp] + [g for g in self.sftp_got if not isinstance(g, BaseException)]:
+                    if c is not None:
+                        try:
+                            c.close()
+                        except Exception as e:   # the connection may be gone
+                            log.debug("closing the SFTP session: %s", e)
         finally:
             if self.conn is not None:
                 self.conn.close()
             self.conn = self.agent = self.mount = self.mount_thread = None
+            self.sftp = self.sftp_thread = None
+            self.sftp_got = []
             self.local_dir = None
 
 

@@ -2,7 +2,8 @@
 
 Source (``PATH/.discrep/journal.db``): is a watcher running (its flock), which
 backend, since when, the journal's last seq, entries beyond the last
-acknowledged cut, and the open gap if any (then the next cycle scans).
+acknowledged cut, and the open gap if any (then the next cycle scans); ``caught_up`` when a
+watcher runs and no gap is open (``discrep watch`` closes its own gaps with a background scan).
 
 Replica (``PATH/.discrep/replica.db``): last committed cycle, its source
 (snapshot) time and commit time, lag = now - source time, the last cycle's
@@ -52,7 +53,9 @@ def source_status(root: str) -> Dict[str, Any]:
             "pending_entries": j.count(acked_cut),
             "gap": j.gap(),
         }
-        out["next_change_source"] = "journal" if (alive and out["gap"] is None and acked_cycle > 0) else "scan"
+        # caught up: the watcher runs and no gap is open, so a cycle reads the journal and never walks
+        out["caught_up"] = bool(alive and out["gap"] is None)
+        out["next_change_source"] = "journal" if (out["caught_up"] and acked_cycle > 0) else "scan"
         return out
     finally:
         j.close()

@@ -14,8 +14,9 @@ protocol.agent_messages; the names below are their wire names):
               "totals": false: then a first copy streams as it walks the tree; see source.build)
     agent -> built {cycle: N, base: B, ...}     (journal cut, snapshot, manifest)
     agent -> ready {mountpoint: ".../export.XXXX/m<k>"}  (FUSE export mounted; a streamed
-              cycle is exported only on replica -> export: its replica reads the cycle and
-              snapshot directories directly and may never need the export)
+              cycle -- and every cycle with --export-on-demand -- is exported only on
+              replica -> export: its replica reads the cycle and snapshot directories
+              directly and may never need the export)
     replica -> verify            (a streamed cycle, once its replica read every file: its large
               files were read live) agent checks they did not change ->
               verified {redo: [entry, ...], gone: [path, ...]}: files that changed, copied now
@@ -59,9 +60,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
-
-import fuse_export
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from discrep.core.errors import Error, FuseUnavailableError, SourceError, TransportError, WarningList
 from discrep.core.paths import enc
@@ -74,9 +73,11 @@ from discrep.source.catalog import CATALOG_FILE
 from discrep.source.cycles import ack_cycle, disk_full_said, settle_source
 from discrep.source.positions import store_for
 from discrep.source.deferred import close_deferred, settle_deferred
-from discrep.source.export import make_view
 from discrep.source.filtering import prepare_filters
 from discrep.protocol.filterspec import FilterSpec
+
+if TYPE_CHECKING:
+    import fuse_export
 
 UNMOUNT_WAIT = 3.0   # seconds for one unmount attempt or one wait for the export child
 
@@ -116,10 +117,11 @@ class AgentOutput:
 
 def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList,
               stream: bool = False, totals: bool = True, timeout: Optional[float] = None,
-              read_live: bool = False) -> int:
+              read_live: bool = False, export_on_demand: bool = False) -> int:
     """Serve the replica on stdin/stdout until ``bye`` or EOF; the process's exit code.  With
     ``timeout``: say ``alive`` every timeout/4 s, and end (exit 11) after ``timeout`` s without a line
-    from the replica (a stalled network: the replica sends ``ping`` every few seconds)."""
+    from the replica (a stalled network: the replica sends ``ping`` every few seconds).
+    ``export_on_demand``: no cycle is exported before the replica asks (``export``)."""
     def hang_up(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
@@ -134,6 +136,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
             if not os.path.isdir(real):
                 raise SourceError(f"source {src} does not exist or is not a directory", hint="check the path")
             agent = _Agent(real, snapshot_kind, warnings, out)
+            agent.on_demand = export_on_demand
             agent.hello()
             if replica_cycle is not None:
                 agent.cycle(replica_cycle, stream, totals, read_live)
@@ -151,6 +154,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
 
 
 def _fusermount(mnt: str, lazy: bool) -> None:
+    import fuse_export
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmds = [[tool, "-uz" if lazy else "-u", "-q", mnt]] if tool else []
     cmds.append(["umount"] + (["-l"] if lazy else []) + [mnt])
@@ -164,10 +168,11 @@ def _fusermount(mnt: str, lazy: bool) -> None:
             return
 
 
-def stop_export(export: fuse_export.BackgroundExport) -> None:
+def stop_export(export: "fuse_export.BackgroundExport") -> None:
     """Unmount ``export`` and end its child within about 20 s whatever holds it: an unmount, a lazy
     one (``-uz``) if the mount is busy (a file open on it) or slow, then the child is ended by pid
     (SIGTERM, SIGKILL) -- the agent must never outlive its session waiting for it."""
+    import fuse_export
     mnt = os.fsdecode(export.mountpoint)
     proc = export.proc
     if fuse_export.mounted(mnt):
@@ -216,7 +221,7 @@ class _Agent:
     def __init__(self, real: str, snapshot_kind: str, warnings: WarningList, out: AgentOutput):
         self.bsrc = os.fsencode(real)
         self.snapshot_kind, self.warnings, self.out = snapshot_kind, warnings, out
-        self.export: Optional[fuse_export.BackgroundExport] = None
+        self.export: Optional["fuse_export.BackgroundExport"] = None
         self.to_export: List[Tuple[int, str]] = []        # (cycle, mountpoint) built, not exported yet
         self.built: Optional[BuiltCycle] = None           # the cycle being served
         self.settled: Optional[Tuple[List[Dict[str, Any]], List[bytes]]] = None   # its deferred files
@@ -224,6 +229,7 @@ class _Agent:
         self.replica_id: Optional[str] = None              # whose position the cycle is built against
         self.store = CATALOG_FILE
         self.streamed = False                              # the cycle being served was streamed
+        self.on_demand = False                             # export only when the replica asks
         self.state_dir = os.path.join(real, ".discrep")
         os.makedirs(self.state_dir, exist_ok=True)
         self.workdir = tempfile.mkdtemp(prefix="export.", dir=self.state_dir)
@@ -264,7 +270,7 @@ class _Agent:
             ack_cycle(self.bsrc, cmd.cycle, self.store)
             self.out.say(Acked(cycle=cmd.cycle))
             self.end_cycle()
-        elif isinstance(cmd, Export):          # a streamed cycle's replica needs the export
+        elif isinstance(cmd, Export):          # the replica needs the export (streamed, or on demand)
             if self.export is None:
                 if not self.to_export:
                     raise SourceError("no built cycle to export")
@@ -315,7 +321,7 @@ class _Agent:
         self.out.warn(self.warnings)
         self.built = b
         self.to_export.append((b.cycle, mnt))
-        if not stream:
+        if not stream and not self.on_demand:
             self.start_export()
 
     def settle(self, materialize: bool = False) -> Tuple[List[Dict[str, Any]], List[bytes]]:
@@ -327,6 +333,9 @@ class _Agent:
         return self.settled
 
     def start_export(self) -> None:
+        import fuse_export      # (a cycle the replica reads from its directory alone never loads FUSE)
+
+        from discrep.source.export import make_view
         live: Dict[bytes, bytes] = {}
         if self.built is not None and self.built.deferred:
             if self.streamed:       # its replica has read them already: the export serves copies

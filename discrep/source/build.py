@@ -211,12 +211,15 @@ class _CycleBuild:
         self.kind = snapmod.choose(kind, self.root)
         # other positions' scans journaled so far are not this one's (source.positions)
         self.gap_gen, self.plan_seq = self.journal.gap_generation(), self.journal.last_seq()
+        # ...except this position's own catch-up scan (the watcher's, source.catchup), if it stands
+        own = positions.own_catch_up(catalog, self.journal)
+        self.own_scan = own[1] if own else None
         self.use_journal = (not force_scan and self.base > 0 and self.journal.gap() is None
                             and watcher_alive(self.root)
                             and positions.journal_covers(self.journal, acked.info if acked else None,
-                                                         self.acked_cut))
+                                                         self.acked_cut, own[0] if own else None))
         if self.use_journal and self.flt is not None and self.flt.needs_scan(positions.drop_foreign_scans(
-                self.journal.entries(self.acked_cut, self.plan_seq), self.plan_seq)):
+                self.journal.entries(self.acked_cut, self.plan_seq), self.plan_seq, self.own_scan)):
             self.use_journal = False
         # a first streamed cycle nobody shows totals for: walk, capture and stream in one pass
         self.walking = (self.on_segment is not None and not totals and self.base == 0 and not self.use_journal
@@ -239,7 +242,8 @@ class _CycleBuild:
         else:
             self.cut, self.moves, root_meta, ordered = _changed_paths(
                 root, journal, self.catalog, self.base, self.acked_cut, self.use_journal, self.stats, self.late,
-                self.flt, self.excluded_gone, self.plan_seq)
+                self.flt, self.excluded_gone, self.plan_seq,
+                self.own_scan if self.use_journal else None)
             for p in self.late:
                 self.warnings.add(show(p), "moved or vanished while the source was scanned; "
                                            "left as it was, looked at again next cycle")
@@ -464,14 +468,16 @@ class _CycleBuild:
 def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: int, acked_cut: int,
                    use_journal: bool, stats: Dict[bytes, os.stat_result], late: Set[bytes],
                    flt: Optional[SourceFilter] = None, gone: Optional[List[bytes]] = None,
-                   plan_seq: int = 0) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
+                   plan_seq: int = 0, own_scan: Optional[int] = None
+                   ) -> Tuple[int, Dict[bytes, bytes], Dict[str, Any], List[bytes]]:
     """What the cycle looks at: (journal cut, moves new -> base, the top directory's entry, the
     touched paths in manifest order); ``stats`` gets the lstat of every touched path that exists
     (the scan's, or taken right after the cut); ``late`` the paths that moved or vanished while
     the scan ran (not touched: looked at next cycle).  ``flt``: only what the filter selects (the
     scan does not walk excluded paths; excluded journal entries are dropped, those the catalog
     holds go to ``gone``).  Scan blocks journaled up to ``plan_seq`` were other positions'
-    (source.positions.drop_foreign_scans)."""
+    (source.positions.drop_foreign_scans), except the block at ``own_scan`` (this position's own
+    catch-up scan, source.catchup)."""
     scanned: List[bytes] = []
     if not use_journal:
         # with nothing acknowledged yet every path is new: the scan's list is used as it is
@@ -484,7 +490,8 @@ def _changed_paths(root: bytes, journal: Journal, catalog: SourceCatalog, base: 
     if use_journal:
         wait_for_watcher(root, journal)
     cut = journal.last_seq()            # the cut is read BEFORE the snapshot is taken
-    cs = coalesce(positions.drop_foreign_scans(journal.entries(acked_cut, cut), plan_seq), catalog.exists)
+    cs = coalesce(positions.drop_foreign_scans(journal.entries(acked_cut, cut), plan_seq, own_scan),
+                  catalog.exists)
     if flt is not None:
         (gone if gone is not None else []).extend(flt.prune(cs, catalog.exists))
     touched = set(cs.touched)

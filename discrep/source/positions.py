@@ -28,12 +28,16 @@ What the stores share, and how it is kept correct:
   missed.  Each cycle records the journal's gap generation when it was planned (cycle info
   ``gap_gen``); a later cycle trusts the journal only if the generation is still the same
   (``journal_covers``), else it scans.  A base cycle without that record (built before this
-  version) is not trusted: one scan.
+  version) is not trusted: one scan.  The watcher's own catch-up (source.catchup) scans once per
+  position against its catalog and records in that catalog the generation it covered and its scan
+  marker's seq (``record_catch_up``); ``journal_covers`` accepts that generation too while the
+  position's acknowledged cycle is still the one scanned against (``own_catch_up``).
 * **Other replicas' scans** write a ``scan`` marker followed by ``move``/``touch`` entries that
   are relative to *their* catalog, and the marker would make the coalescer drop everything
   before it.  A build therefore drops every scan block journaled before it was planned
   (``drop_foreign_scans``: the marker and the move/touch entries of the same transaction -- same
-  ``ts_ns``); its own scan, if it makes one, comes after.  That is only sound when no gap
+  ``ts_ns``) -- except the block of its position's own catch-up (``own_catch_up``); its own
+  scan, if it makes one, comes after.  That is only sound when no gap
   opened since its base cycle, which the gap generation guarantees.
 * **The registry** ``SRC/.discrep/replicas.db``: ``replicas(id, store, registered_ns,
   seen_ns, cut_seq)`` and meta ``high_cycle``, ``hold_cap``.  A new id gets a fresh store, except that
@@ -62,6 +66,7 @@ transactions (two ids registering at once serialize in SQLite).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -262,28 +267,62 @@ def _highest(root: bytes, catalog: SourceCatalog) -> int:
     return hw
 
 
-def journal_covers(journal: Journal, base_info: Optional[dict], acked_cut: int) -> bool:
+def journal_covers(journal: Journal, base_info: Optional[dict], acked_cut: int,
+                   caught_up: Optional[int] = None) -> bool:
     """The journal after ``acked_cut`` holds every change since the base cycle: nothing after the
-    cut was trimmed, and no gap opened since the base was planned (its recorded ``gap_gen``)."""
+    cut was trimmed, and no gap opened since the base was planned (its recorded ``gap_gen``) --
+    or since the position's own catch-up scan (``caught_up``: the gap generation it covered,
+    ``own_catch_up``)."""
     if int(journal.get("trimmed_seq", "0") or 0) > acked_cut:
         return False
     gen = base_info.get("gap_gen") if isinstance(base_info, dict) else None
-    return isinstance(gen, int) and gen == journal.gap_generation()
+    now = journal.gap_generation()
+    return (isinstance(gen, int) and gen == now) or (caught_up is not None and caught_up == now)
 
 
-def drop_foreign_scans(entries: Iterable[Entry], upto: int) -> Iterator[Entry]:
+def drop_foreign_scans(entries: Iterable[Entry], upto: int, own: Optional[int] = None) -> Iterator[Entry]:
     """``entries`` without the scan blocks journaled at or before seq ``upto`` (another build's
-    catch-up scan: its marker and the move/touch entries of the same transaction)."""
+    catch-up scan: its marker and the move/touch entries of the same transaction), except the
+    block whose marker is at seq ``own`` (this position's own catch-up scan, ``own_catch_up``)."""
     block_ts: Optional[int] = None
     for e in entries:
         if e.seq <= upto:
-            if e.op == "scan":
+            if e.op == "scan" and e.seq != own:
                 block_ts = e.ts_ns
                 continue
             if block_ts is not None and e.ts_ns == block_ts and e.op in ("move", "touch"):
                 continue
         block_ts = None
         yield e
+
+
+# -- the watcher's catch-up scans (source.catchup) ---------------------------------------------------
+
+CATCH_UP_KEY = "catch_up"
+
+
+def record_catch_up(catalog: SourceCatalog, gen: int, base: int, seq: int) -> None:
+    """Position ``catalog``'s own catch-up scan, journaled with its marker at ``seq``, covered gap
+    generation ``gen`` against its acknowledged cycle ``base`` (under the source lock)."""
+    with transaction(catalog.con) as con:
+        set_meta(con, CATCH_UP_KEY, json.dumps({"gen": int(gen), "base": int(base), "seq": int(seq)}))
+
+
+def own_catch_up(catalog: SourceCatalog, journal: Journal) -> Optional[Tuple[int, int]]:
+    """(gap generation, marker seq) of the position's catch-up scan when it still stands: made
+    against its acknowledged cycle of now, for the journal's current gap generation; else None."""
+    raw = get_meta(catalog.con, CATCH_UP_KEY)
+    acked = catalog.last_acked()
+    if raw is None or acked is None:
+        return None
+    try:
+        rec = json.loads(raw)
+        gen, base, seq = int(rec["gen"]), int(rec["base"]), int(rec["seq"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if base != acked.cycle or gen != journal.gap_generation() or seq <= acked.cut_seq:
+        return None
+    return gen, seq
 
 
 def trim_point(root: bytes, journal: Journal, store: str, cut: int) -> int:
@@ -382,11 +421,13 @@ def positions(root: bytes) -> List[Position]:
             cat = _open_store(root, store)
             try:
                 rec = cat.last_acked()
+                own = own_catch_up(cat, journal) if journal is not None else None
             finally:
                 cat.close()
             cut = rec.cut_seq if rec else 0
             lag = journal.count(cut) if journal is not None and rec else 0
-            covers = bool(rec) and journal is not None and journal_covers(journal, rec.info, cut) \
+            covers = bool(rec) and journal is not None and journal_covers(journal, rec.info, cut,
+                                                                          own[0] if own else None) \
                 and journal.gap() is None
             row = rows.get(rid, (rid, store, 0, 0))
             out.append(Position(rid, store, rec.cycle if rec else 0, rec.created_ns if rec else 0, cut, lag,

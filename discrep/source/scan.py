@@ -65,10 +65,21 @@ def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touch
     ``journal_touched=False``: the touched paths are only returned (the caller uses them
     directly); the scan marker and moves are journaled all the same.  ``keep``: the walk's
     filter hook (source.filtering): catalog paths it excludes look vanished (deletes)."""
-    if not os.path.isdir(root):
-        raise SourceError(f"source {os.fsdecode(root)} is not a directory")
     gen = journal.gap_generation()
     begin_seq = journal.last_seq()
+    res = compare_tree(root, catalog, keep)
+    res.last_seq = journal.append_many(scan_entries(res, begin_seq, journal_touched))
+    journal.close_gap(gen)
+    log.info("scan: %d entries seen, %d touched, %d moves", res.seen, len(res.touched), len(res.moves))
+    return res
+
+
+def compare_tree(root: bytes, catalog: SourceCatalog,
+                 keep: Optional[Callable[[bytes, os.stat_result], bool]] = None) -> ScanResult:
+    """Walk ``root`` against ``catalog``: what differs (moves, touched paths and their stat); nothing
+    is journaled (``scan_entries`` says what a scan journals)."""
+    if not os.path.isdir(root):
+        raise SourceError(f"source {os.fsdecode(root)} is not a directory")
     base = catalog.load_all()
     res = ScanResult()
     seen_base, new_paths, live_dirs, unsure = _compare(root, base, res, keep)
@@ -77,15 +88,18 @@ def scan(root: bytes, catalog: SourceCatalog, journal: Journal, *, journal_touch
     kept = _drop_implied(moves)
     res.moves = [(b, n) for n, b in kept.items()]
     res.touched.extend(_deletions(missing, consumed, kept, live_dirs))
+    return res
 
-    items = [("scan", b"", None, begin_seq)]
+
+def scan_entries(res: ScanResult, begin_seq: int, journal_touched: bool = True
+                 ) -> List[Tuple[str, bytes, Optional[bytes], Optional[int]]]:
+    """The journal entries of a scan that began at journal seq ``begin_seq``: its marker, its
+    moves and (``journal_touched``) its touched paths."""
+    items: List[Tuple[str, bytes, Optional[bytes], Optional[int]]] = [("scan", b"", None, begin_seq)]
     items += [("move", n, b, None) for b, n in res.moves]
     if journal_touched:
         items += [("touch", p, None, None) for p in res.touched]
-    res.last_seq = journal.append_many(items)
-    journal.close_gap(gen)
-    log.info("scan: %d entries seen, %d touched, %d moves", res.seen, len(res.touched), len(res.moves))
-    return res
+    return items
 
 
 def _touch(res: ScanResult, rel: bytes, st: os.stat_result) -> None:

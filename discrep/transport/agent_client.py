@@ -43,13 +43,14 @@ E = TypeVar("E", bound=Event)
 
 
 def agent_command(exe: str, src: str, rcycle: Optional[int], snapshot_kind: str, stream: bool, totals: bool,
-                  timeout: float = DEFAULT_TIMEOUT, read_live: bool = False) -> str:
+                  timeout: float = DEFAULT_TIMEOUT, read_live: bool = False, on_demand: bool = False) -> str:
     """The remote command line that starts the agent and its first cycle (``rcycle`` None: the
-    first cycle waits for a ``cycle`` command, which can carry what a command line should not)."""
+    first cycle waits for a ``cycle`` command, which can carry what a command line should not;
+    ``on_demand``: built cycles are exported only on ``export``)."""
     first = "" if rcycle is None else f"--replica-cycle {int(rcycle)} "
     return (f"{q(exe)} agent {first}--snapshot {q(snapshot_kind)} --timeout {float(timeout)} "
             f"{'--stream ' if stream else ''}{'' if totals else '--no-totals '}{'--read-live ' if read_live else ''}"
-            f"-- {q(src)}")
+            f"{'--export-on-demand ' if on_demand else ''}-- {q(src)}")
 
 
 class AgentClient:
@@ -57,13 +58,13 @@ class AgentClient:
 
     def __init__(self, conn: Connection, exe: str, src: str, rcycle: Optional[int], snapshot_kind: str,
                  stream: bool = False, totals: bool = True, timeout: float = DEFAULT_TIMEOUT, read_live: bool = False,
-                 command: Optional[str] = None):
+                 on_demand: bool = False, command: Optional[str] = None):
         """``command``: another remote command line speaking the same protocol (the dry-run agent)."""
         self.conn = conn
         self.timeout = timeout
         self.max_line: Optional[int] = None     # longest event line taken (None: no bound)
         self.ch = conn.start(command or agent_command(exe, src, rcycle, snapshot_kind, stream, totals, timeout,
-                                                      read_live))
+                                                      read_live, on_demand))
         self.out = self.ch.makefile("rb")
         self._stderr: List[bytes] = []
         self._send_lock = threading.Lock()

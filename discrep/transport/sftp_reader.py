@@ -42,8 +42,9 @@ class SftpReader:
 
     cycle_dir: Optional[bytes] = None   # nothing another process could read directly
 
-    def __init__(self, sftp, root: str):
+    def __init__(self, sftp, root: str, owns_sftp: bool = True):
         self.sftp = sftp
+        self.owns_sftp = owns_sftp          # close() closes the SFTP session too (else its owner does)
         self.root = root.rstrip("/")
         self.bytes_read = 0
         self._lock = threading.RLock()
@@ -68,10 +69,11 @@ class SftpReader:
                 except Exception:  # the connection may be gone
                     pass
             self._files.clear()
-            try:
-                self.sftp.close()
-            except Exception:
-                pass
+            if self.owns_sftp:
+                try:
+                    self.sftp.close()
+                except Exception:
+                    pass
 
     def _path(self, rel: bytes) -> str:
         return self.root + "/" + os.fsdecode(rel)

@@ -32,10 +32,11 @@ MARK = b"zz-sync-marker"
 
 # --------------------------------------------------------------------------- plumbing
 
-def start_watcher(root: Path, backend: str) -> subprocess.Popen:
+def start_watcher(root: Path, backend: str, catch_up: bool = False) -> subprocess.Popen:
+    """``discrep watch``; without ``catch_up`` (``--no-catch-up``) its gaps stay open until a cycle scans."""
     exe = DISCREP if os.path.exists(DISCREP) else None
-    cmd = [exe, "watch", "--backend", backend, str(root)] if exe else \
-        [sys.executable, "-m", "discrep", "watch", "--backend", backend, str(root)]
+    opts = ["--backend", backend] + ([] if catch_up else ["--no-catch-up"])
+    cmd = [exe, "watch", *opts, str(root)] if exe else [sys.executable, "-m", "discrep", "watch", *opts, str(root)]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     sd = str(root / ".discrep")
@@ -396,3 +397,71 @@ def test_inotify_change_right_before_cycle(work_dir):
 
 def test_inotify_stalled_watcher_only_delays(work_dir):
     scenario_stalled_watcher_only_delays(work_dir, "inotify")
+
+
+# --------------------------------------------------------------------------- the watcher's own catch-up
+
+def wait_caught_up(root: Path, p: subprocess.Popen, timeout: float = 60.0) -> dict:
+    """``discrep status --json`` until it says the watcher is caught up (its start gap closed)."""
+    import json
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert p.poll() is None, p.stderr.read().decode(errors="replace")
+        out = subprocess.run([DISCREP, "status", "--json", str(root)], stdout=subprocess.PIPE, timeout=30)
+        st = json.loads(out.stdout.splitlines()[-1])["source"]
+        if st["caught_up"]:
+            return st
+        time.sleep(0.1)
+    raise AssertionError("the watcher did not catch up")
+
+
+@pytest.mark.parametrize("seed,replicas", [(1, 1), (2, 1), (3, 2), (4, 2)])
+def test_watcher_closes_its_start_gap(work_dir, seed, replicas):
+    """Changes made while no watcher ran (writes, deletes, renames of files and directories, a new
+    subtree) are found by the watcher's own background scan, once per replica position: once status
+    says caught up, the very first cycle of every replica reads the journal -- it does not walk --
+    and every replica is identical; and so is the next one after more changes.  With two replicas
+    at different cycles, each position's catch-up is against its own catalog, and each build keeps
+    its own scan block while it drops the other's."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("jc", Path(__file__).with_name("test_journal_cycles.py"))
+    jc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jc)
+    src = work_dir / "src"
+    dsts = [work_dir / f"dst{i}" for i in range(replicas)]
+    src.mkdir()
+    fill(src)
+    rng = random.Random(seed)
+    for i, dst in enumerate(dsts):
+        assert replicate(src, dst)["change_source"] == "scan"
+        jc._random_ops(src, rng, 15, 10 + i)           # the replicas stand at different states
+    p = start_watcher(src, "inotify", catch_up=True)
+    try:
+        st = wait_caught_up(src, p)
+        assert st["gap"] is None and st["next_change_source"] == "journal"
+        for rnd in (1, 2):
+            jc._random_ops(src, rng, 10 * rnd, rnd)    # these the watcher sees
+            sync_point(src)
+            for dst in dsts:
+                r = replicate(src, dst)
+                assert r["change_source"] == "journal", r
+                assert_same(src, dst)
+    finally:
+        assert stop_watcher(p) == 0
+
+
+def test_watch_without_catch_up_leaves_the_gap(work_dir):
+    """``--no-catch-up``: the start gap stays open, status says so, and the next cycle scans."""
+    from discrep.run.status import source_status
+    src, dst = work_dir / "src", work_dir / "dst"
+    src.mkdir()
+    fill(src)
+    replicate(src, dst)
+    p = start_watcher(src, "inotify")
+    try:
+        time.sleep(1.5)                                # several catch-up rounds, had there been any
+        st = source_status(str(src))
+        assert st["watcher"] == "running" and not st["caught_up"] and st["next_change_source"] == "scan"
+        assert replicate(src, dst)["change_source"] == "scan"
+    finally:
+        stop_watcher(p)

@@ -380,7 +380,7 @@ class ModelMachine(RuleBasedStateMachine):
     def start_watcher(self) -> None:
         from discrep.core import locks
         from discrep.journal.store import Journal
-        p = subprocess.Popen(DISCREP + ["watch", "--backend", "inotify", str(self.src)],
+        p = subprocess.Popen(DISCREP + ["watch", "--backend", "inotify", "--no-catch-up", str(self.src)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env())
         self.watcher = p
         sd = str(self.src / ".discrep")

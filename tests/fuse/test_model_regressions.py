@@ -93,7 +93,7 @@ def start_watcher(src: Path) -> subprocess.Popen:
     """``discrep watch --backend inotify SRC``, returned once its watches are in place."""
     from discrep.core import locks
     from discrep.journal.store import Journal
-    p = subprocess.Popen(DISCREP + ["watch", "--backend", "inotify", str(src)], stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(DISCREP + ["watch", "--backend", "inotify", "--no-catch-up", str(src)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)
     sd = str(src / ".discrep")
     deadline = time.monotonic() + 20

@@ -320,7 +320,8 @@ def test_cycle_records_its_rules(work_dir: Path) -> None:
 def _start_watcher(src: Path) -> subprocess.Popen:
     from discrep.core import locks
     from discrep.journal.store import Journal
-    p = subprocess.Popen(DISCREP + ["watch", "--backend", "inotify", str(src)], stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(DISCREP + ["watch", "--backend", "inotify", "--no-catch-up", str(src)],
+                         stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)
     sd = str(src / ".discrep")
     deadline = time.monotonic() + 20

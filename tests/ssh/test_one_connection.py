@@ -173,3 +173,62 @@ def test_bwlimit_through_a_proxy_command(sshd: Sshd, work_dir: Path) -> None:
     assert res["transport"] == "sshfs" and res["connections"] == 1 and res["bwlimit"] == 8 << 20
     assert helpers.tree_equal(src, dst) == []
     _nothing_left(sshd)
+
+
+class _MountWatch:
+    """Samples /proc/mounts in a thread: every sshfs mount below ``under`` seen while it runs."""
+
+    def __init__(self, under: Path) -> None:
+        import threading
+        self.prefix = os.path.realpath(under).rstrip("/") + "/"
+        self.seen: set = set()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/mounts") as f:
+                self.seen.update(m for _dev, m, typ, *_ in (ln.split() for ln in f)
+                                 if "sshfs" in typ and m.startswith(self.prefix))
+            self._stop.wait(0.002)
+
+    def __enter__(self) -> "_MountWatch":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def test_small_cycles_never_mount(sshd: Sshd, work_dir: Path) -> None:
+    """A cycle that changed nothing, or only small files (they travel in packs), reads its cycle
+    directory over the one connection: no export, no sshfs mount appears (watched in /proc/mounts);
+    a changed large file needs signatures, so that cycle mounts -- all identical to SRC."""
+    _need_sshfs()
+    rng = random.Random(5)
+    src, dst = work_dir / "src", work_dir / "dst"
+    helpers.make_sample_tree(src)
+    (src / "big.bin").write_bytes(rng.randbytes(3 << 20))
+    _ok(_run(sshd.client_config, sshd, src, dst))
+    for step in ("nothing", "small", "delete"):
+        if step == "small":
+            (src / "new.txt").write_bytes(rng.randbytes(5000))
+            (src / "sub").mkdir(exist_ok=True)
+            (src / "sub" / "s.txt").write_bytes(b"x" * 100)
+        elif step == "delete":
+            (src / "new.txt").unlink()
+        with _MountWatch(sshd.local_tmp) as w:
+            res = _ok(_run(sshd.client_config, sshd, src, dst))
+        assert res["mounted"] is False and res["connections"] == 1, (step, res)
+        assert w.seen == set(), (step, w.seen)
+        assert helpers.tree_equal(src, dst) == [], step
+        _nothing_left(sshd)
+    with open(src / "big.bin", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(rng.randbytes(4096))
+    with _MountWatch(sshd.local_tmp) as w:
+        res = _ok(_run(sshd.client_config, sshd, src, dst))
+    assert res["mounted"] is True and w.seen, res
+    assert helpers.tree_equal(src, dst) == []
+    _nothing_left(sshd)

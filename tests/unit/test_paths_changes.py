@@ -61,3 +61,32 @@ def test_scan_supersedes_earlier_entries_but_keeps_racing_ones():
     assert b"old" not in cs.touched
     assert b"raced" in cs.expand and b"raced" in cs.touched
     assert cs.moves == {b"n": b"o"} and b"t" in cs.touched
+
+
+def test_deleting_a_scan_moves_target_still_deletes_its_base():
+    """A scan found o moved to d/n (set semantics: o itself is not touched); a later live delete of
+    d/n drops the move, so o must be looked at (absent: deleted) -- else the replica keeps it.  A
+    base path below a directory that moved too is looked at where that directory is now."""
+    base = {b"o", b"x", b"x/f"}
+    ents = [E(1, "scan", b"", ino=0), E(2, "move", b"d/n", b"o"), E(3, "delete", b"d/n")]
+    cs = coalesce(ents, base.__contains__)
+    assert cs.moves == {} and b"o" in cs.touched and b"d/n" in cs.touched
+    ents = [E(1, "scan", b"", ino=0), E(2, "move", b"y", b"x"), E(3, "move", b"g", b"x/f"),
+            E(4, "rename", b"h", b"g"), E(5, "delete", b"h")]
+    cs = coalesce(ents, base.__contains__)
+    assert cs.moves == {b"y": b"x"} and b"y/f" in cs.touched
+
+
+def test_drop_foreign_scans_keeps_only_the_positions_own_block():
+    """Scan blocks journaled before the plan are other positions' and are dropped (marker and the
+    move/touch entries of its transaction), except the block at ``own`` (the position's own
+    catch-up scan); entries of other transactions, and anything after the plan, stay."""
+    from discrep.source.positions import drop_foreign_scans
+    ents = [Entry(1, "modify", b"a", None, None, 10),
+            Entry(2, "scan", b"", None, 0, 20), Entry(3, "touch", b"x", None, None, 20),
+            Entry(4, "scan", b"", None, 1, 30), Entry(5, "move", b"n", b"o", None, 30),
+            Entry(6, "touch", b"y", None, None, 30), Entry(7, "touch", b"z", None, None, 40),
+            Entry(8, "scan", b"", None, 7, 50)]
+    assert [e.seq for e in drop_foreign_scans(ents, 7)] == [1, 7, 8]
+    assert [e.seq for e in drop_foreign_scans(ents, 7, own=4)] == [1, 4, 5, 6, 7, 8]
+    assert [e.seq for e in drop_foreign_scans(ents, 7, own=2)] == [1, 2, 3, 7, 8]
