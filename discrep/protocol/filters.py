@@ -763,21 +763,27 @@ def tree_merge_reader(root: Union[str, bytes, "os.PathLike[str]"]) -> MergeReade
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return None
             raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return b""
-            chunks, size = [], 0
-            while size <= MAX_RULE_FILE:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
-        if size > MAX_RULE_FILE:
-            raise UsageError(f"merge file {_show(path)} is larger than {MAX_RULE_FILE} bytes")
-        return b"".join(chunks)
+        return read_rule_fd(fd, _show(path))
 
     return read
+
+
+def read_rule_fd(fd: int, shown: str) -> bytes:
+    """The bytes of the merge file open on ``fd`` (closed here): b"" for another file type than a
+    regular file (rsync reads a directory as empty); over MAX_RULE_FILE raises UsageError naming
+    ``shown``."""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        chunks, size = [], 0
+        while size <= MAX_RULE_FILE:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_RULE_FILE:
+        raise UsageError(f"merge file {shown} is larger than {MAX_RULE_FILE} bytes")
+    return b"".join(chunks)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from discrep.core.errors import UsageError
-from discrep.protocol.filters import MAX_JSON, MAX_RULE_FILE, FilterRules, MergeReader
+from discrep.protocol.filters import MAX_JSON, FilterRules, MergeReader, read_rule_fd
 
 
 @dataclass(frozen=True)
@@ -77,19 +76,5 @@ def beneath_reader(root_fd: int) -> MergeReader:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return None
             raise
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return b""
-            chunks, size = [], 0
-            while size <= MAX_RULE_FILE:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
-        if size > MAX_RULE_FILE:
-            raise UsageError(f"merge file {os.fsdecode(rel)!r} is larger than {MAX_RULE_FILE} bytes")
-        return b"".join(chunks)
+        return read_rule_fd(fd, repr(os.fsdecode(rel)))
     return read

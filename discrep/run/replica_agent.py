@@ -26,14 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import stat
 import sys
 import tempfile
 import threading
 from dataclasses import replace
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from discrep.core.errors import Error, TransportError, WarningList
 from discrep.protocol.filterspec import FilterSpec
@@ -42,7 +41,7 @@ from discrep.protocol.replica_messages import Applied, Apply, PushBye, PushPing,
 from discrep.replica.options import ReplicaOptions
 from discrep.replica.sync import result_fields, sync
 from discrep.run.local import prepare_dest
-from discrep.source.agent import AgentOutput, read_lines
+from discrep.source.agent import AgentOutput, agent_output, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +52,7 @@ CHUNK = 256 * 1024
 
 def run_replica_agent(dest: str, ropts: ReplicaOptions, warnings: WarningList, timeout: Optional[float]) -> int:
     """Serve a pushing source on stdin/stdout until ``bye`` or EOF; the process's exit code."""
-    def hang_up(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, hang_up)
-    out = AgentOutput()
-    if timeout:
-        out.beat(max(0.5, timeout / 4))
+    out = agent_output(timeout)
     work: Optional[str] = None
     listener: Optional[socket.socket] = None
     try:

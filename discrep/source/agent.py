@@ -115,6 +115,22 @@ class AgentOutput:
         warnings.items.clear()
 
 
+def _hang_up(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def agent_output(timeout: Optional[float]) -> AgentOutput:
+    """The output of a process serving its peer on stdin/stdout (the source agent, the dry-run
+    agent, the replica agent): hang-up signals end it as Ctrl-C would (its cleanup runs), and with
+    ``timeout`` it says ``alive`` every timeout/4 s."""
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, _hang_up)
+    out = AgentOutput()
+    if timeout:
+        out.beat(max(0.5, timeout / 4))
+    return out
+
+
 def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnings: WarningList,
               stream: bool = False, totals: bool = True, timeout: Optional[float] = None,
               read_live: bool = False, export_on_demand: bool = False) -> int:
@@ -122,13 +138,7 @@ def run_agent(src: str, replica_cycle: Optional[int], snapshot_kind: str, warnin
     ``timeout``: say ``alive`` every timeout/4 s, and end (exit 11) after ``timeout`` s without a line
     from the replica (a stalled network: the replica sends ``ping`` every few seconds).
     ``export_on_demand``: no cycle is exported before the replica asks (``export``)."""
-    def hang_up(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, hang_up)
-    out = AgentOutput()
-    if timeout:
-        out.beat(max(0.5, timeout / 4))
+    out = agent_output(timeout)
     agent: Optional[_Agent] = None
     try:
         try:

@@ -29,9 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import select
-import signal
 import stat as statmod
-from typing import Any, Iterator, List, Optional, Set
+from typing import Iterator, List, Optional, Set
 
 from discrep.core.errors import Error, ManifestError, SourceError, TransportError, WarningList
 from discrep.core.paths import join
@@ -41,7 +40,7 @@ from discrep.protocol.agent_messages import (MAX_DRY_BATCH, MAX_DRY_LINE, Bye, C
                                              DrySigned, DryWalk, DryWalked, Failed, Ping, UnknownMessage)
 from discrep.protocol.filterspec import FilterSpec
 from discrep.protocol.sourceview import SignAnswer, SignRequest, SrcEntry, sign_answer, xattr_digest
-from discrep.source.agent import AgentOutput
+from discrep.source.agent import AgentOutput, agent_output
 from discrep.source.filtering import SourceFilter
 
 log = logging.getLogger(__name__)
@@ -127,13 +126,7 @@ def bounded_lines(fd: int, timeout: Optional[float], limit: int = MAX_DRY_LINE) 
 
 def serve_dry_run(src: str, warnings: WarningList, timeout: Optional[float] = None) -> int:
     """``discrep agent --dry-run SRC``: serve dry-run commands on stdin/stdout; the exit code."""
-    def hang_up(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, hang_up)
-    out = AgentOutput()
-    if timeout:
-        out.beat(max(0.5, timeout / 4))
+    out = agent_output(timeout)
     view: Optional[LocalSourceView] = None
     try:
         real = os.path.realpath(src)
