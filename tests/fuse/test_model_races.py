@@ -35,6 +35,17 @@ def _need_fuse():
     helpers.require_fuse()
 
 
+@pytest.fixture
+def pair(work_dir: Path, monkeypatch):
+    tmp = work_dir / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    src = work_dir / "src"
+    src.mkdir()
+    yield src, work_dir / "dst"
+    assert not [m for m in helpers.mounts() if m[0].startswith(str(work_dir))], "mounts left behind"
+
+
 def cycle(src: Path, dst: Path, snapshot: str = "copy") -> Tuple[dict, List[Tuple[str, str]]]:
     """One cycle in-process: (its result, its warnings as (path, message))."""
     w = WarningList()

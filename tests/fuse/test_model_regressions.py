@@ -35,6 +35,18 @@ def _need_fuse():
     helpers.require_fuse()
 
 
+@pytest.fixture
+def pair(work_dir: Path, monkeypatch):
+    """(src, dst) in the test's directory; discrep's TMPDIR (export mountpoints) inside it too."""
+    tmp = work_dir / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    src = work_dir / "src"
+    src.mkdir()
+    yield src, work_dir / "dst"
+    assert not [m for m in helpers.mounts() if m[0].startswith(str(work_dir))], "mounts left behind"
+
+
 def replicate(src: Path, dst: Path, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     return subprocess.run(DISCREP + ["replicate", "--json", str(src), str(dst)], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, **(env or {})))
