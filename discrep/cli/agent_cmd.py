@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any, Dict
 
 from discrep.cli import common
@@ -41,9 +39,4 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
         rc = run_agent(a.src, a.replica_cycle, a.snapshot, warnings, stream=a.stream, totals=a.totals,
                        timeout=a.timeout, read_live=a.read_live, export_on_demand=a.export_on_demand)
     # no interpreter shutdown: it would wait for a stuck export child forever (its cleanup is bounded)
-    for f in (sys.stdout, sys.stderr):
-        try:
-            f.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(rc)
+    common.exit_now(rc)

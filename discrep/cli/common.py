@@ -5,6 +5,8 @@ Thread-safety: main thread only (writes to stderr).
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
@@ -238,3 +240,15 @@ def printable(text: str) -> str:
         return text
     return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape", "backslashreplace").decode("ascii")
                    for c in text)
+
+
+def exit_now(rc: int) -> None:
+    """End the process at once: log handlers and standard streams flushed, no interpreter teardown
+    (which costs time, and in an agent would wait for a stuck export child forever)."""
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)

@@ -16,13 +16,13 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import signal
 import sys
 from types import ModuleType
 from typing import List, Optional, Sequence, Tuple
 
 from discrep import __version__
+from discrep.cli import common
 from discrep.cli.common import printable
 from discrep.core.errors import EXIT_OK, EXIT_WARNINGS, Error, Interrupted, WarningList
 
@@ -162,19 +162,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     rc = _run(a, WarningList())
     if console and a.cmd in FAST_EXIT:
-        _exit_now(rc)
+        common.exit_now(rc)
     return rc
 
-
-def _exit_now(rc: int) -> None:
-    """End the process at once: log handlers and standard streams flushed, no interpreter teardown."""
-    logging.shutdown()
-    for f in (sys.stdout, sys.stderr):
-        try:
-            f.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(rc)
 
 
 if __name__ == "__main__":

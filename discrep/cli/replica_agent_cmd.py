@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any, Dict
 
 from discrep.cli import common
@@ -32,9 +30,4 @@ def run(a: argparse.Namespace, warnings: WarningList) -> Dict[str, Any]:
         raise UsageError("replica-agent needs DEST or --sftp-relay")
     else:
         rc = run_replica_agent(a.dest, common.replica_options(a), warnings, a.timeout)
-    for f in (sys.stdout, sys.stderr):
-        try:
-            f.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(rc)
+    common.exit_now(rc)

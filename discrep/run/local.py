@@ -85,10 +85,20 @@ def _prepare(dest: str, force: bool, with_id: bool) -> Tuple[int, str]:
         cat.close()
 
 
+def need_fuse() -> None:
+    """FuseUnavailableError unless libfuse loads and /dev/fuse exists (a local export needs both)."""
+    import fuse_export
+    try:
+        fuse_export.load_fuse()
+    except fuse_export.FuseUnavailable as e:
+        raise FuseUnavailableError(f"FUSE is not available: {e}") from None
+    if not os.path.exists("/dev/fuse"):
+        raise FuseUnavailableError("/dev/fuse is missing")
+
+
 def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
                     progress=None) -> Dict[str, Any]:
     """One whole cycle of a local pair (``opts.src`` and ``opts.dest`` on this host)."""
-    import fuse_export
     warnings = warnings if warnings is not None else WarningList()
     t0 = time.monotonic()
     src, dest = os.path.abspath(opts.src), os.path.abspath(opts.dest)
@@ -96,12 +106,7 @@ def replicate_local(opts: CycleOptions, warnings: Optional[WarningList] = None,
     if opts.ssh.bwlimit:
         log.info("--bwlimit paces SSH connections: a local cycle has no wire and is not limited")
     bsrc, bdest = os.fsencode(src), os.fsencode(dest)
-    try:
-        fuse_export.load_fuse()
-    except fuse_export.FuseUnavailable as e:
-        raise FuseUnavailableError(f"FUSE is not available: {e}") from None
-    if not os.path.exists("/dev/fuse"):
-        raise FuseUnavailableError("/dev/fuse is missing")
+    need_fuse()
     prepare_dest(dest, force=opts.replica.force)
     with run_lock(bdest):     # the whole run: a second one into DEST is refused, not raced
         return _cycle(opts, src, bsrc, dest, bdest, warnings, progress, t0)

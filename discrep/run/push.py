@@ -80,7 +80,8 @@ def replicate_push(opts: CycleOptions, warnings: Optional[WarningList] = None) -
     src = os.path.abspath(opts.src)
     if not os.path.isdir(src):
         raise UsageError(f"source {src} does not exist or is not a directory", hint="check the SRC path")
-    _need_fuse()
+    from discrep.run.local import need_fuse
+    need_fuse()
     cfg = resolve(user, host, opts.ssh.ssh_config)
     cfg.io_timeout = float(opts.ssh.timeout)
     bwlimit = int(opts.ssh.bwlimit or 0)
@@ -149,15 +150,6 @@ class DirectFiles:
         os.close(self.snap_fd)
         os.close(self.cycle_fd)
 
-
-def _need_fuse() -> None:
-    import fuse_export
-    try:
-        fuse_export.load_fuse()
-    except fuse_export.FuseUnavailable as e:
-        raise FuseUnavailableError(f"FUSE is not available: {e}") from None
-    if not os.path.exists("/dev/fuse"):
-        raise FuseUnavailableError("/dev/fuse is missing")
 
 
 def _cycle(opts: CycleOptions, conn: Connection, client: Any, hello: ReplicaHello, exe: str,
